@@ -1,0 +1,111 @@
+"""Shared machinery for scripts/bench_*.py: timing, machine/version facts, and BENCHMARKS.md sections.
+
+Each bench script owns one section of BENCHMARKS.md, delimited by HTML comments, and rewrites only that section,
+so the scripts can be rerun independently:
+
+    <!-- bench:stats:start --> ... <!-- bench:stats:end -->
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.metadata
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+
+
+def block(x: Any) -> Any:
+    """Waits for every JAX array in ``x`` (no-op for NumPy/torch values)."""
+    try:
+        import jax
+
+        return jax.block_until_ready(x)
+    except ImportError:  # pragma: no cover
+        return x
+
+
+def timeit(fn: Callable[[], Any], *, repeats: int = 7, warmup: int = 1, min_time: float = 0.0) -> dict[str, float]:
+    """Median/min wall time in seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs.
+
+    ``fn`` must finish its work before returning (call :func:`block` on JAX results). If one run is shorter than
+    ``min_time`` the call is looped and the per-call time reported.
+    """
+    for _ in range(warmup):
+        block(fn())
+    inner = 1
+    if min_time > 0:
+        t0 = time.perf_counter()
+        block(fn())
+        once = time.perf_counter() - t0
+        inner = max(1, int(min_time / max(once, 1e-9)))
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            block(fn())
+        times.append((time.perf_counter() - t0) / inner)
+    return {"median": statistics.median(times), "min": min(times), "runs": repeats * inner}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_line(extra_packages: Sequence[str] = ()) -> str:
+    """One Markdown paragraph naming the machine, the JAX backend and the versions of the packages measured."""
+    import jax
+
+    devices = jax.devices()
+    dev = f"{devices[0].platform}: {devices[0].device_kind} x{len(devices)}"
+    pkgs = ["jax", "jaxlib", "numpy", *extra_packages]
+    versions = ", ".join(f"{p} {v}" for p in pkgs if (v := _version(p)))
+    return (
+        f"Machine: {_cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+        f"JAX backend {dev}. Versions: {versions}. Measured {time.strftime('%Y-%m-%d')}."
+    )
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        return str(v)
+
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def write_section(name: str, markdown: str) -> None:
+    """Replaces (or appends) the ``name`` section of BENCHMARKS.md with ``markdown``."""
+    start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
+    block_text = f"{start}\n{markdown.strip()}\n{end}"
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n\nWritten by `scripts/bench_*.py`.\n"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block_text, text) if pattern.search(text) else text.rstrip() + "\n\n" + block_text
+    BENCHMARKS.write_text(text.rstrip() + "\n")
