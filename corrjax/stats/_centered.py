@@ -1,0 +1,114 @@
+"""Private kernels shared by the moment-based statistics: shifted two-pass centring and collective helpers.
+
+Everything that reduces over observations goes through :func:`centered`, which
+
+1. subtracts a *reference row* (the first observation of the first shard) from every observation, so that the
+   running sums below are of deviations of size ~spread rather than ~mean (no catastrophic cancellation in float32
+   when the mean is 1e4 times the spread; a constant column becomes exactly zero);
+2. takes the (weighted) mean of the shifted data, reduced with ``lax.psum`` over ``axis_name`` when given;
+3. returns the centred data, so callers form co-moments with one matrix product and a final ``psum``.
+
+This is the classical two-pass algorithm (Chan, Golub & LeVeque 1983, "Algorithms for computing the sample
+variance"), made exact across shards because every shard centres with the same global mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+AxisName = Hashable | Sequence[Hashable] | None
+
+# Matrix products of statistics: full float32 on every backend (no TF32/bf16 passes on GPU/TPU).
+PRECISION = lax.Precision.HIGHEST
+
+
+def psum(x: Any, axis_name: AxisName) -> Any:
+    """``lax.psum`` over ``axis_name``, or the identity when it is ``None``."""
+    return x if axis_name is None else lax.psum(x, axis_name)
+
+
+def axis_size(axis_name: AxisName) -> int:
+    """Static number of shards along ``axis_name`` (1 when ``None``)."""
+    if axis_name is None:
+        return 1
+    return int(lax.axis_size(axis_name))
+
+
+def global_n(n_local: int, axis_name: AxisName) -> int:
+    """Static global number of observations when each of the shards holds ``n_local`` rows."""
+    return n_local * axis_size(axis_name)
+
+
+def _is_first_shard(axis_name: AxisName) -> Array:
+    names = axis_name if isinstance(axis_name, tuple | list) else (axis_name,)
+    first = jnp.asarray(True)
+    for name in names:
+        first = first & (lax.axis_index(name) == 0)
+    return first
+
+
+def reference_row(x: Array, axis_name: AxisName) -> Array:
+    """The first observation (row 0 of ``x``) of the first shard, the same on every shard; zeros if ``n == 0``."""
+    if x.shape[0] == 0:
+        return jnp.zeros(x.shape[1:], x.dtype)
+    x0 = lax.stop_gradient(x[0])  # the shift cancels exactly; keep it out of the gradient graph
+    if axis_name is None:
+        return x0
+    return lax.psum(jnp.where(_is_first_shard(axis_name), x0, jnp.zeros_like(x0)), axis_name)
+
+
+def centered(x: Array, w: Array | None, axis_name: AxisName) -> tuple[Array, Array, Array]:
+    """Returns ``(xc, mean, wsum)`` for observations along axis 0 of ``x``.
+
+    ``xc = x - mean`` (computed as ``(x - x_ref) - mean(x - x_ref)``), ``mean`` the global weighted mean with the
+    observation axis removed, ``wsum`` the global sum of weights (the number of observations when ``w`` is None).
+    """
+    shift = reference_row(x, axis_name)
+    d = x - shift
+    if w is None:
+        wsum = jnp.asarray(global_n(x.shape[0], axis_name), x.dtype)
+        sum_d = psum(jnp.sum(d, axis=0), axis_name)
+    else:
+        wsum = psum(jnp.sum(w), axis_name)
+        sum_d = psum(jnp.tensordot(w, d, axes=(0, 0), precision=PRECISION), axis_name)
+    mean_d = sum_d / jnp.where(wsum != 0, wsum, jnp.ones_like(wsum))  # no weight: the shift stands in
+    return d - mean_d, shift + mean_d, wsum
+
+
+def comoment(xc: Array, yc: Array, w: Array | None, axis_name: AxisName) -> Array:
+    """``sum_k w_k xc_k yc_k^T`` over all shards: ``(n, d), (n, e) -> (d, e)``."""
+    if w is not None:
+        yc = yc * w[:, None].astype(yc.dtype)
+    return psum(jnp.matmul(xc.T, yc, precision=PRECISION), axis_name)
+
+
+def normalize_comoment(c: Array, sxx: Array, syy: Array, *, symmetric: bool) -> Array:
+    """Pearson normalisation ``c_ij / sqrt(sxx_i syy_j)``, clipped to [-1, 1]; NaN where a variance is 0.
+
+    With ``symmetric`` (a matrix of a variable set with itself) the diagonal is exactly 1 where defined.
+    """
+    sx = jnp.sqrt(sxx)
+    sy = jnp.sqrt(syy)
+    r = c / sx[:, None] / sy[None, :]
+    r = jnp.clip(r, -1.0, 1.0)
+    if symmetric:
+        eye = jnp.eye(r.shape[0], dtype=bool)
+        r = jnp.where(eye, jnp.where(jnp.isnan(r), r, jnp.ones_like(r)), r)
+    return r
+
+
+def squeeze_1d(r: Array, x_was_1d: bool, y_was_1d: bool) -> Array:
+    """Drops the result axes that correspond to 1-D (single-variable) inputs."""
+    if x_was_1d and y_was_1d:
+        return r[0, 0]
+    if x_was_1d:
+        return r[0]
+    if y_was_1d:
+        return r[:, 0]
+    return r

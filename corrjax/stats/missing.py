@@ -1,0 +1,153 @@
+"""Pairwise-complete covariance and correlation with missing values (pandas ``DataFrame.cov``/``corr`` semantics).
+
+Each pair of columns ``(i, j)`` uses the rows where both are observed. Instead of a loop over pairs, every pairwise
+sum is one masked matrix product: with ``M`` the observed-mask and ``X0`` the shifted data with missing entries
+set to 0,
+
+    N    = M^T M            (pair counts)          Sx  = X0^T M     Sy  = M^T Y0
+    Sxy  = X0^T Y0          Sxx = (X0^2)^T M       Syy = M^T Y0^2
+
+and the pairwise-centred sums follow as ``Sxy - Sx Sy / N`` (and ``Sxx - Sx^2 / N``). The shift is, per column, the
+observed value nearest the column mean, so the sums are of deviations of size ~spread (no float32 cancellation
+when the mean is far larger than the spread, and integer-valued data stay exact).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from corrjax._checks import as_columns, check_ddof, check_same_n
+from corrjax.stats._centered import PRECISION, AxisName, psum, squeeze_1d
+
+Array = jax.Array
+
+__all__ = ["nancorrcoef", "nancov"]
+
+
+def _check_min_periods(min_periods: Any) -> int:
+    if isinstance(min_periods, bool) or not isinstance(min_periods, int):
+        raise TypeError(f"`min_periods` must be a non-negative int, got {min_periods!r}")
+    if min_periods < 0:
+        raise ValueError(f"`min_periods` must be non-negative, got {min_periods}")
+    return max(min_periods, 1)
+
+
+def _shift(x: Array, mask: Array, axis_name: AxisName) -> Array:
+    """Per column: the observed value nearest the observed mean (global over ``axis_name``); 0 if none."""
+    xz = jnp.where(mask, x, jnp.zeros_like(x))
+    count = psum(jnp.sum(mask, axis=0, dtype=x.dtype), axis_name)
+    mean = psum(jnp.sum(xz, axis=0), axis_name) / jnp.where(count > 0, count, 1.0)
+    dist = jnp.where(mask, jnp.abs(x - mean), jnp.inf)
+    idx = jnp.argmin(dist, axis=0)
+    best = jnp.take_along_axis(dist, idx[None], axis=0)[0]
+    value = jnp.take_along_axis(xz, idx[None], axis=0)[0]
+    if axis_name is not None:
+        gbest = lax.pmin(best, axis_name)
+        value = lax.pmin(jnp.where(best == gbest, value, jnp.inf), axis_name)
+    value = jnp.where(jnp.isfinite(value), value, jnp.zeros_like(value))
+    return lax.stop_gradient(value)
+
+
+def _masked(x: Array, axis_name: AxisName) -> tuple[Array, Array]:
+    mask = jnp.isfinite(x)
+    x0 = jnp.where(mask, x - _shift(x, mask, axis_name), jnp.zeros_like(x))
+    return x0, mask.astype(x.dtype)
+
+
+def _mm(a: Array, b: Array, axis_name: AxisName) -> Array:
+    return psum(jnp.matmul(a.T, b, precision=PRECISION), axis_name)
+
+
+def _pairwise_sums(x: Any, y: Any, axis_name: AxisName, need_var: bool):
+    x2, x1 = as_columns(x, "x")
+    if y is None:
+        y2, y1 = x2, x1
+    else:
+        y2, y1 = as_columns(y, "y")
+        check_same_n(x2, y2)
+    dtype = jnp.result_type(x2.dtype, y2.dtype)
+    x0, mx = _masked(x2.astype(dtype), axis_name)
+    if y is None:
+        y0, my = x0, mx
+    else:
+        y0, my = _masked(y2.astype(dtype), axis_name)
+    n = _mm(mx, my, axis_name)
+    sx = _mm(x0, my, axis_name)
+    sy = sx.T if y is None else _mm(mx, y0, axis_name)
+    sxy = _mm(x0, y0, axis_name)
+    safe_n = jnp.where(n > 0, n, 1.0)
+    cxy = sxy - sx * sy / safe_n
+    out = {"n": n, "cxy": cxy, "x1": x1, "y1": y1, "sym": y is None}
+    if need_var:
+        sxx = _mm(x0 * x0, my, axis_name)
+        syy = sxx.T if y is None else _mm(mx, y0 * y0, axis_name)
+        vx = sxx - sx * sx / safe_n
+        vy = syy - sy * sy / safe_n
+        # Rounding leaves ~sqrt(n) eps * Sxx where the exact pairwise variance is 0 (a column constant on the rows
+        # it shares with the other): call those zero, as pandas' exact Welford recursion would.
+        tol = 8.0 * jnp.finfo(dtype).eps * jnp.sqrt(safe_n)
+        out["vx"] = jnp.where(vx > tol * sxx, vx, jnp.zeros_like(vx))
+        out["vy"] = jnp.where(vy > tol * syy, vy, jnp.zeros_like(vy))
+    return out
+
+
+def nancov(x: Any, y: Any = None, *, ddof: int = 1, min_periods: int = 1, axis_name: AxisName = None) -> Array:
+    """Pairwise-complete covariance, like ``pandas.DataFrame.cov(min_periods=..., ddof=...)``.
+
+    Entry ``(i, j)`` is the covariance of columns ``i`` and ``j`` over the rows where both are finite (NaN and +-inf
+    count as missing, as in pandas' ``nancorr``), normalised by ``N_ij - ddof``. Unlike pandas, which silently uses
+    ``ddof=1`` once any value is missing, the ``ddof`` you pass is always used.
+
+    Args:
+      x: ``(n, d)`` or ``(n,)``.
+      y: optional ``(n, e)`` or ``(n,)``; then the ``(d, e)`` cross block.
+      ddof: delta degrees of freedom.
+      min_periods: fewer than this many complete pairs gives NaN (values below 1 act as 1).
+      axis_name: mapped axis over which the rows are sharded.
+
+    Returns:
+      ``(d, d)``/``(d, e)`` (1-D axes dropped); NaN where ``N_ij < min_periods`` or ``N_ij - ddof <= 0``.
+    """
+    check_ddof(ddof)
+    minp = _check_min_periods(min_periods)
+    s = _pairwise_sums(x, y, axis_name, need_var=False)
+    n, cxy = s["n"], s["cxy"]
+    denom = n - ddof
+    ok = (n >= minp) & (denom > 0)
+    c = jnp.where(ok, cxy / jnp.where(ok, denom, 1.0), jnp.nan)
+    if s["sym"]:
+        c = 0.5 * (c + c.T)
+    return squeeze_1d(c, s["x1"], s["y1"])
+
+
+def nancorrcoef(x: Any, y: Any = None, *, min_periods: int = 1, axis_name: AxisName = None) -> Array:
+    """Pairwise-complete Pearson correlation, like ``pandas.DataFrame.corr(min_periods=...)``.
+
+    Entry ``(i, j)`` is the Pearson correlation of columns ``i`` and ``j`` over the rows where both are finite, with
+    means and variances taken over those same rows (as pandas).
+
+    Args:
+      x: ``(n, d)`` or ``(n,)``.
+      y: optional ``(n, e)`` or ``(n,)``; then the ``(d, e)`` cross block.
+      min_periods: fewer than this many complete pairs gives NaN (values below 1 act as 1).
+      axis_name: mapped axis over which the rows are sharded.
+
+    Returns:
+      ``(d, d)``/``(d, e)`` (1-D axes dropped), clipped to [-1, 1], unit diagonal where defined; NaN where
+      ``N_ij < min_periods`` or either column is constant on the shared rows.
+    """
+    minp = _check_min_periods(min_periods)
+    s = _pairwise_sums(x, y, axis_name, need_var=True)
+    n, cxy, vx, vy = s["n"], s["cxy"], s["vx"], s["vy"]
+    ok = (n >= minp) & (vx > 0) & (vy > 0)
+    denom = jnp.sqrt(jnp.where(ok, vx, 1.0)) * jnp.sqrt(jnp.where(ok, vy, 1.0))
+    r = jnp.where(ok, jnp.clip(cxy / denom, -1.0, 1.0), jnp.nan)
+    if s["sym"]:
+        r = 0.5 * (r + r.T)
+        eye = jnp.eye(r.shape[0], dtype=bool)
+        r = jnp.where(eye & ~jnp.isnan(r), jnp.ones_like(r), r)
+    return squeeze_1d(r, s["x1"], s["y1"])

@@ -1,0 +1,311 @@
+"""Moment-based dependence statistics: covariance, Pearson correlation (with p-values), concordance, partial
+correlation.
+
+Conventions (see DESIGN.md): data are ``(n, d)`` with observations in rows, a 1-D ``(n,)`` input is one variable
+and the matching result axis is dropped; with a second argument ``y`` of shape ``(n, e)`` the result is the
+``(d, e)`` cross block. Every reduction over observations accepts ``axis_name``: inside ``shard_map``/``pmap`` with
+the rows sharded along that axis the result equals the computation on the gathered data. All centring is shifted
+two-pass (never raw one-pass sums), so float32 results hold up when the mean is far larger than the spread.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy import special
+
+from corrjax._checks import as_columns, as_float_array, check_ddof, check_same_n
+from corrjax.stats._centered import (
+    AxisName,
+    centered,
+    comoment,
+    global_n,
+    normalize_comoment,
+    psum,
+    squeeze_1d,
+)
+
+Array = jax.Array
+
+__all__ = [
+    "ConfidenceInterval",
+    "PearsonRResult",
+    "concordance",
+    "corrcoef",
+    "cov",
+    "fisher_z_ci",
+    "partial_corr",
+    "pearsonr",
+]
+
+
+class PearsonRResult(NamedTuple):
+    """Result of :func:`pearsonr`: the correlation coefficient and its two-sided p-value."""
+
+    statistic: Array
+    pvalue: Array
+
+
+class ConfidenceInterval(NamedTuple):
+    """Lower and upper end of a confidence interval."""
+
+    low: Array
+    high: Array
+
+
+def _weights(n: int, fweights: Any, aweights: Any, dtype: Any) -> tuple[Array | None, Array | None]:
+    """Validates numpy-style weights; returns ``(w, aw)`` with ``w = fweights * aweights`` (None when unweighted)."""
+    w = None
+    aw = None
+    for name, v in (("fweights", fweights), ("aweights", aweights)):
+        if v is None:
+            continue
+        arr = as_float_array(v, name).astype(dtype)
+        if arr.ndim != 1 or arr.shape[0] != n:
+            raise ValueError(f"`{name}` must be 1-D with one weight per observation (n={n}), got shape {arr.shape}")
+        w = arr if w is None else w * arr
+        if name == "aweights":
+            aw = arr
+    return w, aw
+
+
+def _prepare(x: Any, y: Any) -> tuple[Array, bool, Array | None, bool]:
+    x2, x1 = as_columns(x, "x")
+    if y is None:
+        return x2, x1, None, x1
+    y2, y1 = as_columns(y, "y")
+    check_same_n(x2, y2)
+    dtype = jnp.result_type(x2.dtype, y2.dtype)
+    return x2.astype(dtype), x1, y2.astype(dtype), y1
+
+
+def cov(
+    x: Any,
+    y: Any = None,
+    *,
+    ddof: int = 1,
+    fweights: Any = None,
+    aweights: Any = None,
+    axis_name: AxisName = None,
+) -> Array:
+    """Covariance matrix of the columns of ``x``, or the cross-covariance block with ``y``.
+
+    numpy's ``np.cov`` semantics (``ddof``, frequency weights ``fweights``, observation weights ``aweights``, and
+    numpy's normalisation ``v1 - ddof * sum(w * aweights) / v1`` when both are used) with observations in rows.
+
+    Args:
+      x: ``(n, d)`` or ``(n,)`` data.
+      y: optional ``(n, e)`` or ``(n,)``; then the result is the ``(d, e)`` block ``cov(x_i, y_j)``.
+      ddof: delta degrees of freedom (static, non-negative).
+      fweights, aweights: optional ``(n,)`` non-negative weights (values are not checked: that is not jittable).
+      axis_name: mapped axis over which the rows are sharded (``shard_map``/``pmap``); results are global.
+
+    Returns:
+      ``(d, d)`` (or ``(d, e)``); axes of 1-D inputs are dropped, so two vectors give a scalar. Entries are NaN when
+      the normalisation ``n - ddof`` (weighted: numpy's factor) is not positive. NaN input propagates.
+    """
+    check_ddof(ddof)
+    x2, x1, y2, y1 = _prepare(x, y)
+    w, aw = _weights(x2.shape[0], fweights, aweights, x2.dtype)
+    xc, _, wsum = centered(x2, w, axis_name)
+    if y2 is None:
+        c = comoment(xc, xc, w, axis_name)
+        c = 0.5 * (c + c.T)  # exactly symmetric
+    else:
+        yc, _, _ = centered(y2, w, axis_name)
+        c = comoment(xc, yc, w, axis_name)
+    # numpy's normalisation: v1 - ddof, or v1 - ddof * sum(w * aweights) / v1 with observation weights.
+    correction = 1.0 if aw is None or ddof == 0 else psum(jnp.sum(w * aw), axis_name) / wsum
+    fact = wsum - ddof * correction
+    c = c * jnp.where(fact > 0, 1.0 / jnp.where(fact > 0, fact, 1.0), jnp.nan).astype(c.dtype)
+    return squeeze_1d(c, x1, y1)
+
+
+def corrcoef(
+    x: Any,
+    y: Any = None,
+    *,
+    fweights: Any = None,
+    aweights: Any = None,
+    axis_name: AxisName = None,
+) -> Array:
+    """Pearson correlation matrix of the columns of ``x``, or the cross block with ``y``.
+
+    ``r_ij = cov_ij / sqrt(cov_ii cov_jj)`` (``np.corrcoef`` with observations in rows); optional weights as in
+    :func:`cov` give the weighted Pearson correlation (the normalisation factor cancels).
+
+    Args:
+      x: ``(n, d)`` or ``(n,)``.
+      y: optional ``(n, e)`` or ``(n,)``; then the ``(d, e)`` cross block.
+      fweights, aweights: optional ``(n,)`` weights.
+      axis_name: mapped axis over which the rows are sharded.
+
+    Returns:
+      ``(d, d)`` or ``(d, e)`` (1-D axes dropped), clipped to [-1, 1], with an exact unit diagonal for ``y=None``.
+      Entries involving a zero-variance column are NaN (numpy gives NaN with a warning); NaN input propagates.
+    """
+    x2, x1, y2, y1 = _prepare(x, y)
+    w, _ = _weights(x2.shape[0], fweights, aweights, x2.dtype)
+    xc, _, _ = centered(x2, w, axis_name)
+    if y2 is None:
+        c = comoment(xc, xc, w, axis_name)
+        c = 0.5 * (c + c.T)
+        var = jnp.diagonal(c)
+        r = normalize_comoment(c, var, var, symmetric=True)
+    else:
+        yc, _, _ = centered(y2, w, axis_name)
+        c = comoment(xc, yc, w, axis_name)
+        sxx = _weighted_sumsq(xc, w, axis_name)
+        syy = _weighted_sumsq(yc, w, axis_name)
+        r = normalize_comoment(c, sxx, syy, symmetric=False)
+    return squeeze_1d(r, x1, y1)
+
+
+def _weighted_sumsq(xc: Array, w: Array | None, axis_name: AxisName) -> Array:
+    sq = xc * xc if w is None else xc * xc * w[:, None]
+    return psum(jnp.sum(sq, axis=0), axis_name)
+
+
+def _broadcast_pair(x: Any, y: Any, axis: int) -> tuple[Array, Array]:
+    """scipy's rule: left-pad the ranks, check the lengths along ``axis``, then broadcast the remaining axes."""
+    xa = as_float_array(x, "x")
+    ya = as_float_array(y, "y")
+    dtype = jnp.result_type(xa.dtype, ya.dtype)
+    xa, ya = xa.astype(dtype), ya.astype(dtype)
+    ndim = max(xa.ndim, ya.ndim)
+    if ndim == 0:
+        raise ValueError(f"`x` and `y` must have an observation axis, got shapes {xa.shape} and {ya.shape}")
+    xa = xa.reshape((1,) * (ndim - xa.ndim) + xa.shape)
+    ya = ya.reshape((1,) * (ndim - ya.ndim) + ya.shape)
+    if not isinstance(axis, int | jnp.integer) or isinstance(axis, bool) or not -ndim <= axis < ndim:
+        raise ValueError(f"`axis`={axis!r} is not a valid axis for inputs of rank {ndim}")
+    if xa.shape[axis] != ya.shape[axis]:
+        raise ValueError(
+            f"`x` and `y` must have the same length along axis {axis}: got x.shape={xa.shape}, y.shape={ya.shape}"
+        )
+    xa = jnp.moveaxis(xa, axis, 0)
+    ya = jnp.moveaxis(ya, axis, 0)
+    try:
+        shape = jnp.broadcast_shapes(xa.shape, ya.shape)
+    except ValueError as e:
+        raise ValueError(f"`x` and `y` must be broadcastable, got shapes {xa.shape} and {ya.shape}") from e
+    return jnp.broadcast_to(xa, shape), jnp.broadcast_to(ya, shape)
+
+
+def pearsonr(x: Any, y: Any, *, axis: int = 0, axis_name: AxisName = None) -> PearsonRResult:
+    """Pearson correlation of ``x`` and ``y`` along ``axis`` with its two-sided p-value, like ``scipy.stats.pearsonr``.
+
+    Under independent normal samples ``r`` follows a Beta(n/2 - 1, n/2 - 1) law on [-1, 1], so the two-sided
+    p-value is ``2 * I_{(1 - |r|)/2}(n/2 - 1, n/2 - 1)`` (regularised incomplete beta; exact, as scipy). ``x`` and
+    ``y`` are broadcast against each other after left-padding their ranks, as scipy does.
+
+    Args:
+      x, y: arrays with the same length ``n >= 2`` along ``axis``.
+      axis: the observation axis (static).
+      axis_name: mapped axis over which the observations are sharded; ``n`` is then the global length.
+
+    Returns:
+      ``PearsonRResult(statistic, pvalue)`` with the broadcast shape minus ``axis``. A constant input gives NaN for
+      both; ``n == 2`` gives ``r = +-1`` and ``p = 1`` as scipy. Use :func:`fisher_z_ci` for a confidence interval.
+    """
+    xa, ya = _broadcast_pair(x, y, axis)
+    n = global_n(xa.shape[0], axis_name)
+    if n < 2:
+        raise ValueError(f"`x` and `y` need at least 2 observations along axis {axis}, got {n}")
+    xc, _, _ = centered(xa, None, axis_name)
+    yc, _, _ = centered(ya, None, axis_name)
+    sxy = psum(jnp.sum(xc * yc, axis=0), axis_name)
+    nx = jnp.sqrt(psum(jnp.sum(xc * xc, axis=0), axis_name))
+    ny = jnp.sqrt(psum(jnp.sum(yc * yc, axis=0), axis_name))
+    r = jnp.clip(sxy / nx / ny, -1.0, 1.0)
+    if n == 2:
+        r = jnp.round(r)
+        p = jnp.where(jnp.isnan(r), jnp.nan, jnp.ones_like(r))
+        return PearsonRResult(r, p)
+    ab = jnp.asarray(n / 2.0 - 1.0, r.dtype)
+    p = 2.0 * special.betainc(ab, ab, 0.5 * (1.0 - jnp.abs(_nan_to_zero(r))))
+    p = jnp.where(jnp.isnan(r), jnp.nan, jnp.clip(p, 0.0, 1.0))
+    return PearsonRResult(r, p)
+
+
+def _nan_to_zero(r: Array) -> Array:
+    """Replaces NaN by 0 before ``betainc`` so that its gradient stays finite in the masked-out branch."""
+    return jnp.where(jnp.isnan(r), jnp.zeros_like(r), r)
+
+
+def fisher_z_ci(statistic: Any, n: Any, *, confidence_level: float = 0.95) -> ConfidenceInterval:
+    """Two-sided Fisher-z confidence interval for a Pearson correlation from ``n`` observations.
+
+    ``tanh(arctanh(r) -+ z_{(1 + level)/2} / sqrt(n - 3))``, as ``scipy.stats.pearsonr(...).confidence_interval()``;
+    ``n <= 3`` gives the trivial interval [-1, 1].
+
+    Args:
+      statistic: Pearson ``r`` (any shape).
+      n: number of observations (scalar or broadcastable to ``statistic``).
+      confidence_level: in (0, 1).
+    """
+    if not 0.0 < float(confidence_level) < 1.0:
+        raise ValueError(f"`confidence_level` must be in (0, 1), got {confidence_level}")
+    r = as_float_array(statistic, "statistic")
+    n = jnp.asarray(n, r.dtype)
+    h = special.ndtri(jnp.asarray(0.5 + confidence_level / 2.0, r.dtype))
+    zr = jnp.arctanh(r)
+    se = 1.0 / jnp.sqrt(jnp.where(n > 3, n - 3, 1.0))
+    small = n <= 3
+    low = jnp.where(small, -1.0, jnp.tanh(zr - h * se)).astype(r.dtype)
+    high = jnp.where(small, 1.0, jnp.tanh(zr + h * se)).astype(r.dtype)
+    return ConfidenceInterval(low, high)
+
+
+def concordance(x: Any, y: Any, *, axis_name: AxisName = None) -> Array:
+    """Lin's concordance correlation coefficient of paired columns (Lin 1989, "A concordance correlation
+    coefficient to evaluate reproducibility", Biometrics 45:255).
+
+    ``rho_c = 2 s_xy / (s_x^2 + s_y^2 + (mean_x - mean_y)^2)`` with 1/n moments.
+
+    Args:
+      x, y: ``(n, d)`` (or ``(n,)``); column ``j`` of ``x`` is paired with column ``j`` of ``y``. A single column
+        broadcasts against ``d`` columns.
+      axis_name: mapped axis over which the rows are sharded.
+
+    Returns:
+      ``(d,)`` (a scalar for two 1-D inputs). NaN when both columns are constant and equal (0/0).
+    """
+    x2, x1, y2, y1 = _prepare(x, y)
+    if x2.shape[1] != y2.shape[1] and 1 not in (x2.shape[1], y2.shape[1]):
+        raise ValueError(f"`x` and `y` must have the same number of columns, got {x2.shape} and {y2.shape}")
+    n = jnp.asarray(global_n(x2.shape[0], axis_name), x2.dtype)
+    xc, mx, _ = centered(x2, None, axis_name)
+    yc, my, _ = centered(y2, None, axis_name)
+    sxy = psum(jnp.sum(xc * yc, axis=0), axis_name) / n
+    sxx = psum(jnp.sum(xc * xc, axis=0), axis_name) / n
+    syy = psum(jnp.sum(yc * yc, axis=0), axis_name) / n
+    out = 2.0 * sxy / (sxx + syy + (mx - my) ** 2)
+    return out[0] if (x1 and y1) else out
+
+
+def partial_corr(x: Any, *, axis_name: AxisName = None) -> Array:
+    """Partial correlation matrix: the correlation of columns ``i`` and ``j`` given all the others.
+
+    ``pcorr_ij = -P_ij / sqrt(P_ii P_jj)`` with ``P`` the Moore-Penrose pseudo-inverse of the covariance matrix
+    (as ``pingouin.pcorr``; Whittaker 1990, "Graphical Models in Applied Multivariate Statistics", ch. 5).
+
+    Args:
+      x: ``(n, d)`` data.
+      axis_name: mapped axis over which the rows are sharded.
+
+    Returns:
+      ``(d, d)``, clipped to [-1, 1], unit diagonal where defined; rows of zero-variance columns are NaN.
+    """
+    x2, _ = as_columns(x, "x")
+    c = cov(x2, axis_name=axis_name)
+    # Scale to a correlation matrix first: the pseudo-inverse's rank cut-off is then scale-free.
+    s = jnp.sqrt(jnp.diagonal(c))
+    s = jnp.where(s > 0, s, jnp.ones_like(s))  # a zero-variance column keeps a zero row -> NaN row below
+    r = c / s[:, None] / s[None, :]
+    p = jnp.linalg.pinv(r, hermitian=True)
+    p = 0.5 * (p + p.T)
+    dp = jnp.diagonal(p)
+    return normalize_comoment(-p, dp, dp, symmetric=True)
