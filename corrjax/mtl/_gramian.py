@@ -1,0 +1,61 @@
+"""Leaf-by-leaf reductions over task-stacked gradient pytrees.
+
+A task-stacked pytree holds the rows of the task Jacobian ``J`` (shape ``(T, P)``) split over its leaves: every leaf
+has shape ``(T, *param_shape)``. The Gramian ``G = J J^T`` and the combination ``w^T J`` are computed one leaf at a
+time (a ``(T, p) x (p, T)`` matmul per leaf, summed), so the Jacobian is never concatenated into one ``(T, P)`` array.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def num_tasks(task_grads: Any, name: str = "updates") -> int:
+    """Returns ``T``, the common leading axis of every leaf; raises ``ValueError`` if the leaves disagree."""
+    leaves = jax.tree.leaves(task_grads)
+    if not leaves:
+        raise ValueError(f"`{name}` has no array leaves; expected a task-stacked pytree (leading task axis T)")
+    sizes = {jnp.shape(x)[0] if jnp.ndim(x) >= 1 else None for x in leaves}
+    if None in sizes or len(sizes) != 1:
+        shapes = [tuple(jnp.shape(x)) for x in leaves]
+        raise ValueError(f"every leaf of `{name}` must share a leading task axis T; got leaf shapes {shapes}")
+    return int(sizes.pop())
+
+
+def _gram_dtype(leaves: list[Array]) -> jnp.dtype:
+    dtype = jnp.result_type(*[x.dtype for x in leaves])
+    # bf16/f16 gradients are accumulated in float32; float64 stays float64.
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def gramian(task_grads: Any) -> Array:
+    """Task Gramian ``G[s, t] = <g_s, g_t>`` of a task-stacked pytree, shape ``(T, T)``.
+
+    Summed over leaves, each leaf contributing ``L L^T`` with ``L`` the leaf reshaped to ``(T, -1)``. Accumulates in
+    at least float32. Non-finite gradients give non-finite entries (they are not masked).
+    """
+    leaves = jax.tree.leaves(task_grads)
+    t = num_tasks(task_grads)
+    dtype = _gram_dtype(leaves)
+    g = jnp.zeros((t, t), dtype)
+    for leaf in leaves:
+        mat = jnp.reshape(leaf, (t, -1)).astype(dtype)
+        g = g + jnp.matmul(mat, mat.T, precision=jax.lax.Precision.HIGHEST)
+    return g
+
+
+def combine(weights: Array, task_grads: Any) -> Any:
+    """Returns ``sum_t weights[t] * g_t`` leaf by leaf, dropping the task axis; leaves keep their dtype."""
+    leaves = jax.tree.leaves(task_grads)
+    dtype = _gram_dtype(leaves) if leaves else jnp.float32
+
+    def leaf_combine(leaf: Array) -> Array:
+        out = jnp.tensordot(weights.astype(dtype), leaf.astype(dtype), axes=1, precision=jax.lax.Precision.HIGHEST)
+        return out.astype(leaf.dtype)
+
+    return jax.tree.map(leaf_combine, task_grads)

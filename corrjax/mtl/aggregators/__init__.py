@@ -1,0 +1,1 @@
+"""Multi-task aggregators: Optax transformations from task-stacked gradients to one update."""

@@ -1,0 +1,87 @@
+"""The Gramian-weighting interface shared by the aggregators.
+
+Most multi-task aggregators return a weighted combination ``w^T J`` of the task gradients (the rows of ``J``), with
+weights ``w`` that depend on the task gradients only through the Gramian ``G = J J^T`` (``T x T``). A
+:class:`GramianWeighting` is that map ``G -> w`` (with state); :func:`from_weighting` turns it into an Optax
+aggregator over task-stacked pytrees. A training step can also use a weighting directly: compute ``G`` (e.g. from
+rep-grads or the Jacobian), get ``w``, and pull ``w`` back with one VJP instead of contracting the Jacobian.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from corrjax.mtl import _gramian
+
+Array = jax.Array
+
+
+class GramianWeighting(NamedTuple):
+    """A map from the task Gramian to task weights.
+
+    Attributes:
+      init: ``init() -> state``.
+      update: ``update(gramian, state, num_tasks, **extra_args) -> (weights, new_state)`` with ``gramian`` the
+        ``(T, T)`` Gramian (``None`` when ``needs_gramian`` is False) and ``weights`` of shape ``(T,)``.
+      needs_gramian: whether ``update`` reads the Gramian (False for mean/sum/fixed/random weights).
+    """
+
+    init: Callable[[], Any]
+    update: Callable[..., tuple[Array, Any]]
+    needs_gramian: bool = True
+
+
+class KeyState(NamedTuple):
+    """State of randomised aggregators: a PRNG key split at every update."""
+
+    key: Array
+
+
+def as_key(key: int | Array) -> Array:
+    """A typed PRNG key from an int seed or an existing key."""
+    if isinstance(key, int):
+        return jax.random.key(key)
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    return jax.random.wrap_key_data(key)
+
+
+def nan_if_nonfinite(weights: Array, gramian: Array | None) -> Array:
+    """Propagates non-finite task gradients: NaN weights (hence a NaN update) if ``gramian`` is not all finite."""
+    if gramian is None:
+        return weights
+    return jnp.where(jnp.all(jnp.isfinite(gramian)), weights, jnp.nan)
+
+
+def from_weighting(weighting: GramianWeighting) -> optax.GradientTransformationExtraArgs:
+    """Aggregator from a Gramian weighting: ``updates -> sum_t w_t * updates[t]``.
+
+    The input is a task-stacked pytree (every leaf ``(T, ...)``); the output drops the task axis and keeps each leaf's
+    dtype. The Gramian is computed leaf by leaf in at least float32. Extra args (e.g. ``task_losses``) are forwarded
+    to ``weighting.update``.
+    """
+
+    def init_fn(params: Any) -> Any:
+        del params
+        return weighting.init()
+
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
+        del params
+        t = _gramian.num_tasks(updates)
+        g = _gramian.gramian(updates) if weighting.needs_gramian else None
+        weights, state = weighting.update(g, state, t, **extra_args)
+        return _gramian.combine(weights, updates), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def normalize_gramian(gramian: Array, eps: float) -> tuple[Array, Array]:
+    """Returns ``(G / s, s)`` with ``s = max(trace(G), eps)``, the Gramian of the Frobenius-normalised Jacobian."""
+    s = jnp.maximum(jnp.trace(gramian), eps)
+    return gramian / s, s
