@@ -95,7 +95,7 @@ def normalize_comoment(c: Array, sxx: Array, syy: Array, *, symmetric: bool) -> 
     """
     sx = jnp.sqrt(sxx)
     sy = jnp.sqrt(syy)
-    r = c / sx[:, None] / sy[None, :]
+    r = c / (sx[:, None] * sy[None, :])  # one product: symmetric inputs give an exactly symmetric result
     r = jnp.clip(r, -1.0, 1.0)
     if symmetric:
         eye = jnp.eye(r.shape[0], dtype=bool)
