@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from corrjax._checks import as_float_array
+from corrjax.mtl import _gramian
 
 logger = logging.getLogger(__name__)
 
@@ -63,21 +64,6 @@ def _check_num_tasks(num_tasks: Any) -> int:
     return num_tasks
 
 
-def _leading_task_axis(updates: Any, name: str) -> int:
-    """Returns ``T``, the common leading axis of every leaf of the task-stacked pytree ``updates``."""
-    leaves = jax.tree.leaves(updates)
-    if not leaves:
-        raise ValueError(f"{name}: the task-stacked gradient pytree has no leaves")
-    sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in leaves}
-    if None in sizes or len(sizes) != 1:
-        shapes = [tuple(jnp.shape(leaf)) for leaf in leaves]
-        raise ValueError(
-            f"{name}: every leaf of the task-stacked gradient must have the same leading task axis T, got leaf "
-            f"shapes {shapes}"
-        )
-    return sizes.pop()
-
-
 def _task_losses(extra_args: dict[str, Any], name: str, num_tasks: int, updates: Any) -> jax.Array:
     """Validates the ``task_losses`` extra arg against ``num_tasks`` and the gradient's task axis."""
     if "task_losses" not in extra_args or extra_args["task_losses"] is None:
@@ -88,7 +74,7 @@ def _task_losses(extra_args: dict[str, Any], name: str, num_tasks: int, updates:
     losses = as_float_array(extra_args["task_losses"], "task_losses")
     if losses.shape != (num_tasks,):
         raise ValueError(f"{name}: `task_losses` must have shape ({num_tasks},) (num_tasks,), got {losses.shape}")
-    t = _leading_task_axis(updates, name)
+    t = _gramian.num_tasks(updates, "updates")
     if t != num_tasks:
         raise ValueError(
             f"{name}: the gradient's leading task axis is {t} but num_tasks={num_tasks} "
@@ -99,16 +85,14 @@ def _task_losses(extra_args: dict[str, Any], name: str, num_tasks: int, updates:
 
 def _combine(weights: jax.Array, updates: Any, reduce: bool) -> Any:
     """``sum_t w_t g_t`` per leaf (``reduce``) or the stacked ``w_t g_t``; each leaf keeps its dtype."""
+    if reduce:
+        return _gramian.combine(weights, updates)
 
-    def one(g):
+    def scale(g):
         w = weights.astype(jnp.promote_types(g.dtype, jnp.float32))
-        if reduce:
-            out = jnp.tensordot(w, g.astype(w.dtype), axes=1, precision=jax.lax.Precision.HIGHEST)
-        else:
-            out = w.reshape((-1,) + (1,) * (g.ndim - 1)) * g
-        return out.astype(g.dtype)
+        return (w.reshape((-1,) + (1,) * (g.ndim - 1)) * g).astype(g.dtype)
 
-    return jax.tree.map(one, updates)
+    return jax.tree.map(scale, updates)
 
 
 def _task_sq_norms(updates: Any) -> jax.Array:
