@@ -20,7 +20,7 @@ from flax import struct
 from jax import lax
 
 from corrjax._checks import as_columns, as_float_array, check_ddof, check_same_n
-from corrjax.stats._centered import PRECISION, AxisName, centered, normalize_comoment
+from corrjax.stats._centered import PRECISION, AxisName, normalize_comoment
 
 Array = jax.Array
 
@@ -31,23 +31,38 @@ __all__ = ["CovState", "corr_finalize", "cov_allreduce", "cov_finalize", "cov_in
 class CovState:
     """Mergeable sufficient statistics of a (cross-)covariance.
 
+    Means are stored relative to a per-column reference value (the first observation the state saw), so that a
+    float32 state keeps full precision when the mean is far larger than the spread.
+
     Attributes:
       weight: ``()`` total weight seen (the number of observations when unweighted).
-      mean_x: ``(d,)`` running mean of ``x``.
-      mean_y: ``(e,)`` running mean of ``y`` (equal to ``mean_x`` for an auto-covariance state).
+      shift_x, shift_y: ``(d,)``, ``(e,)`` reference values; ``mean_x = shift_x + dmean_x``.
+      dmean_x, dmean_y: ``(d,)``, ``(e,)`` means relative to the reference values.
       comoment: ``(d, e)`` sum of weighted products of deviations from the means.
-      m2_x: ``(d,)`` sum of weighted squared deviations of ``x`` (for correlations of a cross state).
-      m2_y: ``(e,)`` same for ``y``.
-      cross: static; True when the state tracks ``cov(x, y)`` rather than ``cov(x)``.
+      m2_x, m2_y: ``(d,)``, ``(e,)`` sums of weighted squared deviations (for correlations of a cross state).
+      cross: static; True when the state tracks ``cov(x, y)`` rather than ``cov(x)`` (then the ``y`` fields alias
+        the ``x`` ones).
     """
 
     weight: Array
-    mean_x: Array
-    mean_y: Array
+    shift_x: Array
+    dmean_x: Array
+    shift_y: Array
+    dmean_y: Array
     comoment: Array
     m2_x: Array
     m2_y: Array
     cross: bool = struct.field(pytree_node=False, default=False)
+
+    @property
+    def mean_x(self) -> Array:
+        """``(d,)`` running mean of ``x``."""
+        return self.shift_x + self.dmean_x
+
+    @property
+    def mean_y(self) -> Array:
+        """``(e,)`` running mean of ``y`` (``mean_x`` for an auto-covariance state)."""
+        return self.shift_y + self.dmean_y
 
 
 def cov_init(d: int, e: int | None = None, dtype: Any = jnp.float32) -> CovState:
@@ -65,21 +80,35 @@ def cov_init(d: int, e: int | None = None, dtype: Any = jnp.float32) -> CovState
         raise TypeError(f"`dtype` must be a floating dtype, got {dtype}")
     ee = d if e is None else e
     z = lambda *s: jnp.zeros(s, dtype)
-    return CovState(z(), z(d), z(ee), z(d, ee), z(d), z(ee), cross=e is not None)
+    return CovState(z(), z(d), z(d), z(ee), z(ee), z(d, ee), z(d), z(ee), cross=e is not None)
+
+
+def _shifted_mean(x: Array, w: Array | None) -> tuple[Array, Array, Array, Array]:
+    """``(shift, dmean, xc, wsum)`` of one chunk: shift = first row, dmean = mean of ``x - shift``."""
+    shift = lax.stop_gradient(x[0])
+    d = x - shift
+    if w is None:
+        wsum = jnp.asarray(x.shape[0], x.dtype)
+        total = jnp.sum(d, axis=0)
+    else:
+        wsum = jnp.sum(w)
+        total = jnp.tensordot(w, d, axes=(0, 0), precision=PRECISION)
+    dmean = total / jnp.where(wsum != 0, wsum, jnp.ones_like(wsum))
+    return shift, dmean, d - dmean, wsum
 
 
 def _chunk_state(state: CovState, x: Array, y: Array | None, w: Array | None) -> CovState:
     """Statistics of one chunk, two-pass and shifted."""
-    xc, mx, wsum = centered(x, w, None)
+    sx, mx, xc, wsum = _shifted_mean(x, w)
     xw = xc if w is None else xc * w[:, None]
-    if state.cross:
-        yc, my, _ = centered(y, w, None)
-    else:
-        yc, my = xc, mx
-    c = jnp.matmul(xw.T, yc, precision=PRECISION)
     m2x = jnp.sum(xw * xc, axis=0)
-    m2y = m2x if not state.cross else jnp.sum((yc if w is None else yc * w[:, None]) * yc, axis=0)
-    return CovState(wsum, mx, my, c, m2x, m2y, cross=state.cross)
+    if state.cross:
+        sy, my, yc, _ = _shifted_mean(y, w)
+        m2y = jnp.sum((yc if w is None else yc * w[:, None]) * yc, axis=0)
+    else:
+        sy, my, yc, m2y = sx, mx, xc, m2x
+    c = jnp.matmul(xw.T, yc, precision=PRECISION)
+    return CovState(wsum, sx, mx, sy, my, c, m2x, m2y, cross=state.cross)
 
 
 def cov_update(state: CovState, x: Any, y: Any = None, weights: Any = None) -> CovState:
@@ -94,11 +123,12 @@ def cov_update(state: CovState, x: Any, y: Any = None, weights: Any = None) -> C
     Returns:
       The updated state (same structure and dtype).
     """
-    dtype = state.mean_x.dtype
+    dtype = state.comoment.dtype
+    d, e = state.comoment.shape
     x2, _ = as_columns(x, "x")
     x2 = x2.astype(dtype)
-    if x2.shape[1] != state.mean_x.shape[0]:
-        raise ValueError(f"`x` must have {state.mean_x.shape[0]} columns to match the state, got shape {x2.shape}")
+    if x2.shape[1] != d:
+        raise ValueError(f"`x` must have {d} columns to match the state, got shape {x2.shape}")
     y2 = None
     if state.cross:
         if y is None:
@@ -106,8 +136,8 @@ def cov_update(state: CovState, x: Any, y: Any = None, weights: Any = None) -> C
         y2, _ = as_columns(y, "y")
         y2 = y2.astype(dtype)
         check_same_n(x2, y2)
-        if y2.shape[1] != state.mean_y.shape[0]:
-            raise ValueError(f"`y` must have {state.mean_y.shape[0]} columns to match the state, got {y2.shape}")
+        if y2.shape[1] != e:
+            raise ValueError(f"`y` must have {e} columns to match the state, got shape {y2.shape}")
     elif y is not None:
         raise ValueError("this state tracks cov(x); create it with cov_init(d, e) to track cov(x, y)")
     w = None
@@ -120,6 +150,11 @@ def cov_update(state: CovState, x: Any, y: Any = None, weights: Any = None) -> C
     return cov_merge(state, _chunk_state(state, x2, y2, w))
 
 
+def _in_frame(frame: Array, shift: Array, dmean: Array) -> Array:
+    """A mean ``shift + dmean`` expressed relative to ``frame`` (accurate when the two are close)."""
+    return (shift - frame) + dmean
+
+
 def cov_merge(a: CovState, b: CovState) -> CovState:
     """Exact (Chan-Golub-LeVeque) merge of two states over disjoint observations; either may be empty."""
     if a.cross != b.cross or a.comoment.shape != b.comoment.shape:
@@ -128,49 +163,67 @@ def cov_merge(a: CovState, b: CovState) -> CovState:
             f"{b.comoment.shape} (cross={b.cross})"
         )
     w = a.weight + b.weight
-    safe_w = jnp.where(w > 0, w, jnp.ones_like(w))
-    fb = jnp.where(w > 0, b.weight / safe_w, jnp.zeros_like(w))
-    dx = b.mean_x - a.mean_x
-    dy = b.mean_y - a.mean_y if a.cross else dx
+    a_on, b_on = a.weight > 0, b.weight > 0
+    fb = jnp.where(b_on, b.weight / jnp.where(w > 0, w, jnp.ones_like(w)), jnp.zeros_like(w))
     f = a.weight * fb  # Wa Wb / W
-    mean_x = a.mean_x + dx * fb
-    mean_y = a.mean_y + dy * fb if a.cross else mean_x
+
+    def mean(sa, ma, sb, mb):
+        frame = jnp.where(a_on, sa, sb)
+        ma_f = _in_frame(frame, sa, ma)
+        mb_f = _in_frame(frame, sb, mb)
+        delta = mb_f - ma_f
+        merged = jnp.where(a_on, ma_f + delta * fb, mb_f)
+        return frame, merged, jnp.where(a_on & b_on, delta, jnp.zeros_like(delta))
+
+    sx, mx, dx = mean(a.shift_x, a.dmean_x, b.shift_x, b.dmean_x)
+    if a.cross:
+        sy, my, dy = mean(a.shift_y, a.dmean_y, b.shift_y, b.dmean_y)
+    else:
+        sy, my, dy = sx, mx, dx
     comoment = a.comoment + b.comoment + f * jnp.outer(dx, dy)
     m2_x = a.m2_x + b.m2_x + f * dx * dx
     m2_y = a.m2_y + b.m2_y + f * dy * dy if a.cross else m2_x
-    return CovState(w, mean_x, mean_y, comoment, m2_x, m2_y, cross=a.cross)
+    return CovState(w, sx, mx, sy, my, comoment, m2_x, m2_y, cross=a.cross)
+
+
+def _linear_index(axis_name: AxisName) -> Array:
+    names = axis_name if isinstance(axis_name, tuple | list) else (axis_name,)
+    idx = jnp.asarray(0, jnp.int32)
+    for name in names:
+        idx = idx * lax.axis_size(name) + lax.axis_index(name)
+    return idx
 
 
 def cov_allreduce(state: CovState, axis_name: AxisName) -> CovState:
     """Merges the per-shard states along a mapped axis (``shard_map``/``pmap``); every shard gets the total.
 
-    The weighted global mean is one ``psum``; the co-moments are shifted to it with the Chan correction
-    ``W_s (m_s - m)(m_s - m)^T`` before a second ``psum``, which equals a tree of :func:`cov_merge` calls.
+    Means are put in a common frame (the reference values of the first non-empty shard) and combined with one
+    ``psum``; each shard's co-moments get the Chan correction ``W_s (m_s - m)(m_s - m)^T`` before a second
+    ``psum``. This equals a tree of :func:`cov_merge` calls up to rounding.
     """
     w = lax.psum(state.weight, axis_name)
     safe_w = jnp.where(w > 0, w, jnp.ones_like(w))
-    # Means are combined relative to a common reference (shard 0's mean) to keep the sums of size ~spread.
-    ref_x = _first(state.mean_x, axis_name)
-    mean_x = ref_x + lax.psum(state.weight * (state.mean_x - ref_x), axis_name) / safe_w
-    dx = state.mean_x - mean_x
+    idx = _linear_index(axis_name)
+    big = jnp.iinfo(jnp.int32).max
+    lead = lax.pmin(jnp.where(state.weight > 0, idx, big), axis_name)
+    mine = idx == lead
+
+    def mean(shift, dmean):
+        frame = lax.psum(jnp.where(mine, shift, jnp.zeros_like(shift)), axis_name)
+        m_f = _in_frame(frame, shift, dmean)
+        m_f = jnp.where(state.weight > 0, m_f, jnp.zeros_like(m_f))
+        merged = lax.psum(state.weight * m_f, axis_name) / safe_w
+        return frame, merged, jnp.where(state.weight > 0, m_f - merged, jnp.zeros_like(m_f))
+
+    sx, mx, dx = mean(state.shift_x, state.dmean_x)
     if state.cross:
-        ref_y = _first(state.mean_y, axis_name)
-        mean_y = ref_y + lax.psum(state.weight * (state.mean_y - ref_y), axis_name) / safe_w
-        dy = state.mean_y - mean_y
+        sy, my, dy = mean(state.shift_y, state.dmean_y)
     else:
-        mean_y, dy = mean_x, dx
+        sy, my, dy = sx, mx, dx
     comoment = lax.psum(state.comoment + state.weight * jnp.outer(dx, dy), axis_name)
     m2_x = lax.psum(state.m2_x + state.weight * dx * dx, axis_name)
     m2_y = lax.psum(state.m2_y + state.weight * dy * dy, axis_name) if state.cross else m2_x
-    return CovState(w, mean_x, mean_y, comoment, m2_x, m2_y, cross=state.cross)
-
-
-def _first(v: Array, axis_name: AxisName) -> Array:
-    names = axis_name if isinstance(axis_name, tuple | list) else (axis_name,)
-    first = jnp.asarray(True)
-    for name in names:
-        first = first & (lax.axis_index(name) == 0)
-    return lax.psum(jnp.where(first, v, jnp.zeros_like(v)), axis_name)
+    return CovState(w, sx, mx, sy, my, comoment, m2_x, m2_y, cross=state.cross)
 
 
 def cov_finalize(state: CovState, ddof: int = 1) -> Array:
