@@ -1,0 +1,264 @@
+"""One batch iterator for every corrjax data source: seeded shuffling, epochs, per-process reads, global batches.
+
+The order of examples is a pure function of ``(seed, epoch)``: epoch ``e`` visits
+``np.random.default_rng([seed, e]).permutation(len(source))`` in consecutive global batches of ``batch_size``.
+With a ``sharding`` (or a ``mesh`` and its data axis) each process reads only the rows of the global batch that
+its own devices hold, and the batch is assembled with ``jax.make_array_from_process_local_data``, so the global
+batch is the same whatever the number of processes. Without one, each process gets a contiguous
+``batch_size / process_count`` block as NumPy arrays.
+
+The position ``{"epoch": e, "step": s}`` (``s`` batches of epoch ``e`` consumed) is all the state there is:
+``get_state()`` after consuming a batch and ``set_state()`` on a fresh iterator yield the same next batches, which
+is what a restored training run needs. A background thread prefetches ``prefetch`` batches ahead (reading,
+converting and transferring them); the position reported is that of the batches handed out, not prefetched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import queue
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from corrjax.data.source import Batch, DataSource
+
+logger = logging.getLogger(__name__)
+
+_DONE = object()
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The example order of one epoch: a seeded permutation (or ``arange`` without shuffling)."""
+    if not shuffle:
+        return np.arange(num_examples)
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(num_examples)
+
+
+def _local_rows(sharding: jax.sharding.Sharding, global_batch: int) -> slice:
+    """The contiguous rows of a global batch whose shards live on this process's devices."""
+    index_map = sharding.addressable_devices_indices_map((global_batch,))
+    starts, stops = [], []
+    for idx in index_map.values():
+        s = idx[0] if idx else slice(None)
+        start, stop, _ = s.indices(global_batch)
+        starts.append(start)
+        stops.append(stop)
+    start, stop = min(starts), max(stops)
+    covered = np.zeros(global_batch, bool)
+    for a, b in zip(starts, stops, strict=True):
+        covered[a:b] = True
+    if not covered[start:stop].all():
+        raise ValueError(
+            "the batch sharding gives this process non-contiguous rows; use a mesh whose data axis is "
+            "ordered by process (jax.make_mesh does this)"
+        )
+    return slice(start, stop)
+
+
+class BatchIterator(Iterator[dict[str, Any]]):
+    """Iterates over global batches ``{"x": (B, ...), task: (B, ...)}`` of a data source.
+
+    Args:
+      source: a :class:`~corrjax.data.source.DataSource` (``len``, ``get_batch(indices)``, ``tasks``).
+      batch_size: the global batch size ``B`` (over all processes).
+      seed: shuffling seed; the order of epoch ``e`` depends only on ``(seed, e)``.
+      shuffle: reshuffle every epoch (False: source order).
+      num_epochs: stop after this many epochs (None: forever).
+      drop_remainder: drop the last incomplete batch of each epoch. If False the last batch is padded to ``B``
+        (repeating examples) and every batch carries a boolean ``"mask"`` (False on padding), so shapes never change.
+      sharding: where global batches go; every leaf is placed with it (its leading axis is the batch).
+      mesh, data_axis: shorthand for ``NamedSharding(mesh, PartitionSpec(data_axis))``.
+      prefetch: batches prepared ahead by a background thread (0: synchronous).
+      transform: optional host-side function applied to each process-local NumPy batch (e.g. augmentation).
+      process_index, process_count: override ``jax.process_index()/process_count()`` (tests, custom launchers).
+    """
+
+    def __init__(
+        self,
+        source: DataSource,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_epochs: int | None = None,
+        drop_remainder: bool = True,
+        sharding: jax.sharding.Sharding | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+        data_axis: str | tuple[str, ...] = "data",
+        prefetch: int = 2,
+        transform: Callable[[Batch], Batch] | None = None,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+        if num_epochs is not None and num_epochs < 1:
+            raise ValueError(f"`num_epochs` must be None or >= 1, got {num_epochs}")
+        if prefetch < 0:
+            raise ValueError(f"`prefetch` must be >= 0, got {prefetch}")
+        if sharding is not None and mesh is not None:
+            raise ValueError("pass either `sharding` or `mesh`, not both")
+        if mesh is not None:
+            sharding = NamedSharding(mesh, PartitionSpec(data_axis))
+        self.source = source
+        self.tasks = tuple(getattr(source, "tasks", ()))
+        self.num_examples = len(source)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self.num_epochs = num_epochs
+        self.drop_remainder = bool(drop_remainder)
+        self.sharding = sharding
+        self.prefetch = int(prefetch)
+        self.transform = transform
+        self.process_index = jax.process_index() if process_index is None else int(process_index)
+        self.process_count = jax.process_count() if process_count is None else int(process_count)
+        if self.batch_size % self.process_count:
+            raise ValueError(f"`batch_size`={batch_size} must be divisible by the process count {self.process_count}")
+        if sharding is not None:
+            self._rows = _local_rows(sharding, self.batch_size)
+        else:
+            local = self.batch_size // self.process_count
+            self._rows = slice(self.process_index * local, (self.process_index + 1) * local)
+        if self.drop_remainder:
+            self.steps_per_epoch = self.num_examples // self.batch_size
+        else:
+            self.steps_per_epoch = math.ceil(self.num_examples / self.batch_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"`batch_size`={batch_size} exceeds the {self.num_examples} examples of the source with "
+                "drop_remainder=True: no complete batch"
+            )
+        self._epoch, self._step = 0, 0
+        self._order_cache: tuple[int, np.ndarray] | None = None
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue | None = None
+        self._stop: threading.Event | None = None
+
+    # ----------------------------------------------------------------------------------------------- position
+    def get_state(self) -> dict[str, int]:
+        """The position after the last batch handed out: ``{"epoch": e, "step": s}`` (JSON-serialisable)."""
+        return {"epoch": self._epoch, "step": self._step}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Moves to a position from :meth:`get_state`; the next batch is the one that followed it originally."""
+        try:
+            epoch, step = int(state["epoch"]), int(state["step"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"`state` must be a mapping with int 'epoch' and 'step', got {state!r}") from e
+        if epoch < 0 or not 0 <= step <= self.steps_per_epoch:
+            raise ValueError(f"`state`={state!r} out of range (steps_per_epoch={self.steps_per_epoch})")
+        self._shutdown()
+        self._epoch, self._step = epoch, step
+
+    # ----------------------------------------------------------------------------------------------- batches
+    def _normalise(self, epoch: int, step: int) -> tuple[int, int]:
+        if step >= self.steps_per_epoch:
+            return epoch + 1, 0
+        return epoch, step
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            self._order_cache = (epoch, epoch_order(self.num_examples, self.seed, epoch, self.shuffle))
+        return self._order_cache[1]
+
+    def global_indices(self, epoch: int, step: int) -> np.ndarray:
+        """Source indices of global batch ``step`` of ``epoch`` (padded cyclically when incomplete)."""
+        order = self._order(epoch)
+        idx = order[step * self.batch_size : (step + 1) * self.batch_size]
+        return np.resize(idx, self.batch_size) if idx.size < self.batch_size else idx
+
+    def _make_batch(self, epoch: int, step: int) -> dict[str, Any]:
+        idx = self.global_indices(epoch, step)[self._rows]
+        batch = self.source.get_batch(idx)
+        if not self.drop_remainder:
+            first = step * self.batch_size + self._rows.start
+            batch["mask"] = np.arange(first, first + idx.size) < self.num_examples
+        if self.transform is not None:
+            batch = self.transform(batch)
+        if self.sharding is None:
+            return batch
+        return {
+            k: jax.make_array_from_process_local_data(self.sharding, v, (self.batch_size, *v.shape[1:]))
+            for k, v in batch.items()
+        }
+
+    def _positions(self, epoch: int, step: int) -> Iterator[tuple[int, int]]:
+        while True:
+            epoch, step = self._normalise(epoch, step)
+            if self.num_epochs is not None and epoch >= self.num_epochs:
+                return
+            yield epoch, step
+            step += 1
+
+    def _produce(self, epoch: int, step: int, q: queue.Queue, stop: threading.Event) -> None:
+        try:
+            for e, s in self._positions(epoch, step):
+                item = (e, s + 1, self._make_batch(e, s))
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            item = _DONE
+        except BaseException as err:  # handed to the consumer
+            item = err
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _shutdown(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        self._thread = self._queue = self._stop = None
+
+    def __next__(self) -> dict[str, Any]:
+        if self.prefetch == 0:
+            for e, s in self._positions(self._epoch, self._step):
+                batch = self._make_batch(e, s)
+                self._epoch, self._step = e, s + 1
+                return batch
+            raise StopIteration
+        if self._thread is None:
+            self._queue, self._stop = queue.Queue(maxsize=self.prefetch), threading.Event()
+            self._thread = threading.Thread(
+                target=self._produce,
+                args=(self._epoch, self._step, self._queue, self._stop),
+                name="corrjax-prefetch",
+                daemon=True,
+            )
+            self._thread.start()
+        item = self._queue.get()
+        if item is _DONE:
+            self._queue.put(_DONE)  # stay exhausted
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._shutdown()
+            raise item
+        self._epoch, self._step, batch = item
+        return batch
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def close(self) -> None:
+        """Stops the prefetch thread (the position is kept; iterating again restarts it)."""
+        self._shutdown()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown
+            self._shutdown()

@@ -1,0 +1,146 @@
+"""Random-access data sources: the one protocol every corrjax dataset follows.
+
+A source has ``tasks: tuple[TaskSpec, ...]``, ``len(source)``, ``source[i] -> {"x": ..., task: label}`` (the grain
+``RandomAccessDataSource`` protocol, so any source also feeds ``grain.MapDataset.source``) and
+``source.get_batch(indices) -> {"x": (b, ...), task: (b, ...)}``, which the batch iterator uses to gather a whole
+batch at once. :class:`ArrayDataset` holds arrays in host memory (built-in datasets); :class:`RecordDataset` wraps a
+record source such as ``tfds.data_source`` and converts each record with a function.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from corrjax.data.spec import TaskSpec, check_tasks
+
+logger = logging.getLogger(__name__)
+
+Batch = dict[str, np.ndarray]
+
+
+@runtime_checkable
+class DataSource(Protocol):
+    """What the batch iterator needs from a dataset."""
+
+    tasks: tuple[TaskSpec, ...]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Batch: ...
+
+    def get_batch(self, indices: np.ndarray) -> Batch: ...
+
+
+def _check_indices(indices: Any, n: int) -> np.ndarray:
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(f"`indices` must be a 1-D integer array, got shape {idx.shape} dtype {idx.dtype}")
+    if idx.size and (idx.min() < -n or idx.max() >= n):
+        raise IndexError(f"`indices` out of range for a source of length {n}")
+    return idx
+
+
+class ArrayDataset:
+    """A dataset held as NumPy arrays with a shared leading example axis.
+
+    Args:
+      arrays: ``{"x": (n, ...), task_name: (n, ...)}``; every task in ``tasks`` must have an entry.
+      tasks: the task specs, in model-output order.
+      name: a label for logs and benchmarks.
+      info: extra metadata (generator parameters, source indices, ...), not part of batches.
+    """
+
+    def __init__(
+        self,
+        arrays: Mapping[str, Any],
+        tasks: Sequence[TaskSpec],
+        *,
+        name: str = "arrays",
+        info: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.tasks = check_tasks(tasks)
+        if "x" not in arrays:
+            raise ValueError(f"`arrays` needs an 'x' entry, got keys {sorted(arrays)}")
+        missing = [t.name for t in self.tasks if t.name not in arrays]
+        if missing:
+            raise ValueError(f"`arrays` lacks labels for tasks {missing}; keys are {sorted(arrays)}")
+        self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        lengths = {k: v.shape[0] if v.ndim else None for k, v in self.arrays.items()}
+        if len(set(lengths.values())) != 1 or None in lengths.values():
+            raise ValueError(f"all `arrays` must share the leading example axis, got lengths {lengths}")
+        self.name = name
+        self.info = dict(info or {})
+
+    def __len__(self) -> int:
+        return int(self.arrays["x"].shape[0])
+
+    def __getitem__(self, index: int) -> Batch:
+        return {k: v[index] for k, v in self.arrays.items()}
+
+    def get_batch(self, indices: np.ndarray) -> Batch:
+        idx = _check_indices(indices, len(self))
+        return {k: np.take(v, idx, axis=0) for k, v in self.arrays.items()}
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}: {v.shape} {v.dtype}" for k, v in self.arrays.items())
+        return f"ArrayDataset({self.name!r}, n={len(self)}, {shapes})"
+
+
+class RecordDataset:
+    """A dataset over a random-access record source (e.g. ``tfds.data_source``), converted per record.
+
+    Args:
+      records: any object with ``len()`` and ``[i]`` (and optionally ``__getitems__``), yielding raw records.
+      tasks: the task specs.
+      convert: maps one raw record to ``{"x": ..., task_name: label}`` (NumPy values).
+      name: a label for logs and benchmarks.
+      num_threads: threads used to read and convert the records of one batch (array_record reads release the GIL).
+    """
+
+    def __init__(
+        self,
+        records: Any,
+        tasks: Sequence[TaskSpec],
+        convert: Callable[[Any], Batch],
+        *,
+        name: str = "records",
+        num_threads: int = 4,
+    ) -> None:
+        self.records = records
+        self.tasks = check_tasks(tasks)
+        self.convert = convert
+        self.name = name
+        self.num_threads = int(num_threads)
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Batch:
+        return self.convert(self.records[int(index)])
+
+    def _read(self, idx: np.ndarray) -> list[Any]:
+        getitems = getattr(self.records, "__getitems__", None)
+        if getitems is not None:
+            return list(getitems([int(i) for i in idx]))
+        return [self.records[int(i)] for i in idx]
+
+    def get_batch(self, indices: np.ndarray) -> Batch:
+        idx = _check_indices(indices, len(self))
+        if self.num_threads > 1 and idx.size >= 4 * self.num_threads:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix=f"corrjax-{self.name}")
+            chunks = np.array_split(idx, self.num_threads)
+            raw = [r for part in self._pool.map(self._read, chunks) for r in part]
+        else:
+            raw = self._read(idx)
+        examples = [self.convert(r) for r in raw]
+        return {k: np.stack([e[k] for e in examples]) for k in examples[0]} if examples else {}
+
+    def __repr__(self) -> str:
+        return f"RecordDataset({self.name!r}, n={len(self)}, tasks={[t.name for t in self.tasks]})"

@@ -1,0 +1,258 @@
+"""Mixture-of-experts multi-task models: MMoE (Ma et al., KDD 2018), CGC and PLE (Tang et al., RecSys 2020).
+
+- **MMoE**: ``E`` shared experts; task ``t`` mixes them with its own softmax gate on the input,
+  ``h_t = sum_e g_t(x)_e f_e(x)``, then its tower.
+- **CGC** (Customized Gate Control): shared experts plus ``m`` experts private to each task; task ``t``'s gate
+  mixes its own and the shared experts only.
+- **PLE** (Progressive Layered Extraction): ``L`` stacked CGC levels. Below the top, every task and the shared
+  branch carry their own representation; a shared gate mixes all experts to form the next shared input.
+
+``features(x)`` returns the top-level expert outputs stacked as ``(n, E_total, h)`` (for CGC/PLE ordered: shared
+experts, then each task's experts in task order); ``from_features(z, x)`` applies the gates, towers and heads.
+``gate_weights(x) -> {task: (n, E_gate)}`` exposes the (top-level) gate probabilities, which sum to 1 per example.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from corrjax.data.spec import TaskSpec
+from corrjax.models.backbones import MLP, flatten
+from corrjax.models.base import BackboneFactory, MultiTaskModel, build_backbone, make_heads
+
+UpperExpertFactory = Callable[[int, nnx.Rngs], nnx.Module]
+
+
+def _experts(factory: BackboneFactory, count: int, rngs: nnx.Rngs, name: str) -> nnx.List:
+    experts = [build_backbone(factory, rngs, name) for _ in range(count)]
+    widths = {e.out_features for e in experts}
+    if len(widths) != 1:
+        raise ValueError(f"`{name}` must build experts of one width, got {sorted(widths)}")
+    return nnx.List(experts)
+
+
+def _mix(gate_logits: jax.Array, experts: jax.Array) -> jax.Array:
+    """``softmax(gate_logits) (n, E)`` weighted sum of ``experts (n, E, h)`` -> ``(n, h)``."""
+    return jnp.einsum("ne,neh->nh", jax.nn.softmax(gate_logits, axis=-1), experts)
+
+
+def _run(experts: nnx.List, x: jax.Array) -> jax.Array:
+    return jnp.stack([e(x) for e in experts], axis=1)
+
+
+class MMoE(MultiTaskModel):
+    """Multi-gate mixture of experts (Ma et al., KDD 2018).
+
+    Args:
+      expert: factory called as ``expert(rngs=rngs)``, returning a module with ``out_features``; called
+        ``num_experts`` times.
+      tasks: the task specs.
+      num_experts: ``E``.
+      gate_in_features: size of the flattened input the gates see (``prod(x.shape[1:])``).
+      tower_hidden: widths of each task's tower.
+    """
+
+    task_specific = ("gates", "heads")
+
+    def __init__(
+        self,
+        expert: BackboneFactory,
+        tasks: Sequence[TaskSpec],
+        *,
+        num_experts: int = 4,
+        gate_in_features: int,
+        tower_hidden: Sequence[int] = (),
+        rngs: nnx.Rngs,
+    ) -> None:
+        if num_experts < 1:
+            raise ValueError(f"`num_experts` must be >= 1, got {num_experts}")
+        self._init_tasks(tasks)
+        self.experts = _experts(expert, num_experts, rngs, "expert")
+        self.gates = nnx.Dict({n: nnx.Linear(gate_in_features, num_experts, rngs=rngs) for n in self.task_names})
+        self.heads = make_heads(self.experts[0].out_features, self.tasks, tower_hidden, rngs)
+        self.num_experts = num_experts
+
+    def features(self, x: jax.Array) -> jax.Array:
+        return _run(self.experts, x)
+
+    def gate_logits(self, x: jax.Array) -> dict[str, jax.Array]:
+        fx = flatten(x)
+        return {n: self.gates[n](fx) for n in self.task_names}
+
+    def gate_weights(self, x: jax.Array) -> dict[str, jax.Array]:
+        """``{task: (n, E)}`` softmax gate weights."""
+        return {n: jax.nn.softmax(g, axis=-1) for n, g in self.gate_logits(x).items()}
+
+    def from_features(self, z: jax.Array, x: jax.Array) -> dict[str, jax.Array]:
+        logits = self.gate_logits(x)
+        return {n: self.heads[n](_mix(logits[n], z)) for n in self.task_names}
+
+
+class CGCLevel(nnx.Module):
+    """One extraction level: shared and per-task experts, per-task gates, and optionally a shared gate.
+
+    ``inputs`` is ``{"shared": s, task: h_t}``; task experts and gates read ``h_t``, shared experts and the shared
+    gate read ``s`` (at the first level all are ``x``).
+    """
+
+    def __init__(
+        self,
+        make_expert: Callable[[nnx.Rngs], nnx.Module],
+        task_names: Sequence[str],
+        *,
+        num_shared_experts: int,
+        num_task_experts: int,
+        gate_in_features: int,
+        shared_gate: bool,
+        rngs: nnx.Rngs,
+    ) -> None:
+        if num_shared_experts < 0 or num_task_experts < 0 or num_shared_experts + num_task_experts < 1:
+            raise ValueError(
+                f"`num_shared_experts`={num_shared_experts} and `num_task_experts`={num_task_experts} must be >= 0 "
+                "and give each gate at least one expert"
+            )
+        self.task_names = tuple(task_names)
+        self.shared = _experts(make_expert, num_shared_experts, rngs, "expert")
+        self.task = nnx.Dict({n: _experts(make_expert, num_task_experts, rngs, "expert") for n in self.task_names})
+        gate_size = num_shared_experts + num_task_experts
+        self.gates = nnx.Dict({n: nnx.Linear(gate_in_features, gate_size, rngs=rngs) for n in self.task_names})
+        total = num_shared_experts + num_task_experts * len(self.task_names)
+        self.shared_gate = nnx.Linear(gate_in_features, total, rngs=rngs) if shared_gate else None
+        self.num_shared, self.num_task = num_shared_experts, num_task_experts
+        first = self.shared[0] if num_shared_experts else self.task[self.task_names[0]][0]
+        self.out_features = first.out_features
+
+    def experts(self, inputs: dict[str, jax.Array]) -> jax.Array:
+        """All expert outputs ``(n, E_total, h)``: shared first, then each task's in task order."""
+        outs = [e(inputs["shared"]) for e in self.shared]
+        for n in self.task_names:
+            outs += [e(inputs[n]) for e in self.task[n]]
+        return jnp.stack(outs, axis=1)
+
+    def gate_logits(self, inputs: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        return {n: self.gates[n](flatten(inputs[n])) for n in self.task_names}
+
+    def select(self, z: jax.Array, name: str) -> jax.Array:
+        """The experts task ``name``'s gate mixes: shared ones and its own, ``(n, E_s + E_t, h)``."""
+        k = self.task_names.index(name)
+        start = self.num_shared + k * self.num_task
+        return jnp.concatenate([z[:, : self.num_shared], z[:, start : start + self.num_task]], axis=1)
+
+    def mix(self, z: jax.Array, inputs: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Next-level representations ``{task: (n, h)}`` (plus ``"shared"`` with a shared gate)."""
+        logits = self.gate_logits(inputs)
+        out = {n: _mix(logits[n], self.select(z, n)) for n in self.task_names}
+        if self.shared_gate is not None:
+            out["shared"] = _mix(self.shared_gate(flatten(inputs["shared"])), z)
+        return out
+
+
+class PLE(MultiTaskModel):
+    """Progressive Layered Extraction (Tang et al., RecSys 2020); ``num_levels=1`` is CGC.
+
+    Args:
+      expert: factory called as ``expert(rngs=rngs)`` for the first level's experts (they read ``x``).
+      tasks: the task specs.
+      num_levels: extraction levels ``L``.
+      num_shared_experts, num_task_experts: experts per level.
+      gate_in_features: flattened input size seen by the first level's gates.
+      upper_expert: factory called as ``upper_expert(in_features, rngs=rngs)`` for experts above the first level;
+        by default a one-layer ReLU MLP of the first level's width.
+      tower_hidden: widths of each task's tower.
+
+    ``features(x)`` returns ``{"experts": (n, E_total, h), "inputs": {...}}``: the top level's expert outputs and the
+    representations its gates read (``x`` itself when ``L = 1``).
+    """
+
+    task_specific = ("heads",)
+
+    def __init__(
+        self,
+        expert: BackboneFactory,
+        tasks: Sequence[TaskSpec],
+        *,
+        num_levels: int = 2,
+        num_shared_experts: int = 2,
+        num_task_experts: int = 1,
+        gate_in_features: int,
+        upper_expert: UpperExpertFactory | None = None,
+        tower_hidden: Sequence[int] = (),
+        rngs: nnx.Rngs,
+    ) -> None:
+        if num_levels < 1:
+            raise ValueError(f"`num_levels` must be >= 1, got {num_levels}")
+        self._init_tasks(tasks)
+        levels, make, gate_in = [], expert, gate_in_features
+        for level in range(num_levels):
+            lvl = CGCLevel(
+                make,
+                self.task_names,
+                num_shared_experts=num_shared_experts,
+                num_task_experts=num_task_experts,
+                gate_in_features=gate_in,
+                shared_gate=level < num_levels - 1,
+                rngs=rngs,
+            )
+            levels.append(lvl)
+            width = lvl.out_features
+            make = partial(upper_expert, width) if upper_expert is not None else partial(MLP, width, (width,))
+            gate_in = width
+        self.levels = nnx.List(levels)
+        self.heads = make_heads(levels[-1].out_features, self.tasks, tower_hidden, rngs)
+        self.num_levels = num_levels
+
+    def is_task_specific(self, path: tuple[str | int, ...]) -> bool:
+        # Task t's experts and gate at the top level reach only task t. So does its gate one level below: the
+        # representation it forms feeds only task t's top-level experts and gate. Everything else feeds a shared gate
+        # (below the top level the shared gate mixes all experts), hence every task.
+        if path and path[0] == "levels":
+            top = self.num_levels - 1
+            return (path[1] == top and path[2] in ("task", "gates")) or (path[1] == top - 1 and path[2] == "gates")
+        return super().is_task_specific(path)
+
+    def features(self, x: jax.Array) -> dict[str, Any]:
+        inputs = {"shared": x, **{n: x for n in self.task_names}}
+        for lvl in self.levels[:-1]:
+            inputs = lvl.mix(lvl.experts(inputs), inputs)
+        return {"experts": self.levels[-1].experts(inputs), "inputs": inputs}
+
+    def gate_weights(self, x: jax.Array) -> dict[str, jax.Array]:
+        """``{task: (n, E_s + E_t)}`` top-level gate probabilities (shared experts first)."""
+        logits = self.levels[-1].gate_logits(self.features(x)["inputs"])
+        return {n: jax.nn.softmax(g, axis=-1) for n, g in logits.items()}
+
+    def from_features(self, z: dict[str, Any], x: jax.Array | None = None) -> dict[str, jax.Array]:
+        reps = self.levels[-1].mix(z["experts"], z["inputs"])
+        return {n: self.heads[n](reps[n]) for n in self.task_names}
+
+
+class CGC(PLE):
+    """Customized Gate Control (Tang et al., RecSys 2020): a single-level PLE. See :class:`PLE` for arguments."""
+
+    def __init__(
+        self,
+        expert: BackboneFactory,
+        tasks: Sequence[TaskSpec],
+        *,
+        num_shared_experts: int = 2,
+        num_task_experts: int = 1,
+        gate_in_features: int,
+        tower_hidden: Sequence[int] = (),
+        rngs: nnx.Rngs,
+    ) -> None:
+        super().__init__(
+            expert,
+            tasks,
+            num_levels=1,
+            num_shared_experts=num_shared_experts,
+            num_task_experts=num_task_experts,
+            gate_in_features=gate_in_features,
+            tower_hidden=tower_hidden,
+            rngs=rngs,
+        )

@@ -1,0 +1,119 @@
+"""BatchIterator: seeded epochs, resume, per-process shards, padding masks, global batches on an 8-device mesh."""
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from corrjax.data import ArrayDataset, BatchIterator, TaskSpec, epoch_order
+
+
+def make_ds(n):
+    return ArrayDataset(
+        {"x": np.arange(n, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32), "y": np.arange(n)},
+        [TaskSpec("y", "classification", max(n, 2))],
+    )
+
+
+def take(it, k):
+    return [next(it) for _ in range(k)]
+
+
+@given(
+    n=st.integers(1, 40),
+    b=st.integers(1, 12),
+    seed=st.integers(0, 99),
+    drop=st.booleans(),
+    prefetch=st.sampled_from([0, 2]),
+)
+def test_epochs_cover_the_data_once(n, b, seed, drop, prefetch):
+    if drop and b > n:
+        with pytest.raises(ValueError, match="no complete batch"):
+            BatchIterator(make_ds(n), b, drop_remainder=drop)
+        return
+    it = BatchIterator(make_ds(n), b, seed=seed, num_epochs=2, drop_remainder=drop, prefetch=prefetch)
+    batches = list(it)
+    assert len(batches) == 2 * it.steps_per_epoch
+    for e in range(2):
+        ep = batches[e * it.steps_per_epoch : (e + 1) * it.steps_per_epoch]
+        ys = np.concatenate([bt["y"][bt["mask"]] if not drop else bt["y"] for bt in ep])
+        for bt in ep:
+            assert bt["y"].shape == (b,) and bt["x"].shape == (b, 3)
+            np.testing.assert_array_equal(bt["x"][:, 0], bt["y"])
+        if drop:
+            assert len(set(ys.tolist())) == len(ys) == (n // b) * b
+            np.testing.assert_array_equal(ys, epoch_order(n, seed, e)[: (n // b) * b])
+        else:
+            np.testing.assert_array_equal(ys, epoch_order(n, seed, e))  # every example exactly once, in order
+    with pytest.raises(StopIteration):
+        next(it)
+
+
+def test_resume_yields_the_same_batches():
+    ds = make_ds(23)
+    it = BatchIterator(ds, 4, seed=3, prefetch=3)
+    take(it, 7)  # into epoch 1 (5 steps per epoch)
+    state = it.get_state()
+    assert state == {"epoch": 1, "step": 2}
+    ref = take(it, 9)
+    fresh = BatchIterator(ds, 4, seed=3, prefetch=0)
+    fresh.set_state(dict(state))
+    got = take(fresh, 9)
+    for a, b in zip(ref, got, strict=True):
+        np.testing.assert_array_equal(a["y"], b["y"])
+    it.set_state(state)  # rewinding a running iterator with a live prefetch thread
+    np.testing.assert_array_equal(next(it)["y"], ref[0]["y"])
+    it.close()
+    assert BatchIterator(ds, 4, seed=4).get_state() == {"epoch": 0, "step": 0}
+    assert not np.array_equal(next(BatchIterator(ds, 4, seed=4))["y"], next(BatchIterator(ds, 4, seed=3))["y"])
+    with pytest.raises(ValueError, match="state"):
+        fresh.set_state({"epoch": 0})
+
+
+def test_process_shards_partition_the_global_batch():
+    ds = make_ds(30)
+    whole = take(BatchIterator(ds, 8, seed=1, prefetch=0), 6)
+    parts = [take(BatchIterator(ds, 8, seed=1, prefetch=0, process_index=p, process_count=4), 6) for p in range(4)]
+    for s in range(6):
+        np.testing.assert_array_equal(np.concatenate([parts[p][s]["y"] for p in range(4)]), whole[s]["y"])
+    with pytest.raises(ValueError, match="divisible"):
+        BatchIterator(ds, 6, process_count=4, process_index=0)
+
+
+def test_global_batches_on_mesh(mesh8):
+    ds = make_ds(50)
+    it = BatchIterator(ds, 16, seed=2, mesh=mesh8, drop_remainder=False)
+    ref = BatchIterator(ds, 16, seed=2, prefetch=0, drop_remainder=False)
+    sharding = NamedSharding(mesh8, P("data"))
+    for _ in range(4):
+        got, want = next(it), next(ref)
+        for k in ("x", "y", "mask"):
+            assert isinstance(got[k], jax.Array) and got[k].sharding.is_equivalent_to(sharding, got[k].ndim)
+            assert got[k].shape == want[k].shape
+            assert len(got[k].addressable_shards) == 8
+            assert got[k].addressable_shards[0].data.shape[0] == 2
+            np.testing.assert_array_equal(np.asarray(got[k]), want[k])
+    assert int(np.asarray(got["mask"]).sum()) == 50 - 3 * 16
+
+
+def test_bad_arguments():
+    ds = make_ds(10)
+    for kwargs, match in [
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": 2, "num_epochs": 0}, "num_epochs"),
+        ({"batch_size": 2, "prefetch": -1}, "prefetch"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            BatchIterator(ds, **kwargs)
+
+
+def test_errors_in_the_prefetch_thread_reach_the_caller():
+    def boom(batch):
+        raise RuntimeError("bad transform")
+
+    it = BatchIterator(make_ds(10), 2, transform=boom)
+    with pytest.raises(RuntimeError, match="bad transform"):
+        next(it)
