@@ -3,6 +3,14 @@
 Data are ``(n, d)`` with observations in rows; see DESIGN.md for the shared conventions.
 """
 
+from corrjax.stats.losses import (
+    barlow_twins_loss,
+    concordance_loss,
+    decov_loss,
+    pearson_loss,
+    spearman_loss,
+    vicreg_loss,
+)
 from corrjax.stats.missing import nancorrcoef, nancov
 from corrjax.stats.moments import (
     ConfidenceInterval,
@@ -15,6 +23,17 @@ from corrjax.stats.moments import (
     pearsonr,
 )
 from corrjax.stats.shrinkage import ShrunkCovariance, ledoit_wolf, oas
+from corrjax.stats.similarity import (
+    CKAState,
+    cka_finalize,
+    cka_init,
+    cka_matrix,
+    cka_merge,
+    cka_update,
+    linear_cka,
+    rbf_cka,
+)
+from corrjax.stats.softsort import soft_rank, soft_sort
 from corrjax.stats.streaming import (
     CovState,
     corr_finalize,
@@ -26,11 +45,19 @@ from corrjax.stats.streaming import (
 )
 
 __all__ = [
+    "CKAState",
     "ConfidenceInterval",
     "CovState",
     "PearsonRResult",
     "ShrunkCovariance",
+    "barlow_twins_loss",
+    "cka_finalize",
+    "cka_init",
+    "cka_matrix",
+    "cka_merge",
+    "cka_update",
     "concordance",
+    "concordance_loss",
     "corr_finalize",
     "corrcoef",
     "cov",
@@ -39,11 +66,19 @@ __all__ = [
     "cov_init",
     "cov_merge",
     "cov_update",
+    "decov_loss",
     "fisher_z_ci",
     "ledoit_wolf",
+    "linear_cka",
     "nancorrcoef",
     "nancov",
     "oas",
     "partial_corr",
+    "pearson_loss",
     "pearsonr",
+    "rbf_cka",
+    "soft_rank",
+    "soft_sort",
+    "spearman_loss",
+    "vicreg_loss",
 ]
