@@ -2,22 +2,31 @@
 
 Every dataset is a random-access source with ``tasks: tuple[TaskSpec, ...]``; batches are dicts
 ``{"x": float32 array, task_name: labels}``. :class:`BatchIterator` turns any source into seeded, resumable,
-per-process-sharded global batches.
+per-process-sharded global batches. ``load(name, split, **kwargs)`` builds a dataset by name.
 """
 
 from corrjax.data.iterator import BatchIterator, epoch_order
 from corrjax.data.multidigits import multidigits
+from corrjax.data.registry import DATASETS, load
 from corrjax.data.source import ArrayDataset, DataSource, RecordDataset
 from corrjax.data.spec import TaskSpec
 from corrjax.data.synthetic import synthetic
+from corrjax.data.tfds_sources import DatasetNotPreparedError, celeba, cifar10, default_data_dir, multimnist
 
 __all__ = [
+    "DATASETS",
     "ArrayDataset",
     "BatchIterator",
     "DataSource",
+    "DatasetNotPreparedError",
     "RecordDataset",
     "TaskSpec",
+    "celeba",
+    "cifar10",
+    "default_data_dir",
     "epoch_order",
+    "load",
     "multidigits",
+    "multimnist",
     "synthetic",
 ]

@@ -44,19 +44,19 @@ def source_pools(seed: int = 0, num_sources: int = 1797) -> dict[str, np.ndarray
     return {s: np.sort(perm[int(a * num_sources) : int(b * num_sources)]) for s, (a, b) in POOL_FRACTIONS.items()}
 
 
-def compose(left: np.ndarray, right: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Overlays digits ``left, right (n, 8, 8)`` on ``(n, 12, 12)`` canvases; ``offsets (n, 4)`` = (rl, cl, rr, cr).
+def compose(left: np.ndarray, right: np.ndarray, offsets: np.ndarray, canvas_size: int = CANVAS) -> np.ndarray:
+    """Overlays square digits ``left, right (n, k, k)`` on ``(n, S, S)`` canvases (``S = canvas_size``).
 
-    The left digit's top-left corner goes to ``(rl, cl)``; the right digit's bottom-right corner to
-    ``(12 - rr, 12 - cr)``; overlapping pixels take the maximum.
+    ``offsets (n, 4) = (rl, cl, rr, cr)``: the left digit's top-left corner goes to ``(rl, cl)``, the right digit's
+    bottom-right corner to ``(S - rr, S - cr)``; overlapping pixels take the maximum.
     """
-    n = left.shape[0]
-    canvas = np.zeros((n, CANVAS, CANVAS), np.float32)
-    rows = np.arange(DIGIT)
+    n, k = left.shape[0], left.shape[1]
+    canvas = np.zeros((n, canvas_size, canvas_size), np.float32)
+    rows = np.arange(k)
     i = np.arange(n)[:, None, None]
-    rl, cl, rr, cr = (offsets[:, k, None, None] for k in range(4))
+    rl, cl, rr, cr = (offsets[:, j, None, None] for j in range(4))
     canvas[i, rl + rows[:, None], cl + rows[None, :]] = left
-    r0, c0 = CANVAS - DIGIT - rr, CANVAS - DIGIT - cr
+    r0, c0 = canvas_size - k - rr, canvas_size - k - cr
     ridx, cidx = r0 + rows[:, None], c0 + rows[None, :]
     canvas[i, ridx, cidx] = np.maximum(canvas[i, ridx, cidx], right)
     return canvas

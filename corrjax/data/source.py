@@ -130,16 +130,18 @@ class RecordDataset:
             return list(getitems([int(i) for i in idx]))
         return [self.records[int(i)] for i in idx]
 
-    def get_batch(self, indices: np.ndarray) -> Batch:
+    def read_records(self, indices: np.ndarray) -> list[Any]:
+        """The raw records at ``indices``, read in ``num_threads`` parallel chunks for large requests."""
         idx = _check_indices(indices, len(self))
         if self.num_threads > 1 and idx.size >= 4 * self.num_threads:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix=f"corrjax-{self.name}")
             chunks = np.array_split(idx, self.num_threads)
-            raw = [r for part in self._pool.map(self._read, chunks) for r in part]
-        else:
-            raw = self._read(idx)
-        examples = [self.convert(r) for r in raw]
+            return [r for part in self._pool.map(self._read, chunks) for r in part]
+        return self._read(idx)
+
+    def get_batch(self, indices: np.ndarray) -> Batch:
+        examples = [self.convert(r) for r in self.read_records(indices)]
         return {k: np.stack([e[k] for e in examples]) for k in examples[0]} if examples else {}
 
     def __repr__(self) -> str:

@@ -148,3 +148,13 @@ def test_array_dataset_protocol_and_errors():
         multidigits("dev")
     with pytest.raises(ValueError, match="extra_tasks"):
         multidigits("train", extra_tasks=("product",))
+
+
+def test_load_by_name():
+    from corrjax.data import DATASETS, load
+
+    ds = load("synthetic", "test", num_examples=10, num_tasks=3, correlation=0.2)
+    assert len(ds) == 10 and len(ds.tasks) == 3
+    assert set(DATASETS) == {"synthetic", "multidigits", "multimnist", "celeba", "cifar10"}
+    with pytest.raises(ValueError, match="mnist"):
+        load("mnist")

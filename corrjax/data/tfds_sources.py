@@ -1,0 +1,229 @@
+"""TFDS-backed multi-task datasets, read without TensorFlow: ``tfds.data_source`` (array_record) + our iterator.
+
+- :func:`multimnist`: MultiMNIST (Sabour et al., 2017; Sener & Koltun, 2018) composed on the fly from TFDS
+  ``mnist``: two 28x28 digits on a 36x36 canvas, tasks ``left`` and ``right``.
+- :func:`celeba`: TFDS ``celeb_a``, the 40 binary attributes as 40 tasks, images centre-cropped and area-resized.
+- :func:`cifar10`: TFDS ``cifar10`` with tasks ``label`` (10 classes) and ``animal`` (binary).
+
+Reading needs the prepared dataset under ``data_dir`` (default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
+Its presence is checked on the file system before TFDS is touched, so a missing dataset fails at once with
+:class:`DatasetNotPreparedError` saying how to prepare it; no download is ever attempted (``download=False``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from corrjax.data.multidigits import compose
+from corrjax.data.source import Batch, RecordDataset, _check_indices
+from corrjax.data.spec import TaskSpec, check_tasks
+
+logger = logging.getLogger(__name__)
+
+# Default TFDS versions of the datasets read here (tensorflow-datasets 4.9.x); pass `version=` to read another.
+VERSIONS: dict[str, str] = {"mnist": "3.0.1", "cifar10": "3.0.2", "celeb_a": "2.1.0"}
+# Our split names -> TFDS split strings (validation carved from the train split where TFDS has none).
+SPLITS: dict[str, dict[str, str]] = {
+    "mnist": {"train": "train[:90%]", "val": "train[90%:]", "test": "test"},
+    "cifar10": {"train": "train[:90%]", "val": "train[90%:]", "test": "test"},
+    "celeb_a": {"train": "train", "val": "validation", "test": "test"},
+}
+CELEBA_FILES = (
+    "img_align_celeba.zip",
+    "list_eval_partition.txt",
+    "list_attr_celeba.txt",
+    "list_landmarks_align_celeba.txt",
+    "identity_CelebA.txt",
+)
+CIFAR10_ANIMALS = (2, 3, 4, 5, 6, 7)  # bird, cat, deer, dog, frog, horse
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+    """The prepared TFDS dataset is not in ``data_dir``; the message says how to prepare it."""
+
+
+def default_data_dir() -> str:
+    """``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets`` (TFDS's own default)."""
+    return os.environ.get("TFDS_DATA_DIR", os.path.join("~", "tensorflow_datasets"))
+
+
+def check_prepared(name: str, data_dir: str | os.PathLike | None = None, version: str | None = None) -> Path:
+    """Returns ``<data_dir>/<name>/<version>`` if it holds a prepared dataset, else raises DatasetNotPreparedError.
+
+    Only the file system is consulted (milliseconds): TFDS is not imported and nothing is downloaded.
+    """
+    root = Path(data_dir if data_dir is not None else default_data_dir()).expanduser()
+    version = version or VERSIONS.get(name)
+    if version is None:
+        raise ValueError(f"unknown TFDS dataset {name!r}: pass `version=` explicitly")
+    path = root / name / version
+    if (path / "dataset_info.json").is_file():
+        return path
+    found = sorted(p.name for p in (root / name).iterdir() if p.is_dir()) if (root / name).is_dir() else []
+    lines = [
+        f"TFDS dataset {name!r} version {version} is not prepared: {path / 'dataset_info.json'} does not exist"
+        + (f" (found versions: {', '.join(found)})." if found else "."),
+        "corrjax reads TFDS data without TensorFlow and never downloads it. Prepare it once with:",
+        "    pip install 'corrjax[tfds-prepare]'   # tensorflow-cpu, needed only to build",
+        f"    tfds build {name} --data_dir {root}",
+        "or point `data_dir` (or $TFDS_DATA_DIR) at the directory where it is prepared.",
+    ]
+    if name == "celeb_a":
+        lines.insert(
+            -1,
+            "CelebA's Google-Drive files are quota-limited, so download them by hand from "
+            "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html first: put "
+            f"{', '.join(CELEBA_FILES)} into {root / 'downloads' / 'manual'} (TFDS's default manual_dir; "
+            "tfds build picks them up from there).",
+        )
+    raise DatasetNotPreparedError("\n".join(lines))
+
+
+def open_source(name: str, split: str, data_dir: str | os.PathLike | None = None, version: str | None = None) -> Any:
+    """``tfds.data_source(name, split=...)`` after :func:`check_prepared`; never downloads."""
+    path = check_prepared(name, data_dir, version)
+    import tensorflow_datasets as tfds  # imported only once the data is known to be there
+
+    return tfds.data_source(f"{name}:{path.name}", split=split, data_dir=str(path.parent.parent), download=False)
+
+
+def _split(name: str, split: str) -> str:
+    if split not in SPLITS[name]:
+        raise ValueError(f"unknown `split`={split!r}; expected one of {', '.join(map(repr, SPLITS[name]))}")
+    return SPLITS[name][split]
+
+
+@functools.lru_cache(maxsize=16)
+def _area_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """``(n_out, n_in)`` weights of area (box) resampling: each output pixel averages the input span it covers."""
+    edges = np.linspace(0.0, n_in, n_out + 1)
+    j = np.arange(n_in)[None, :]
+    overlap = np.clip(np.minimum(edges[1:, None], j + 1) - np.maximum(edges[:-1, None], j), 0.0, None)
+    return (overlap / overlap.sum(1, keepdims=True)).astype(np.float32)
+
+
+def area_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Area-resizes ``image (H, W, C)`` to ``(size, size, C)`` float32 (the same units as the input)."""
+    h, w = image.shape[:2]
+    rows = np.tensordot(_area_matrix(h, size), image.astype(np.float32), axes=(1, 0))  # (size, W, C)
+    return np.tensordot(rows, _area_matrix(w, size), axes=(1, 1)).transpose(0, 2, 1)  # (size, size, C)
+
+
+# ---------------------------------------------------------------------------------------------------- multimnist
+class MultiMNISTDataset:
+    """MultiMNIST pairs of records of an MNIST source, composed per batch (see :func:`multimnist`)."""
+
+    CANVAS = 36
+    MAX_SHIFT = 4
+
+    def __init__(self, records: Any, pairs: np.ndarray, offsets: np.ndarray, *, name: str, num_threads: int = 4):
+        self.tasks = (TaskSpec("left", "classification", 10), TaskSpec("right", "classification", 10))
+        self.reader = RecordDataset(records, self.tasks, lambda r: r, name=name, num_threads=num_threads)
+        self.pairs, self.offsets, self.name = pairs, offsets, name
+
+    def __len__(self) -> int:
+        return int(self.pairs.shape[0])
+
+    def __getitem__(self, index: int) -> Batch:
+        return {k: v[0] for k, v in self.get_batch(np.array([index])).items()}
+
+    def get_batch(self, indices: np.ndarray) -> Batch:
+        idx = _check_indices(indices, len(self))
+        needed, inverse = np.unique(self.pairs[idx].ravel(), return_inverse=True)
+        raw = self.reader.read_records(needed)
+        images = np.stack([np.asarray(r["image"])[..., 0] for r in raw]).astype(np.float32) / 255.0
+        labels = np.asarray([int(r["label"]) for r in raw], np.int32)
+        inv = inverse.reshape(-1, 2)
+        x = compose(images[inv[:, 0]], images[inv[:, 1]], self.offsets[idx], self.CANVAS)[..., None]
+        return {"x": x, "left": labels[inv[:, 0]], "right": labels[inv[:, 1]]}
+
+
+def multimnist(
+    split: str = "train",
+    *,
+    data_dir: str | os.PathLike | None = None,
+    num_examples: int | None = None,
+    seed: int = 0,
+    num_threads: int = 4,
+) -> MultiMNISTDataset:
+    """MultiMNIST from TFDS ``mnist``: ``x`` float32 ``(n, 36, 36, 1)`` in [0, 1], tasks ``left`` and ``right``.
+
+    Each example overlays two MNIST digits of the same TFDS split (train: the first 90 % of MNIST train, val: the
+    last 10 %, test: MNIST test, so splits share no source image), the left one shifted 0..4 px from the top-left
+    corner, the right one from the bottom-right; overlaps take the maximum. Sener & Koltun then resize to 28x28;
+    we keep the 36x36 canvas. Pairs and offsets are fixed by ``seed``; ``num_examples`` defaults to the size of
+    the source split.
+    """
+    records = open_source("mnist", _split("mnist", split), data_dir)
+    m = len(records)
+    n = m if num_examples is None else int(num_examples)
+    if n < 1 or m < 1:
+        raise ValueError(f"`num_examples` must be positive and the source non-empty, got {n} and {m}")
+    rng = np.random.default_rng([seed, list(SPLITS["mnist"]).index(split)])
+    pairs = rng.integers(0, m, size=(n, 2))
+    offsets = rng.integers(0, MultiMNISTDataset.MAX_SHIFT + 1, size=(n, 4))
+    return MultiMNISTDataset(records, pairs, offsets, name=f"multimnist/{split}", num_threads=num_threads)
+
+
+# ---------------------------------------------------------------------------------------------------- celeba
+def celeba(
+    split: str = "train",
+    *,
+    data_dir: str | os.PathLike | None = None,
+    image_size: int = 64,
+    attributes: Sequence[str] | None = None,
+    num_threads: int = 4,
+) -> RecordDataset:
+    """CelebA from TFDS ``celeb_a``: ``x`` float32 ``(n, s, s, 3)`` in [0, 1]; one binary task per attribute.
+
+    Images (218x178, aligned) are centre-cropped to 178x178 and area-resized to ``image_size``. ``attributes``
+    selects tasks by TFDS attribute name (default: all 40, in TFDS order); labels are float32 0/1.
+    """
+    records = open_source("celeb_a", _split("celeb_a", split), data_dir)
+    names = list(records.dataset_info.features["attributes"].keys())
+    chosen = list(names if attributes is None else attributes)
+    unknown = [a for a in chosen if a not in names]
+    if unknown:
+        raise ValueError(f"unknown `attributes` {unknown}; CelebA has {names}")
+    tasks = check_tasks([TaskSpec(a, "binary", 1) for a in chosen])
+
+    def convert(r: dict[str, Any]) -> Batch:
+        img = np.asarray(r["image"])
+        h, w = img.shape[:2]
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        x = area_resize(img[top : top + s, left : left + s], image_size) / 255.0
+        return {"x": x, **{a: np.float32(r["attributes"][a]) for a in chosen}}
+
+    return RecordDataset(records, tasks, convert, name=f"celeba/{split}", num_threads=num_threads)
+
+
+# ---------------------------------------------------------------------------------------------------- cifar10
+def cifar10(
+    split: str = "train",
+    *,
+    data_dir: str | os.PathLike | None = None,
+    num_threads: int = 4,
+) -> RecordDataset:
+    """CIFAR-10 from TFDS ``cifar10``: ``x`` float32 ``(n, 32, 32, 3)`` in [0, 1].
+
+    Tasks: ``label`` (the 10 classes) and ``animal`` (binary: bird, cat, deer, dog, frog or horse), a coarse task
+    that is correlated with ``label`` by construction. val is the last 10 % of the TFDS train split.
+    """
+    records = open_source("cifar10", _split("cifar10", split), data_dir)
+    tasks = (TaskSpec("label", "classification", 10), TaskSpec("animal", "binary", 1))
+    animals = np.zeros(10, np.float32)
+    animals[list(CIFAR10_ANIMALS)] = 1.0
+
+    def convert(r: dict[str, Any]) -> Batch:
+        label = int(r["label"])
+        return {"x": np.asarray(r["image"], np.float32) / 255.0, "label": np.int32(label), "animal": animals[label]}
+
+    return RecordDataset(records, tasks, convert, name=f"cifar10/{split}", num_threads=num_threads)

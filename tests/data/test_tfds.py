@@ -1,0 +1,119 @@
+"""TFDS-backed sources through tfds.testing.mock_data (no TensorFlow, no files), and the fast missing-data error."""
+
+import json
+import time
+from unittest import mock
+
+import numpy as np
+import pytest
+
+tfds = pytest.importorskip("tensorflow_datasets")
+mocking = pytest.importorskip("tensorflow_datasets.testing.mocking")
+
+from corrjax.data import BatchIterator  # noqa: E402
+from corrjax.data.multidigits import compose  # noqa: E402
+from corrjax.data.tfds_sources import (  # noqa: E402
+    VERSIONS,
+    DatasetNotPreparedError,
+    area_resize,
+    celeba,
+    check_prepared,
+    cifar10,
+    multimnist,
+)
+
+
+def _getitems(record_keys, generator, serialized=False):
+    # tfds 4.9.10's mock installs `__getitems__` as a plain attribute, so it is called without `self`; this
+    # replacement takes the same arguments minus `self` and returns the same fake records as `__getitem__`.
+    assert not serialized
+    return [generator[k] for k in record_keys]
+
+
+@pytest.fixture
+def mocked(tmp_path):
+    """Fake prepared directories (so the presence check passes) and TFDS mocked with random records."""
+    for name, version in VERSIONS.items():
+        d = tmp_path / name / version
+        d.mkdir(parents=True)
+        (d / "dataset_info.json").write_text(json.dumps({"name": name}))
+    with (
+        mock.patch.object(mocking, "_getitems", _getitems),
+        tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE),
+    ):
+        yield tmp_path
+
+
+def test_multimnist_from_mocked_mnist(mocked):
+    ds = multimnist("train", data_dir=mocked, num_examples=40, seed=1)
+    assert len(ds) == 40 and [t.name for t in ds.tasks] == ["left", "right"]
+    idx = np.array([3, 0, 39, 3, 17])
+    batch = ds.get_batch(idx)
+    assert batch["x"].shape == (5, 36, 36, 1) and batch["x"].dtype == np.float32
+    for j, i in enumerate(idx):  # brute force from the raw source records
+        left, right = (ds.reader.records[int(k)] for k in ds.pairs[i])
+        assert batch["left"][j] == int(left["label"]) and batch["right"][j] == int(right["label"])
+        ref = compose(
+            left["image"][None, ..., 0] / 255.0, right["image"][None, ..., 0] / 255.0, ds.offsets[i : i + 1], 36
+        )[0]
+        np.testing.assert_allclose(batch["x"][j, ..., 0], ref, rtol=1e-6)
+    one = ds[17]
+    np.testing.assert_array_equal(one["x"], batch["x"][4])
+    again = multimnist("train", data_dir=mocked, num_examples=40, seed=1)
+    np.testing.assert_array_equal(again.pairs, ds.pairs)
+    it = BatchIterator(ds, 8, seed=0, num_epochs=1)
+    assert sum(1 for _ in it) == 5
+
+
+def test_celeba_and_cifar10_from_mocked_records(mocked):
+    ds = celeba("val", data_dir=mocked, image_size=16)
+    assert len(ds.tasks) == 40 and all(t.kind == "binary" for t in ds.tasks)
+    b = ds.get_batch(np.arange(20))  # large enough to use the reader threads
+    assert b["x"].shape == (20, 16, 16, 3) and b["x"].dtype == np.float32
+    assert b["x"].min() >= 0.0 and b["x"].max() <= 1.0
+    rec = ds.records[5]
+    for a in ("Male", "Smiling", "5_o_Clock_Shadow"):
+        assert b[a][5] == float(rec["attributes"][a])
+    sub = celeba("test", data_dir=mocked, attributes=["Smiling", "Male"])
+    assert [t.name for t in sub.tasks] == ["Smiling", "Male"] and sub[0]["x"].shape == (64, 64, 3)
+    with pytest.raises(ValueError, match="attributes"):
+        celeba("train", data_dir=mocked, attributes=["Wings"])
+
+    c = cifar10("test", data_dir=mocked)
+    b = c.get_batch(np.arange(24))
+    assert b["x"].shape == (24, 32, 32, 3)
+    labels = np.array([int(c.records[i]["label"]) for i in range(24)])
+    np.testing.assert_array_equal(b["label"], labels)
+    np.testing.assert_array_equal(b["animal"], np.isin(labels, [2, 3, 4, 5, 6, 7]).astype(np.float32))
+    with pytest.raises(ValueError, match="split"):
+        cifar10("dev", data_dir=mocked)
+
+
+@pytest.mark.parametrize("fn,name", [(multimnist, "mnist"), (celeba, "celeb_a"), (cifar10, "cifar10")])
+def test_missing_data_fails_fast_and_says_how_to_prepare(tmp_path, fn, name):
+    t0 = time.perf_counter()
+    with pytest.raises(DatasetNotPreparedError) as err:
+        fn("train", data_dir=tmp_path)
+    assert time.perf_counter() - t0 < 5.0
+    msg = str(err.value)
+    assert str(tmp_path / name / VERSIONS[name]) in msg
+    assert "pip install 'corrjax[tfds-prepare]'" in msg and f"tfds build {name} --data_dir {tmp_path}" in msg
+    if name == "celeb_a":
+        assert str(tmp_path / "downloads" / "manual") in msg and "img_align_celeba.zip" in msg
+    assert isinstance(err.value, FileNotFoundError)
+
+
+def test_check_prepared_reports_other_versions(tmp_path):
+    (tmp_path / "mnist" / "1.0.0").mkdir(parents=True)
+    with pytest.raises(DatasetNotPreparedError, match=r"found versions: 1\.0\.0"):
+        check_prepared("mnist", tmp_path)
+
+
+def test_area_resize_against_block_mean():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, size=(12, 12, 3)).astype(np.uint8)
+    ref = img.astype(np.float64).reshape(4, 3, 4, 3, 3).mean(axis=(1, 3))
+    np.testing.assert_allclose(area_resize(img, 4), ref, rtol=1e-5)
+    np.testing.assert_allclose(area_resize(img, 12), img, rtol=1e-6)
+    const = np.full((218, 178, 3), 7, np.uint8)
+    np.testing.assert_allclose(area_resize(const, 64), 7.0, rtol=1e-5)
