@@ -243,8 +243,9 @@ def spearman_loss(
     """
     x, y = _pair(pred, target, "pred", "target")
     if axis_name is not None:
-        x = lax.all_gather(x, axis_name, axis=0, tiled=True)
-        y = lax.all_gather(y, axis_name, axis=0, tiled=True)
+        # Invariant gathers: the loss is the same value on every shard and each shard's gradient is its own slice.
+        x = lax.all_gather(x, axis_name, axis=0, tiled=True, to="invarying")
+        y = lax.all_gather(y, axis_name, axis=0, tiled=True, to="invarying")
     rx = soft_rank(x, regularization_strength=regularization_strength, regularization=regularization, axis=0)
     ry = jax.vmap(_average_ranks, in_axes=1, out_axes=1)(lax.stop_gradient(y))
     return pearson_loss(rx, ry)

@@ -52,7 +52,8 @@ def _pair(x: Any, y: Any) -> tuple[Array, Array]:
 
 
 def _gather(x: Array, axis_name: AxisName) -> Array:
-    return x if axis_name is None else lax.all_gather(x, axis_name, axis=0, tiled=True)
+    """All-gathers the observations; the result is invariant across the axis (its VJP slices, no reduce-scatter)."""
+    return x if axis_name is None else lax.all_gather(x, axis_name, axis=0, tiled=True, to="invarying")
 
 
 def _ratio(xy: Array, xx: Array, yy: Array) -> Array:
