@@ -8,7 +8,7 @@ PY     := $(BIN)/python
 WORKERS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast lint bench install-dev install-train install-bench clean
+.PHONY: run report test test-fast lint bench install-dev install-train install-bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,11 @@ install-train: $(VENV)/.installed-train
 install-dev: $(VENV)/.installed-dev
 install-bench: $(VENV)/.installed-bench
 
+# The default training run (configs/train.yaml): a few minutes on a 2-core CPU; extra Hydra overrides via ARGS=.
 run: $(VENV)/.installed-train
+	$(PY) scripts/train.py $(ARGS)
+
+report: $(VENV)/.installed-train
 	$(PY) scripts/stats_report.py
 
 # Exit status 5 is pytest's "no tests collected"; it is not a failure of the suite.

@@ -1,0 +1,81 @@
+"""Evaluation over a whole split: per-task metrics, the summed loss, and correlation matrices between tasks.
+
+The split is read in order in global batches (the last one padded and masked), every process building the same
+global arrays with :func:`jax.make_array_from_callback`; the jitted eval step returns replicated per-task outputs,
+which are gathered on the host and scored by one jitted function. Besides each task's ``loss`` and
+``accuracy``/``rmse``/``pearson``, it reports ``eval/loss`` (sum of task losses), ``eval/pred_corr`` (the
+``(T, T)`` correlation of per-example task predictions, see :func:`corrjax.train.losses.score`) and
+``eval/error_corr`` (the correlation of per-example task losses), both from :func:`corrjax.stats.corrcoef`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+import corrjax.stats
+from corrjax.data import TaskSpec
+from corrjax.train import losses as L
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Host arrays (identical on every process) -> global arrays split over ``sharding``'s data axis."""
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in local.items()}
+
+
+def iterate_in_order(dataset: Any, batch_size: int, multiple: int):
+    """Yields ``(batch, mask)`` over ``dataset`` in order; the last batch is padded (repeating row 0) to
+    ``batch_size`` rounded up to ``multiple`` and masked."""
+    batch_size = -(-batch_size // multiple) * multiple
+    n = len(dataset)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(start + batch_size, n))
+        valid = len(idx)
+        idx = np.concatenate([idx, np.zeros(batch_size - valid, idx.dtype)])
+        batch = dataset.get_batch(idx)
+        mask = np.arange(batch_size) < valid
+        yield batch, mask
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score(tasks: tuple[TaskSpec, ...], outputs: dict, labels: dict, mask: jax.Array) -> dict[str, jax.Array]:
+    metrics: dict[str, jax.Array] = {}
+    total = jnp.zeros(())
+    scores, errors = [], []
+    for t in tasks:
+        m = L.task_metrics(t, outputs[t.name], labels[t.name], mask)
+        total = total + m["loss"]
+        metrics.update({f"eval/{t.name}/{k}": v for k, v in m.items()})
+        scores.append(L.score(t, outputs[t.name], labels[t.name]))
+        errors.append(L.per_example_loss(t, outputs[t.name], labels[t.name]))
+    metrics["eval/loss"] = total
+    return metrics, jnp.stack(scores, 1), jnp.stack(errors, 1)
+
+
+def evaluate(
+    eval_step: Callable, state: Any, dataset: Any, tasks: Sequence[TaskSpec], sharding: NamedSharding, batch_size: int
+) -> dict[str, Any]:
+    """Runs ``eval_step`` over ``dataset`` and returns the metrics dict (host values)."""
+    multiple = sharding.mesh.devices.size
+    outputs, labels, masks = [], [], []
+    for batch, mask in iterate_in_order(dataset, batch_size, multiple):
+        out = eval_step(state, global_batch({"x": batch["x"]}, sharding))
+        outputs.append(jax.device_get(out))
+        labels.append({t.name: batch[t.name] for t in tasks})
+        masks.append(mask)
+    cat = lambda parts: jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
+    mask = np.concatenate(masks)
+    out, lab = cat(outputs), cat(labels)
+    metrics, scores, errors = _score(tuple(tasks), out, lab, jnp.asarray(mask))
+    metrics = jax.device_get(metrics)
+    valid = np.asarray(mask)
+    if len(tasks) > 1:
+        metrics["eval/pred_corr"] = np.asarray(corrjax.stats.corrcoef(np.asarray(scores)[valid]))
+        metrics["eval/error_corr"] = np.asarray(corrjax.stats.corrcoef(np.asarray(errors)[valid]))
+    return {k: (float(v) if np.ndim(v) == 0 else v) for k, v in metrics.items()}

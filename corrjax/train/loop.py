@@ -1,0 +1,261 @@
+"""The training loop behind ``scripts/train.py``: one readable function from a composed config to a summary.
+
+``run(cfg)`` initialises multi-host JAX when asked (before any other JAX call), builds the mesh, data, model and
+optimiser from the config groups, restores the latest checkpoint with ``trainer.resume=true``, then steps the
+jitted :func:`~corrjax.train.step.make_train_step` over global batches from :class:`corrjax.data.BatchIterator`,
+logging every ``trainer.log_every`` steps, evaluating every ``trainer.eval_every`` and checkpointing every
+``trainer.checkpoint_every``. Process 0 alone writes ``metrics.jsonl``, TensorBoard events, ``summary.json`` and
+``plots/``; every process takes part in checkpointing (Orbax coordinates them). Ctrl-C (SIGINT) finishes the
+current step, saves a checkpoint and exits; non-finite steps are skipped and training stops with
+:class:`NonFiniteError` after ``trainer.max_nonfinite_in_a_row`` consecutive ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from corrjax.train import distributed
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Raised when too many consecutive steps had non-finite losses or gradients."""
+
+
+def hydra_run_dir() -> Path:
+    """The Hydra job's output directory (the current directory outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path.cwd()
+
+
+def make_mesh(parallel: Any) -> jax.sharding.Mesh:
+    """A 1-D mesh over ``parallel.data`` devices (-1: all), axis ``parallel.axis_name``, Auto axis type so GSPMD
+    propagates shardings inside the model."""
+    n = jax.device_count() if parallel.data in (-1, None) else int(parallel.data)
+    if n < 1 or n > jax.device_count():
+        raise ValueError(f"`parallel.data`={parallel.data} but {jax.device_count()} devices are available")
+    auto = (jax.sharding.AxisType.Auto,)
+    return jax.make_mesh((n,), (parallel.axis_name,), axis_types=auto, devices=jax.devices()[:n])
+
+
+def select_tasks(available: Any, names: Any) -> tuple:
+    """The dataset's task specs, restricted to ``names`` (in the dataset's order) when given."""
+    available = tuple(available)
+    if names is None:
+        return available
+    known = {t.name for t in available}
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ValueError(f"`tasks`={list(names)} must name some of the dataset's tasks {sorted(known)}")
+    return tuple(t for t in available if t.name in set(names))
+
+
+def to_global(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+    """Host values identical on every process -> global arrays with ``sharding``."""
+    host = jax.device_get(tree)
+    return jax.tree.map(
+        lambda v: jax.make_array_from_callback(np.shape(v), sharding, lambda i, v=v: np.asarray(v)[i]), host
+    )
+
+
+class _Interrupt:
+    """SIGINT sets a flag the loop checks after each step; a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _Interrupt:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _progress(enabled: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Trains as ``cfg`` says and returns the final summary (also written to ``summary.json`` by process 0)."""
+    distributed.maybe_initialize(cfg.parallel.distributed)
+    for noisy in ("absl", "orbax", "jax._src.xla_bridge", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    # Imported after distributed initialisation: these touch JAX devices when used.
+    from corrjax.data import BatchIterator
+    from corrjax.models import shared_mask
+    from corrjax.train import builders, checkpoint, evaluate, losses, optimizer, plots, report, state, step, writers
+
+    run_dir = Path(distributed.broadcast_str(str(Path(run_dir or hydra_run_dir()).absolute())))
+    main = distributed.is_main_process()
+    tc = cfg.trainer
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    mesh = make_mesh(cfg.parallel)
+    rep, data_sharding = step.replicated(mesh), step.batch_sharding(mesh, cfg.parallel.axis_name)
+    if tc.batch_size % mesh.devices.size:
+        raise ValueError(f"`trainer.batch_size`={tc.batch_size} must be divisible by the {mesh.devices.size} devices")
+
+    train_ds = instantiate(cfg.data, split="train")
+    eval_ds = instantiate(cfg.data, split=tc.eval_split)
+    tasks = select_tasks(train_ds.tasks, cfg.get("tasks"))
+    names = [t.name for t in tasks]
+    model = builders.build_model(cfg.model, tasks, np.shape(train_ds[0]["x"]), cfg.seed)
+    mask = shared_mask(model)
+    graphdef, params, rest = state.split_model(model)
+    tx = optimizer.build_optimizer(cfg.mtl, cfg.optim, mask, len(tasks))
+    regularizer, reg_weight = None, 0.0
+    if cfg.get("regularizer") is not None and cfg.regularizer.get("fn") is not None:
+        regularizer, reg_weight = instantiate(cfg.regularizer.fn), float(cfg.regularizer.weight)
+    loss_fns = losses.task_loss_fns(tasks, OmegaConf.to_container(cfg.task_losses))
+    train_step, eval_step = step.jit_steps(
+        step.make_train_step(
+            graphdef, tasks, loss_fns, tx, mask, regularizer=regularizer, regularizer_weight=reg_weight
+        ),
+        step.make_eval_step(graphdef),
+        mesh,
+        cfg.parallel.axis_name,
+    )
+    init = jax.jit(lambda p, r: state.create_state(p, r, tx, cfg.seed), out_shardings=rep)
+    train_state = init(to_global(params, rep), to_global(rest, rep))
+    n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+    log.info("model %s: %d parameters; tasks %s; mesh %s", type(model).__name__, n_params, names, dict(mesh.shape))
+
+    iterator = BatchIterator(train_ds, tc.batch_size, seed=cfg.seed, sharding=data_sharding, prefetch=2)
+    if not tc.resume and main and (run_dir / "checkpoints").exists():
+        log.warning("fresh run (trainer.resume=false): removing old checkpoints in %s", run_dir / "checkpoints")
+        shutil.rmtree(run_dir / "checkpoints")
+    distributed.sync("corrjax-clean-checkpoints")
+    ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
+    start = 0
+    if tc.resume and ckpt.latest_step() is not None:
+        train_state, data_state, start = ckpt.restore(checkpoint.abstract_like(train_state))
+        iterator.set_state(data_state)
+        log.info("resumed from step %d (%s)", start, ckpt.directory)
+    elif tc.resume:
+        log.info("trainer.resume=true but no checkpoint in %s: starting from scratch", ckpt.directory)
+
+    writer = None
+    if main:
+        if start > 0:
+            writers.truncate_jsonl(run_dir / "metrics.jsonl", start)
+        elif (run_dir / "metrics.jsonl").exists():
+            (run_dir / "metrics.jsonl").unlink()
+        writer = writers.MetricsWriter(run_dir, jsonl=cfg.logger.jsonl, tensorboard=cfg.logger.tensorboard)
+
+    last_eval: dict[str, Any] = {}
+    last_train: dict[str, Any] = {}
+    s = start
+    stopped_early = False
+    t_window, n_window = time.perf_counter(), 0
+    t_start = time.perf_counter()
+    try:
+        with _Interrupt() as interrupt, _progress(tc.progress and main) as progress:
+            bar = progress.add_task("train", total=tc.max_steps, completed=start, info="")
+            while s < tc.max_steps:
+                batch = next(iterator)
+                train_state, metrics = train_step(train_state, batch)
+                s += 1
+                n_window += 1
+                progress.update(bar, advance=1)
+                record: dict[str, Any] = {}
+                if s % tc.log_every == 0 or s == tc.max_steps:
+                    host = jax.device_get(metrics)
+                    host.pop("train/finite")
+                    dt = time.perf_counter() - t_window
+                    host["train/examples_per_s"] = n_window * tc.batch_size / max(dt, 1e-9)
+                    host["train/nonfinite_total"] = int(train_state.nonfinite_total)
+                    t_window, n_window = time.perf_counter(), 0
+                    record.update(host)
+                    last_train = host
+                    progress.update(bar, info=f"loss {float(host['train/loss']):.4f}")
+                    if int(train_state.nonfinite_max_streak) >= tc.max_nonfinite_in_a_row:
+                        raise NonFiniteError(
+                            f"{int(train_state.nonfinite_max_streak)} consecutive steps with non-finite losses or "
+                            f"gradients by step {s} (trainer.max_nonfinite_in_a_row={tc.max_nonfinite_in_a_row}); "
+                            "lower the learning rate or check the data"
+                        )
+                if tc.eval_every and (s % tc.eval_every == 0 or s == tc.max_steps):
+                    last_eval = evaluate.evaluate(
+                        eval_step, train_state, eval_ds, tasks, data_sharding, tc.eval_batch_size
+                    )
+                    record.update(last_eval)
+                if record and writer is not None:
+                    writer.write(s, record)
+                stop = interrupt.requested or (tc.stop_after is not None and s - start >= tc.stop_after)
+                if (tc.checkpoint_every and s % tc.checkpoint_every == 0) or s == tc.max_steps or stop:
+                    ckpt.save(s, train_state, iterator.get_state(), force=True)
+                if stop:
+                    stopped_early = True
+                    log.warning("stopping at step %d (checkpoint saved; continue with trainer.resume=true)", s)
+                    break
+    finally:
+        iterator.close()
+        ckpt.close()
+        if writer is not None:
+            writer.close()
+
+    if not last_eval or (not stopped_early and s == tc.max_steps and tc.eval_every == 0):
+        last_eval = evaluate.evaluate(eval_step, train_state, eval_ds, tasks, data_sharding, tc.eval_batch_size)
+    summary: dict[str, Any] = {
+        "step": s,
+        "completed": s >= tc.max_steps,
+        "num_params": n_params,
+        "nonfinite_total": int(train_state.nonfinite_total),
+        "wall_time_s": time.perf_counter() - t_start,
+        "tasks": names,
+        **last_train,
+        **last_eval,
+    }
+    if main:
+        writers.write_summary(run_dir, summary)
+        if cfg.logger.plots:
+            records = writers.read_jsonl(run_dir / "metrics.jsonl") if cfg.logger.jsonl else []
+            plots.plot_run(run_dir, records, writers.to_jsonable(summary), names)
+        report.print_report(run_dir, summary, tasks)
+    distributed.sync("corrjax-train-end")
+    return summary

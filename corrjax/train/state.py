@@ -1,0 +1,67 @@
+"""The training state: a pytree of arrays that the jitted step donates and returns, and Orbax checkpoints whole.
+
+The Flax NNX model is split once with :func:`flax.nnx.split` into a static ``graphdef`` (kept outside the state,
+closed over by the step) and two states: ``params`` (the ``nnx.Param`` variables, what the optimiser updates) and
+``rest`` (everything else the model carries, e.g. batch statistics or RNG counters). The PRNG key is stored as raw
+``uint32`` key data so checkpoints stay plain arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training.
+
+    Attributes:
+      step: number of optimiser steps taken (skipped non-finite steps included), int32 scalar.
+      params: the model's ``nnx.Param`` state.
+      rest: the model's other variables.
+      opt_state: the optax chain's state.
+      rng: raw PRNG key data (``jax.random.key_data``) for per-step randomness.
+      nonfinite_streak: consecutive skipped (non-finite) steps ending at ``step``.
+      nonfinite_max_streak: longest such streak so far (lets the host check a stop condition lazily).
+      nonfinite_total: skipped steps in total.
+    """
+
+    step: jax.Array
+    params: Any
+    rest: Any
+    opt_state: Any
+    rng: jax.Array
+    nonfinite_streak: jax.Array
+    nonfinite_max_streak: jax.Array
+    nonfinite_total: jax.Array
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
+    """``(graphdef, params, rest)`` of an NNX model; :func:`merge_model` inverts it."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, params, rest
+
+
+def merge_model(graphdef: nnx.GraphDef, params: Any, rest: Any) -> nnx.Module:
+    return nnx.merge(graphdef, params, rest)
+
+
+def create_state(params: Any, rest: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """A fresh state at step 0 (call under ``jit`` with out shardings to place it on the mesh)."""
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(
+        step=zero,
+        params=params,
+        rest=rest,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(seed)),
+        nonfinite_streak=zero,
+        nonfinite_max_streak=zero,
+        nonfinite_total=zero,
+    )

@@ -1,0 +1,135 @@
+"""Every config option composes and instantiates; bad overrides fail naming the key or listing the options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from flax import nnx
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+import corrjax.models
+from corrjax.train import builders, optimizer
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+TFDS = {"multimnist", "celeba", "cifar10"}
+
+
+def options(group):
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def test_groups_are_populated():
+    for group in ("data", "model", "mtl", "optim", "trainer", "logger", "parallel", "experiment", "regularizer"):
+        assert options(group), group
+    assert {"synthetic", "multidigits"} <= set(options("data"))
+    assert {"hps", "mmoe", "cgc", "ple"} <= set(options("model"))
+    assert {"ew", "pcgrad", "cagrad", "mgda", "upgrad", "uw", "dwa", "famo", "rlw"} <= set(options("mtl"))
+    assert {"adam", "sgd", "msvag"} <= set(options("optim"))
+
+
+def test_default_config_schema(compose_fn):
+    cfg = compose_fn(return_hydra_config=True)
+    assert cfg.seed == 0 and cfg.trainer.max_steps > 0 and cfg.trainer.resume is False
+    assert cfg.data._target_ == "corrjax.data.synthetic"
+    assert cfg.optim._target_ == "corrjax.optim.msvag"
+    assert OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"].startswith("outputs/")
+
+
+@pytest.mark.parametrize("name", options("data"))
+def test_data_options(compose_fn, name):
+    cfg = compose_fn([f"data={name}"])
+    if name in TFDS:
+        assert "data_dir" in cfg.data
+        return
+    ds = instantiate(cfg.data, split="val", num_examples=8)
+    assert len(ds) == 8 and ds.tasks and ds[0]["x"].dtype == "float32"
+
+
+@pytest.mark.parametrize("name", options("model"))
+def test_model_options(compose_fn, name):
+    # Abstract instantiation (nnx.eval_shape): the config builds a model and its outputs have the task shapes,
+    # without paying for eager initialisation here (tiny real runs are in test_steps.py / test_run.py).
+    cfg = compose_fn([f"model={name}", "data=multidigits"] if "lenet" in name else [f"model={name}"])
+    ds = instantiate(cfg.data, split="val", num_examples=4)
+    model = nnx.eval_shape(lambda: builders.build_model(cfg.model, ds.tasks, ds[0]["x"].shape, seed=0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x = jax.ShapeDtypeStruct((4, *ds[0]["x"].shape), jnp.float32)
+    out = jax.eval_shape(lambda p, r, x: nnx.merge(graphdef, p, r)(x), params, rest, x)
+    assert {n: o.shape[1:] for n, o in out.items()} == {t.name: t.output_shape for t in ds.tasks}
+    flags = jax.tree.leaves(corrjax.models.shared_mask(model))
+    assert len(flags) == len(jax.tree.leaves(params)) and any(flags) and not all(flags)
+
+
+@pytest.mark.parametrize("mtl", options("mtl"))
+def test_mtl_options_build_an_optimizer(compose_fn, mtl):
+    cfg = compose_fn([f"mtl={mtl}"])
+    params = {"trunk": jnp.ones(3), "head": jnp.ones(2)}
+    tx = optimizer.build_optimizer(cfg.mtl, cfg.optim, {"trunk": True, "head": False}, num_tasks=2)
+    assert isinstance(tx, optax.GradientTransformation)
+    grads = {"trunk": jnp.stack([jnp.ones(3), -0.5 * jnp.ones(3)]), "head": jnp.ones(2)}
+    updates, _ = jax.eval_shape(
+        lambda g, p: tx.update(g, tx.init(p), p, task_losses=jnp.array([1.0, 2.0])), grads, params
+    )
+    assert updates["trunk"].shape == (3,) and updates["head"].shape == (2,)
+
+
+@pytest.mark.parametrize("optim", options("optim"))
+def test_optim_options(compose_fn, optim):
+    cfg = compose_fn([f"optim={optim}"])
+    tx = instantiate(cfg.optim)
+    assert isinstance(tx, optax.GradientTransformation)
+    params = {"w": jnp.ones(3)}
+    updates, _ = jax.eval_shape(lambda p: tx.update({"w": jnp.ones(3)}, tx.init(p), p), params)
+    assert updates["w"].shape == (3,)
+
+
+@pytest.mark.parametrize("group", ["trainer", "logger", "parallel", "regularizer"])
+def test_other_options_compose(compose_fn, group):
+    for name in options(group):
+        compose_fn([f"{group}={name}"])
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_experiments_compose(compose_fn, name):
+    cfg = compose_fn([f"experiment={name}"])
+    assert cfg.trainer.max_steps > 0
+
+
+def test_launchers_compose(compose_fn):
+    for launcher in ("slurm", "local"):
+        cfg = compose_fn([f"hydra/launcher={launcher}"], return_hydra_config=True)
+        assert "submitit" in cfg.hydra.launcher._target_
+
+
+def test_misspelt_override_names_the_key(compose_fn):
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_fn(["trainer.max_stepz=3"])
+    assert "max_stepz" in str(e.value) + str(e.value.__cause__)
+
+
+def test_wrongly_typed_override_names_the_key(compose_fn):
+    with pytest.raises((ConfigCompositionException, ValidationError)) as e:
+        compose_fn(["trainer.max_steps=abc"])
+    text = str(e.value) + str(e.value.__cause__)
+    assert "max_steps" in text and "abc" in text
+
+
+def test_unknown_data_key_is_rejected(compose_fn):
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)) as e:
+        compose_fn(["data.corelation=0.5"])
+    assert "corelation" in str(e.value) + str(e.value.__cause__)
+
+
+@pytest.mark.parametrize("group", ["mtl", "model"])
+def test_unknown_option_lists_valid_ones(compose_fn, group):
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_fn([f"{group}=nope"])
+    text = str(e.value)
+    assert "nope" in text and all(opt in text for opt in options(group)[:3])

@@ -1,0 +1,151 @@
+"""End-to-end tiny runs: outputs present and well-formed, exact resume, the non-finite stop, a local multirun with
+scripts/compare.py, and a 2-process run through scripts/launch_local.py equal to the 1-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from corrjax.train import loop
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["trainer=tiny", "logger=minimal", "data.num_examples=256"]
+NONDETERMINISTIC = ("train/examples_per_s",)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
+def deterministic(records):
+    return [{k: v for k, v in r.items() if k not in NONDETERMINISTIC} for r in records]
+
+
+def assert_close_records(a, b, rtol):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            if isinstance(ra[k], (int, float, list)) and not isinstance(ra[k], bool):
+                np.testing.assert_allclose(np.asarray(ra[k], float), np.asarray(rb[k], float), rtol=rtol, atol=1e-6)
+
+
+def subprocess_env(tmp_path):
+    env = dict(os.environ)
+    env.update(
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path.parent / "xla_cache_subprocess"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        HYDRA_FULL_ERROR="1",
+    )
+    return env
+
+
+def test_tiny_run_outputs(compose_fn, tmp_path):
+    cfg = compose_fn([*TINY, "logger=default", "model=mmoe", "mtl=pcgrad", "optim=msvag"])
+    summary = loop.run(cfg, run_dir=tmp_path)
+    assert summary["completed"] and summary["step"] == 4
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["eval/loss"] == pytest.approx(sum(on_disk[f"eval/task{i}/loss"] for i in range(2)), rel=1e-5)
+    for task in ("task0", "task1"):
+        for metric in ("loss", "rmse", "pearson"):
+            assert np.isfinite(on_disk[f"eval/{task}/{metric}"])
+    assert np.asarray(on_disk["eval/pred_corr"]).shape == (2, 2)
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert "eval/loss" in records[1] and "eval/loss" not in records[0]
+    cos = np.asarray(records[-1]["train/grad_cosine"])
+    assert cos.shape == (2, 2) and np.allclose(np.diag(cos), 1, atol=1e-5) and np.allclose(cos, cos.T)
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    pngs = {p.name for p in (tmp_path / "plots").glob("*.png")}
+    assert {"train_grad_cosine.png", "eval_pred_corr.png", "eval_error_corr.png", "curve_train_loss.png"} <= pngs
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+
+
+def test_resume_reproduces_the_uninterrupted_run(compose_fn, tmp_path):
+    over = [*TINY, "trainer.max_steps=6", "trainer.eval_every=3", "trainer.async_checkpointing=true", "mtl=rlw"]
+    full = loop.run(compose_fn(over), run_dir=tmp_path / "full")
+    part = loop.run(compose_fn([*over, "trainer.stop_after=4"]), run_dir=tmp_path / "resumed")
+    assert not part["completed"] and part["step"] == 4
+    resumed = loop.run(compose_fn([*over, "trainer.resume=true"]), run_dir=tmp_path / "resumed")
+    assert resumed["completed"]
+    a = deterministic(read_jsonl(tmp_path / "full" / "metrics.jsonl"))
+    b = deterministic(read_jsonl(tmp_path / "resumed" / "metrics.jsonl"))
+    assert a == b  # exactly: model, optimiser (rlw's key), RNG and data position restored
+    for k in full:
+        if k.startswith("eval/"):
+            np.testing.assert_array_equal(full[k], resumed[k], err_msg=k)
+
+
+def test_nonfinite_losses_stop_the_run(compose_fn, tmp_path):
+    cfg = compose_fn([*TINY, "data.noise_std=nan", "trainer.max_nonfinite_in_a_row=2"])
+    with pytest.raises(loop.NonFiniteError, match="2 consecutive steps with non-finite"):
+        loop.run(cfg, run_dir=tmp_path)
+    assert all(r["train/nonfinite_total"] == r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl"))
+
+
+def test_single_task_subset_and_bad_subset(compose_fn, tmp_path):
+    summary = loop.run(compose_fn([*TINY, "tasks=[task1]", "trainer.max_steps=2"]), run_dir=tmp_path)
+    assert summary["tasks"] == ["task1"] and "eval/task0/loss" not in summary
+    with pytest.raises(ValueError, match="dataset's tasks"):
+        loop.run(compose_fn([*TINY, "tasks=[nope]"]), run_dir=tmp_path / "bad")
+
+
+def test_interrupt_flag():
+    with loop._Interrupt() as interrupt:
+        signal.raise_signal(signal.SIGINT)
+        assert interrupt.requested
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.slow
+def test_local_multirun_and_compare(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "-m", *TINY, "trainer.eval_every=0"]
+    cmd += ["mtl=ew,sum", "seed=0,1", f"hydra.sweep.dir={sweep}", "parallel.data=1"]
+    subprocess.run(cmd, check=True, env=subprocess_env(tmp_path), capture_output=True, timeout=600)
+    assert len(list(sweep.glob("*/summary.json"))) == 4
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "compare.py"),
+            str(sweep),
+            "--metrics",
+            "rmse",
+            "--baseline-group",
+            "mtl=ew",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "mtl=sum" in out.stdout and "±" in out.stdout
+    result = json.loads((sweep / "comparison.json").read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows["mtl=ew"]["seeds"] == 2 and rows["mtl=ew"]["delta_m"] == pytest.approx(0.0, abs=1e-9)
+    assert (sweep / "comparison.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_equal_one(compose_fn, tmp_path):
+    over = [*TINY, "trainer.max_steps=3", "trainer.eval_every=3", "trainer.checkpoint_every=0"]
+    loop.run(compose_fn([*over, "parallel.data=4"]), run_dir=tmp_path / "one")
+    cmd = [sys.executable, str(ROOT / "scripts" / "launch_local.py"), "--num-processes", "2"]
+    cmd += ["--devices-per-process", "2", "--", *over, f"hydra.run.dir={tmp_path / 'two'}"]
+    subprocess.run(cmd, check=True, env=subprocess_env(tmp_path), capture_output=True, timeout=600)
+    one = deterministic(read_jsonl(tmp_path / "one" / "metrics.jsonl"))
+    two = deterministic(read_jsonl(tmp_path / "two" / "metrics.jsonl"))
+    assert_close_records(one, two, rtol=1e-5)
+    assert not (tmp_path / "two" / "launch_local.1").exists()
+    assert len(list((tmp_path / "two").glob("summary.json"))) == 1
