@@ -81,8 +81,34 @@ def centered(x: Array, w: Array | None, axis_name: AxisName) -> tuple[Array, Arr
     return d - mean_d, shift + mean_d, wsum
 
 
-def comoment(xc: Array, yc: Array, w: Array | None, axis_name: AxisName) -> Array:
-    """``sum_k w_k xc_k yc_k^T`` over all shards: ``(n, d), (n, e) -> (d, e)``."""
+# From this many columns on, a Gram matrix is computed as two products over the upper block triangle (3/4 of the
+# flops of the full product); below it the single product is as fast.
+SYMMETRIC_SPLIT_MIN_D = 256
+
+
+def gram(a: Array, b: Array | None = None) -> Array:
+    """``a^T b`` (``(n, d)``, ``(n, d)`` -> ``(d, d)``) for a symmetric result; ``b = a`` when omitted.
+
+    The caller guarantees ``a^T b`` is symmetric (``b`` is ``a`` or ``a`` with rows scaled). For wide inputs the
+    result is assembled from ``a_1^T b`` (the top block row) and ``a_2^T b_2`` (the bottom-right block), saving a
+    quarter of the multiply-adds of a plain GEMM (XLA has no SYRK).
+    """
+    b = a if b is None else b
+    d = a.shape[1]
+    if d < SYMMETRIC_SPLIT_MIN_D:
+        return jnp.matmul(a.T, b, precision=PRECISION)
+    h = d // 2
+    top = jnp.matmul(a[:, :h].T, b, precision=PRECISION)  # (h, d)
+    bottom_right = jnp.matmul(a[:, h:].T, b[:, h:], precision=PRECISION)  # (d - h, d - h)
+    bottom = jnp.concatenate([top[:, h:].T, bottom_right], axis=1)
+    return jnp.concatenate([top, bottom], axis=0)
+
+
+def comoment(xc: Array, yc: Array | None, w: Array | None, axis_name: AxisName) -> Array:
+    """``sum_k w_k xc_k yc_k^T`` over all shards: ``(n, d), (n, e) -> (d, e)``; ``yc=None`` means ``yc = xc``
+    (a symmetric result, computed with :func:`gram`)."""
+    if yc is None:
+        return psum(gram(xc, None if w is None else xc * w[:, None].astype(xc.dtype)), axis_name)
     if w is not None:
         yc = yc * w[:, None].astype(yc.dtype)
     return psum(jnp.matmul(xc.T, yc, precision=PRECISION), axis_name)

@@ -111,7 +111,7 @@ def cov(
     w, aw = _weights(x2.shape[0], fweights, aweights, x2.dtype)
     xc, _, wsum = centered(x2, w, axis_name)
     if y2 is None:
-        c = comoment(xc, xc, w, axis_name)
+        c = comoment(xc, None, w, axis_name)
         c = 0.5 * (c + c.T)  # exactly symmetric
     else:
         yc, _, _ = centered(y2, w, axis_name)
@@ -150,7 +150,7 @@ def corrcoef(
     w, _ = _weights(x2.shape[0], fweights, aweights, x2.dtype)
     xc, _, _ = centered(x2, w, axis_name)
     if y2 is None:
-        c = comoment(xc, xc, w, axis_name)
+        c = comoment(xc, None, w, axis_name)
         c = 0.5 * (c + c.T)
         var = jnp.diagonal(c)
         r = normalize_comoment(c, var, var, symmetric=True)

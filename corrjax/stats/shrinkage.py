@@ -32,7 +32,7 @@ def _empirical(x: Any, axis_name: AxisName) -> tuple[Array, Array, int]:
     if n < 1:
         raise ValueError(f"`x` needs at least one observation, got shape {x2.shape}")
     xc, _, _ = centered(x2, None, axis_name)
-    s = comoment(xc, xc, None, axis_name) / n
+    s = comoment(xc, None, None, axis_name) / n
     return xc, 0.5 * (s + s.T), n
 
 

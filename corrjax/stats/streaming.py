@@ -20,7 +20,7 @@ from flax import struct
 from jax import lax
 
 from corrjax._checks import as_columns, as_float_array, check_ddof, check_same_n
-from corrjax.stats._centered import PRECISION, AxisName, normalize_comoment
+from corrjax.stats._centered import PRECISION, AxisName, gram, normalize_comoment
 
 Array = jax.Array
 
@@ -107,7 +107,7 @@ def _chunk_state(state: CovState, x: Array, y: Array | None, w: Array | None) ->
         m2y = jnp.sum((yc if w is None else yc * w[:, None]) * yc, axis=0)
     else:
         sy, my, yc, m2y = sx, mx, xc, m2x
-    c = jnp.matmul(xw.T, yc, precision=PRECISION)
+    c = jnp.matmul(xw.T, yc, precision=PRECISION) if state.cross else gram(xc, xw)
     return CovState(wsum, sx, mx, sy, my, c, m2x, m2y, cross=state.cross)
 
 

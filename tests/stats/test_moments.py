@@ -96,6 +96,21 @@ def test_corrcoef_weighted_equals_replicated_rows(x64):
     np.testing.assert_allclose(got, ref, rtol=1e-12)
 
 
+def test_wide_inputs_use_the_block_symmetric_product(x64):
+    """d >= 256 takes the two-product (upper block triangle) path; it must equal numpy exactly as well."""
+    from corrjax.stats._centered import SYMMETRIC_SPLIT_MIN_D
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((12, SYMMETRIC_SPLIT_MIN_D + 3)) + 3.0
+    aw = rng.uniform(0.5, 2.0, 12)
+    np.testing.assert_allclose(_cov(x, aweights=aw), np.cov(x, rowvar=False, aweights=aw), rtol=1e-10, atol=1e-12)
+    got = np.asarray(_corrcoef(x))
+    np.testing.assert_allclose(got, np.corrcoef(x, rowvar=False), rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(got, got.T)
+    state = jax.jit(cs.cov_update)(cs.cov_init(x.shape[1], dtype=jnp.float64), x)
+    np.testing.assert_allclose(cs.cov_finalize(state), np.cov(x, rowvar=False), rtol=1e-10, atol=1e-12)
+
+
 def test_one_dimensional_inputs_drop_axes():
     x = jnp.arange(5.0)
     y = jnp.stack([x, -x, x**2], axis=1)
