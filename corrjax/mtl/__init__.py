@@ -6,29 +6,69 @@ is a multi-task optimiser. Solvers (min-norm, dual-cone projection, Nash bargain
 """
 
 # --- task gradients, aggregators and solvers (issue 4, gradient half) ---
+from corrjax.mtl import solvers
 from corrjax.mtl._gramian import combine as combine_tasks
 from corrjax.mtl._gramian import gramian as task_gramian
 from corrjax.mtl.aggregators._base import GramianWeighting, from_weighting
+from corrjax.mtl.aggregators.aligned import aligned_mtl
 from corrjax.mtl.aggregators.basic import mean, rlw, sum, weighted
+from corrjax.mtl.aggregators.cagrad import cagrad
+from corrjax.mtl.aggregators.dual_cone import dualproj, upgrad
 from corrjax.mtl.aggregators.graddrop import graddrop
+from corrjax.mtl.aggregators.imtl import imtl_g
+from corrjax.mtl.aggregators.mgda import mgda
+from corrjax.mtl.aggregators.nash import nash_mtl
 from corrjax.mtl.aggregators.projection import gradvac, pcgrad
 from corrjax.mtl.task_grad import RepGrads, shared_only, value_and_rep_grad, value_and_task_grad
 
 __all__ = [
     "GramianWeighting",
     "RepGrads",
+    "aligned_mtl",
+    "cagrad",
     "combine_tasks",
+    "dualproj",
     "from_weighting",
     "graddrop",
     "gradvac",
+    "imtl_g",
     "mean",
+    "mgda",
+    "nash_mtl",
     "pcgrad",
     "rlw",
     "shared_only",
+    "solvers",
     "sum",
     "task_gramian",
+    "upgrad",
     "value_and_rep_grad",
     "value_and_task_grad",
     "weighted",
 ]
 # --- loss weightings and diagnostics: add imports below and extend __all__ (`__all__ += [...]`) ---
+from corrjax.mtl.diagnostics import (
+    conflict_fraction,
+    gradient_diagnostics,
+    gradient_magnitude_similarity,
+    gradient_norm_ratios,
+    tag_affinity,
+    task_gradient_cosine,
+    task_gradient_norms,
+)
+from corrjax.mtl.weighting import dwa, famo, geometric_mean, gradnorm, uncertainty_weighting
+
+__all__ += [
+    "conflict_fraction",
+    "dwa",
+    "famo",
+    "geometric_mean",
+    "gradient_diagnostics",
+    "gradient_magnitude_similarity",
+    "gradient_norm_ratios",
+    "gradnorm",
+    "tag_affinity",
+    "task_gradient_cosine",
+    "task_gradient_norms",
+    "uncertainty_weighting",
+]

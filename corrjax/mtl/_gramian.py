@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 Array = jax.Array
 
@@ -33,19 +34,35 @@ def _gram_dtype(leaves: list[Array]) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def _replicated(x: Array) -> NamedSharding | None:
+    """A replicated sharding on ``x``'s mesh when ``x`` is sharded over a mesh (explicit or auto axes), else None.
+
+    Contracting over a sharded parameter axis is ambiguous for explicit-sharding meshes; the ``(T, T)`` Gramian is
+    small, so it is asked for replicated.
+    """
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    if mesh is None or mesh.empty:
+        return None
+    return NamedSharding(mesh, PartitionSpec())
+
+
 def gramian(task_grads: Any) -> Array:
     """Task Gramian ``G[s, t] = <g_s, g_t>`` of a task-stacked pytree, shape ``(T, T)``.
 
-    Summed over leaves, each leaf contributing ``L L^T`` with ``L`` the leaf reshaped to ``(T, -1)``. Accumulates in
-    at least float32. Non-finite gradients give non-finite entries (they are not masked).
+    Summed over leaves, each leaf contributing its contraction with itself over every non-task axis (no reshape, no
+    concatenation). Accumulates in at least float32; replicated over the mesh for sharded leaves. Non-finite
+    gradients give non-finite entries (they are not masked).
     """
     leaves = jax.tree.leaves(task_grads)
     t = num_tasks(task_grads)
     dtype = _gram_dtype(leaves)
     g = jnp.zeros((t, t), dtype)
     for leaf in leaves:
-        mat = jnp.reshape(leaf, (t, -1)).astype(dtype)
-        g = g + jnp.matmul(mat, mat.T, precision=jax.lax.Precision.HIGHEST)
+        x = leaf.astype(dtype)
+        axes = tuple(range(1, x.ndim))
+        g = g + jax.lax.dot_general(
+            x, x, ((axes, axes), ((), ())), precision=jax.lax.Precision.HIGHEST, out_sharding=_replicated(x)
+        )
     return g
 
 

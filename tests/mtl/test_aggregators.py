@@ -3,10 +3,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from scipy.optimize import minimize
 
 import corrjax.mtl as mtl
 
@@ -172,3 +174,291 @@ def test_graddrop_sign_rule():
     # leak=1 keeps everything: the sum
     np.testing.assert_allclose(_apply(mtl.graddrop(0, leak=1.0), j), j.sum(0))
     assert np.isnan(_apply(mtl.graddrop(0), np.where(np.eye(2, 6) > 0, np.nan, j), "graddrop")[0])
+
+
+# ----------------------------------------------------------------------------- Gramian methods vs oracles
+
+_AGGS = {
+    "mean": mtl.mean(),
+    "sum": mtl.sum(),
+    "pcgrad": mtl.pcgrad(),
+    "gradvac": None,  # needs num_tasks; built per T below
+    "mgda": mtl.mgda(),
+    "upgrad": mtl.upgrad(),
+    "dualproj": mtl.dualproj(),
+    "imtl_g": mtl.imtl_g(),
+    "nash_mtl": mtl.nash_mtl(),
+    "cagrad": mtl.cagrad(0.5),
+    "aligned_mtl": mtl.aligned_mtl(),
+    "rlw": mtl.rlw(),
+    "graddrop": mtl.graddrop(),
+}
+
+
+def _agg(name, t):
+    return mtl.gradvac(0.5, num_tasks=t) if name == "gradvac" else _AGGS[name]
+
+
+def _run(name, j):
+    """Cached jitted update of the named aggregator on rows ``j``; returns the flat float64 result."""
+    agg = _agg(name, len(j))
+    key = f"{name}/{len(j)}" if name == "gradvac" else name
+    return _apply(agg, j, key).astype(np.float64)
+
+
+def _simplex_min(obj, t):
+    cons = [{"type": "eq", "fun": lambda w: np.sum(w) - 1.0}]
+    r = minimize(
+        obj,
+        np.full(t, 1.0 / t),
+        bounds=[(0, 1)] * t,
+        constraints=cons,
+        method="SLSQP",
+        options={"ftol": 1e-15, "maxiter": 1000},
+    )
+    return r.x
+
+
+def _nondegenerate(j):
+    return np.all(np.sum(j.astype(np.float64) ** 2, 1) > 1e-2)
+
+
+@settings(max_examples=20)
+@given(jac)
+def test_mgda_matches_scipy_qp(j):
+    j64 = j.astype(np.float64)
+    w = _simplex_min(lambda w: w @ (j64 @ j64.T) @ w, len(j))
+    np.testing.assert_allclose(_run("mgda", j), j64.T @ w, atol=2e-3 * max(1.0, np.abs(j64).max()))
+
+
+@settings(max_examples=15)
+@given(jac)
+def test_cagrad_matches_scipy(j):
+    j64 = j.astype(np.float64)
+    if not _nondegenerate(j):
+        return
+    t, c = len(j), 0.5
+    g = j64 @ j64.T
+    g0 = j64.mean(0)
+    sqrt_phi = c * np.linalg.norm(g0)
+    w = _simplex_min(lambda w: w @ g @ np.full(t, 1 / t) + sqrt_phi * np.sqrt(w @ g @ w + 1e-12), t)
+    gw = j64.T @ w
+    if np.linalg.norm(gw) < 1e-3 * np.sqrt(np.trace(g)):
+        return  # Pareto-stationary: the direction of g_w is ill-conditioned
+    ref = (g0 + sqrt_phi / np.linalg.norm(gw) * gw) / (1 + c)
+    np.testing.assert_allclose(_run("cagrad", j), ref, atol=5e-3 * np.abs(j64).max())
+
+
+def test_cagrad_c0_is_mean_for_every_rescale():
+    rng = np.random.default_rng(4)
+    j = rng.normal(size=(3, 6)).astype(np.float32)
+    for r in (0, 1, 2):
+        np.testing.assert_allclose(_apply(mtl.cagrad(0.0, rescale=r), j), j.mean(0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="rescale"):
+        mtl.cagrad(0.5, rescale=3)
+
+
+def test_nash_mtl_orthogonal_gradients():
+    # orthogonal rows: alpha_i = 1 / |g_i|, so d = sum_i g_i / |g_i|
+    j = np.zeros((3, 6), np.float32)
+    j[0, 0], j[1, 1], j[2, 4] = 3.0, -0.5, 10.0
+    np.testing.assert_allclose(_run("nash_mtl", j), (j / np.linalg.norm(j, axis=1, keepdims=True)).sum(0), rtol=1e-4)
+
+
+@settings(max_examples=20)
+@given(jac)
+def test_nash_mtl_bargaining_condition(j):
+    j64 = j.astype(np.float64)
+    if not _nondegenerate(j) or np.linalg.matrix_rank(j64, tol=1e-2 * np.abs(j64).max()) < len(j):
+        return
+    d = _run("nash_mtl", j)
+    # g_i . d = 1 / alpha_i > 0 and d = sum_i alpha_i g_i  =>  d . d = sum_i alpha_i (g_i . d) = T
+    proj = j64 @ d
+    assert np.all(proj > 0)
+    np.testing.assert_allclose(d @ d, len(j), rtol=1e-2)
+
+
+@settings(max_examples=20)
+@given(jac)
+def test_imtl_g_equal_projections(j):
+    j64 = j.astype(np.float64)
+    if not _nondegenerate(j) or np.linalg.matrix_rank(j64, tol=1e-2 * np.abs(j64).max()) < len(j):
+        return
+    d = _run("imtl_g", j)
+    u = j64 / np.linalg.norm(j64, axis=1, keepdims=True)
+    proj = u @ d
+    np.testing.assert_allclose(proj, proj[0], atol=2e-3 * max(1.0, np.abs(proj).max()))
+    # d = J^T a with sum(a) = 1
+    a = np.linalg.lstsq(j64.T, d, rcond=None)[0]
+    np.testing.assert_allclose(a.sum(), 1.0, atol=2e-2)
+
+
+@settings(max_examples=20)
+@given(jac)
+def test_upgrad_and_dualproj_do_not_conflict(j):
+    j64 = j.astype(np.float64)
+    tr = np.trace(j64 @ j64.T)
+    for name in ("upgrad", "dualproj"):
+        d = _run(name, j)
+        # J d >= 0 up to the ridge 1e-4 trace(G) |v| on the normalised Gramian (TorchJD's default)
+        assert np.all(j64 @ d >= -2e-4 * tr * (1 + np.abs(d).max() / max(np.sqrt(tr), 1e-6))), name
+
+
+def test_upgrad_dualproj_mean_on_aligned_gradients():
+    rng = np.random.default_rng(5)
+    j = np.abs(rng.normal(size=(4, 6))).astype(np.float32)  # pairwise non-conflicting
+    for name in ("upgrad", "dualproj"):
+        np.testing.assert_allclose(_run(name, j), j.mean(0), rtol=2e-3, atol=1e-4)
+
+
+def _aligned_ref(j):
+    g = j @ j.T
+    lam, v = np.linalg.eigh(g)
+    keep = lam > lam.max() * len(g) * np.finfo(np.float32).eps
+    b = np.sqrt(lam[keep].min()) * (v[:, keep] / np.sqrt(lam[keep])) @ v[:, keep].T
+    return j.T @ (b @ np.full(len(g), 1 / len(g)))
+
+
+@settings(max_examples=15)
+@given(jac)
+def test_aligned_mtl_reference(j):
+    j64 = j.astype(np.float64)
+    if np.linalg.matrix_rank(j64, tol=1e-2 * max(np.abs(j64).max(), 1e-3)) < len(j):
+        return  # the eigenvalue cut is ill-conditioned near rank deficiency
+    np.testing.assert_allclose(_run("aligned_mtl", j), _aligned_ref(j64), rtol=5e-3, atol=5e-3 * np.abs(j64).max())
+
+
+# ----------------------------------------------------------------------------- against TorchJD (same formulas)
+
+
+def test_against_torchjd():
+    torch = pytest.importorskip("torch")
+    agg_mod = pytest.importorskip("torchjd.aggregation")
+    rng = np.random.default_rng(6)
+    j = rng.normal(size=(4, 6)).astype(np.float32)
+    jt = torch.from_numpy(j.astype(np.float64))
+    pairs = {
+        "mgda": agg_mod.MGDA(epsilon=1e-9, max_iters=10000),
+        "imtl_g": agg_mod.IMTLG(),
+        "aligned_mtl": agg_mod.AlignedMTL(),
+    }
+    try:
+        agg_mod.UPGrad()(jt)
+        pairs.update(upgrad=agg_mod.UPGrad(), dualproj=agg_mod.DualProj())
+    except ImportError:
+        pass  # quadprog not installed
+    for name, ref in pairs.items():
+        np.testing.assert_allclose(_run(name, j), ref(jt).numpy(), rtol=2e-3, atol=2e-4, err_msg=name)
+
+
+# ----------------------------------------------------------------------------- degenerate inputs
+
+ALL = [n for n in _AGGS if n not in ("rlw", "graddrop")]
+EXACT_T1 = [n for n in ALL if n != "nash_mtl"]
+
+
+def test_single_task_returns_the_gradient():
+    g = np.array([[1.0, -2.0, 0.5, 3.0, 0.0, 1.0]], np.float32)
+    for name in [*EXACT_T1, "rlw"]:
+        np.testing.assert_allclose(_run(name, g), g[0], rtol=1e-4, atol=1e-5, err_msg=name)
+    # Nash-MTL keeps its bargaining scale: alpha = 1 / |g|
+    np.testing.assert_allclose(_run("nash_mtl", g), g[0] / np.linalg.norm(g), rtol=1e-4)
+
+
+def test_identical_gradients():
+    g = np.tile(np.array([[1.0, -2.0, 0.5, 3.0, 0.0, 1.0]], np.float32), (3, 1))
+    scale = {"sum": 3.0, "pcgrad": 3.0, "gradvac": 3.0, "nash_mtl": np.sqrt(3) / np.linalg.norm(g[0])}
+    for name in ALL:
+        np.testing.assert_allclose(_run(name, g), scale.get(name, 1.0) * g[0], rtol=2e-3, atol=1e-4, err_msg=name)
+
+
+def test_zero_gradient_task_is_finite():
+    rng = np.random.default_rng(7)
+    j = rng.normal(size=(3, 6)).astype(np.float32)
+    j[1] = 0.0
+    for name in ALL:
+        out = _run(name, j)
+        assert np.all(np.isfinite(out)), name
+    np.testing.assert_allclose(_run("mgda", j), 0.0, atol=1e-4)  # 0 is in the convex hull
+
+
+def test_nonfinite_gradients_propagate_nan():
+    j = np.ones((3, 6), np.float32)
+    j[2, 1] = np.nan
+    for name in [*ALL, "rlw", "graddrop"]:
+        assert np.isnan(_run(name, j)).any(), name
+    j[2, 1] = np.inf
+    for name in ("mgda", "upgrad", "nash_mtl", "imtl_g", "cagrad", "aligned_mtl", "pcgrad"):
+        assert not np.all(np.isfinite(_run(name, j))), name
+
+
+PERM_EQUIVARIANT = ["mean", "sum", "mgda", "upgrad", "dualproj", "imtl_g", "nash_mtl", "cagrad", "aligned_mtl"]
+
+
+@settings(max_examples=10)
+@given(hnp.arrays(np.float32, (3, 6), elements=FLOATS), st.permutations(range(3)))
+def test_permutation_equivariance(j, perm):
+    if not _nondegenerate(j):
+        return
+    scale = np.abs(j).max()
+    for name in PERM_EQUIVARIANT:
+        np.testing.assert_allclose(_run(name, j[list(perm)]), _run(name, j), atol=2e-3 * scale, rtol=2e-3, err_msg=name)
+
+
+# ----------------------------------------------------------------------------- Optax plumbing
+
+
+def test_chain_inject_hyperparams_task_losses_and_abstract_init():
+    j = np.random.default_rng(8).normal(size=(3, 6)).astype(np.float32)
+    params = jax.tree.map(lambda x: x[0], _stack(j))  # shapes without the task axis
+    tx = optax.chain(mtl.pcgrad(), optax.adam(1e-2))
+    state = tx.init(params)
+    upd, state = jax.jit(tx.update)(_stack(j), state, params, task_losses=jnp.ones(3))
+    assert jax.tree.map(jnp.shape, upd) == jax.tree.map(jnp.shape, params)
+    # hyperparameters as arrays: CAGrad's c under inject_hyperparams
+    tx = optax.inject_hyperparams(mtl.cagrad)(c=0.0, rescale=1)
+    out, _ = jax.jit(tx.update)(_stack(j), tx.init(params))
+    np.testing.assert_allclose(_flat(out), j.mean(0), rtol=1e-5, atol=1e-6)
+    # abstract init
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    for agg in (mtl.gradvac(0.5, num_tasks=3), mtl.pcgrad(), mtl.upgrad()):
+        jax.eval_shape(agg.init, abstract)
+
+
+def test_multisteps_accumulates_aggregated_updates():
+    rng = np.random.default_rng(9)
+    js = rng.normal(size=(2, 3, 6)).astype(np.float32)
+    params = jax.tree.map(lambda x: x[0], _stack(js[0]))
+    tx = optax.chain(mtl.mgda(), optax.MultiSteps(optax.sgd(1.0), every_k_schedule=2).gradient_transformation())
+    state = tx.init(params)
+    upd1, state = tx.update(_stack(js[0]), state, params)
+    np.testing.assert_array_equal(_flat(upd1), 0.0)  # accumulating
+    upd2, state = tx.update(_stack(js[1]), state, params)
+    expected = -(_run("mgda", js[0]) + _run("mgda", js[1])) / 2
+    np.testing.assert_allclose(_flat(upd2), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_explicit_sharding_mesh(mesh8):
+    """Task axis replicated, parameter axes sharded as the params: same numbers, output sharded like the params."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    rng = np.random.default_rng(10)
+    g = {
+        "w": jnp.asarray(rng.normal(size=(3, 16, 4)), jnp.float32),
+        "v": jnp.asarray(rng.normal(size=(3, 2, 8)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+    }
+    spec = {
+        "w": NamedSharding(mesh8, P(None, "data", None)),
+        "v": NamedSharding(mesh8, P(None, None, "data")),
+        "b": NamedSharding(mesh8, P()),
+    }
+    gs = jax.device_put(g, spec)
+    for name in ("upgrad", "graddrop"):
+        agg = _AGGS[name]
+        out, _ = jax.jit(agg.update)(gs, agg.init(None))
+        ref, _ = jax.jit(agg.update)(g, agg.init(None))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), out, ref)
+        assert out["w"].sharding.is_equivalent_to(NamedSharding(mesh8, P("data", None)), 2), name
+        assert out["v"].sharding.is_equivalent_to(NamedSharding(mesh8, P(None, "data")), 2), name

@@ -1,0 +1,167 @@
+"""JAX solvers against scipy.optimize references, KKT conditions and closed forms; jit/vmap; degenerate input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from scipy.optimize import minimize
+
+from corrjax.mtl import solvers
+
+FLOATS = st.floats(-5, 5, allow_nan=False, width=32)
+
+
+def _slsqp_simplex(obj, t, x0=None):
+    cons = [{"type": "eq", "fun": lambda w: np.sum(w) - 1.0}]
+    x0 = np.full(t, 1.0 / t) if x0 is None else x0
+    r = minimize(
+        obj, x0, bounds=[(0, 1)] * t, constraints=cons, method="SLSQP", options={"ftol": 1e-15, "maxiter": 1000}
+    )
+    return r.x
+
+
+_proj = jax.jit(solvers.project_simplex)
+
+
+@given(hnp.arrays(np.float32, st.integers(1, 6), elements=FLOATS))
+def test_project_simplex_kkt(v):
+    w = np.asarray(_proj(v), np.float64)
+    assert np.all(w >= 0) and np.isclose(w.sum(), 1.0, atol=1e-5)
+    # w = max(v - theta, 0) for one threshold theta: every positive coordinate has the same shift
+    pos = w > 1e-7
+    shift = v[pos] - w[pos]
+    np.testing.assert_allclose(shift, shift[0], atol=1e-5)
+    assert np.all(v[~pos] <= shift[0] + 1e-5)
+
+
+_mn_as = jax.jit(solvers.min_norm_simplex)
+_mn_fw = jax.jit(lambda g: solvers.min_norm_simplex(g, method="frank_wolfe", max_iter=2000, tol=1e-9))
+
+
+@settings(max_examples=25)
+@given(hnp.arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 8)), elements=FLOATS))
+def test_min_norm_matches_scipy(j):
+    j64 = j.astype(np.float64)
+    g64 = j64 @ j64.T
+    t = len(j)
+    w_ref = _slsqp_simplex(lambda w: w @ g64 @ w, t)
+    d_ref = j64.T @ w_ref
+    scale = max(np.abs(j64).max(), 1e-3)
+    w = np.asarray(_mn_as(jnp.asarray(g64, jnp.float32)), np.float64)
+    assert np.all(w >= -1e-7) and np.isclose(w.sum(), 1.0, atol=1e-5)
+    # the min-norm point is unique (the weights need not be)
+    np.testing.assert_allclose(j64.T @ w, d_ref, atol=2e-3 * scale)
+    assert w @ g64 @ w <= w_ref @ g64 @ w_ref + 1e-4 * scale**2
+
+
+def test_frank_wolfe_converges_to_active_set():
+    rng = np.random.default_rng(0)
+    for t in (2, 3, 5):
+        j = rng.normal(size=(t, 6))
+        g = jnp.asarray(j @ j.T, jnp.float32)
+        w_as, w_fw = np.asarray(_mn_as(g)), np.asarray(_mn_fw(g))
+        f_as, f_fw = w_as @ np.asarray(g) @ w_as, w_fw @ np.asarray(g) @ w_fw
+        assert f_fw >= f_as - 1e-5 and f_fw <= f_as + 1e-3 * np.trace(np.asarray(g))
+        np.testing.assert_allclose(w_fw.sum(), 1.0, atol=1e-5)
+
+
+def test_nonneg_qp_matches_scipy(x64):
+    rng = np.random.default_rng(1)
+    qp = jax.jit(solvers.nonneg_qp)
+    for t in (1, 2, 4, 7):
+        a = rng.normal(size=(t, t + 2))
+        q_mat, q_vec = a @ a.T + 1e-3 * np.eye(t), rng.normal(size=t)
+        v = np.asarray(qp(q_mat, q_vec))
+        r = minimize(
+            lambda x: 0.5 * x @ q_mat @ x + q_vec @ x,
+            np.ones(t),
+            jac=lambda x: q_mat @ x + q_vec,
+            bounds=[(0, None)] * t,
+            method="L-BFGS-B",
+            options={"ftol": 1e-15, "gtol": 1e-12},
+        )
+        np.testing.assert_allclose(v, r.x, atol=1e-5)
+        grad = q_mat @ v + q_vec
+        assert np.all(v >= 0) and np.all(grad >= -1e-8) and abs(v @ grad) < 1e-8  # KKT
+
+
+_proj_exact = jax.jit(lambda g, u: solvers.project_dual_cone(g, u, reg_eps=1e-10))
+
+
+@settings(max_examples=10)
+@given(hnp.arrays(np.float64, st.tuples(st.integers(2, 4), st.integers(2, 6)), elements=st.floats(-5, 5)))
+def test_dual_cone_projection_matches_scipy(j):
+    with jax.enable_x64(True):
+        g = j @ j.T
+        if np.trace(g) < 1e-3:
+            return
+        t = len(j)
+        for i in range(t):
+            u = np.eye(t)[i]
+            v = np.asarray(_proj_exact(g, u))
+            # KKT of min v^T G v, v >= u: G v >= 0 (d = J^T v in the dual cone) and complementarity
+            gv = g @ v
+            tr = np.trace(g)
+            assert np.all(v >= u - 1e-12)
+            assert np.all(gv >= -1e-6 * tr * max(1.0, np.abs(v).max()))
+            assert abs((v - u) @ gv) <= 1e-6 * tr * max(1.0, np.abs(v).max()) ** 2
+            cons = [{"type": "ineq", "fun": lambda x: x - u}]
+            r = minimize(
+                lambda x: x @ g @ x,
+                u,
+                jac=lambda x: 2 * g @ x,
+                constraints=cons,
+                method="SLSQP",
+                options={"ftol": 1e-15, "maxiter": 1000},
+            )
+            np.testing.assert_allclose(j.T @ v, j.T @ r.x, atol=1e-4 * np.sqrt(tr) * max(1.0, np.abs(r.x).max()))
+
+
+_nash = jax.jit(solvers.nash_bargaining)
+_dual = jax.jit(solvers.project_dual_cone)
+
+
+def test_nash_bargaining_orthogonal_and_residual():
+    norms = np.array([0.5, 2.0, 7.0])
+    g = np.diag(norms**2).astype(np.float32)
+    np.testing.assert_allclose(_nash(g), 1.0 / norms, rtol=1e-4)
+    rng = np.random.default_rng(2)
+    j = rng.normal(size=(4, 9))
+    g = j @ j.T
+    a = np.asarray(_nash(jnp.asarray(g, jnp.float32)), np.float64)
+    assert np.all(a > 0)
+    np.testing.assert_allclose(g @ a, 1.0 / a, rtol=2e-3)
+    # scale equivariance alpha(cG) = alpha(G) / sqrt(c)
+    a2 = np.asarray(_nash(jnp.asarray(100.0 * g, jnp.float32)))
+    np.testing.assert_allclose(a2, a / 10.0, rtol=1e-4)
+    # identical gradients: alpha_i = 1 / (|g| sqrt(T)); a zero gradient is taken out with alpha = 0
+    np.testing.assert_allclose(_nash(jnp.full((4, 4), 9.0)), np.full(4, 1 / 6), rtol=1e-4)
+    a0 = np.asarray(_nash(jnp.diag(jnp.array([4.0, 0.0, 1.0]))))
+    np.testing.assert_allclose(a0, [0.5, 0.0, 1.0], rtol=1e-4)
+
+
+def test_vmap_batch_and_nan():
+    rng = np.random.default_rng(3)
+    js = rng.normal(size=(5, 3, 4)).astype(np.float32)
+    gs = jnp.asarray(np.einsum("btp,bsp->bts", js, js))
+    batched = jax.jit(jax.vmap(solvers.min_norm_simplex))(gs)
+    for b in range(5):
+        np.testing.assert_allclose(batched[b], _mn_as(gs[b]), atol=1e-5)
+    bad = gs[0].at[0, 0].set(jnp.nan)
+    assert np.all(np.isnan(_mn_as(bad)))
+    assert np.all(np.isnan(_nash(bad)))
+    assert np.all(np.isnan(_dual(bad, jnp.ones(3) / 3)))
+
+
+def test_bad_shapes_raise():
+    with pytest.raises(ValueError, match="gramian"):
+        solvers.min_norm_simplex(jnp.ones((2, 3)))
+    with pytest.raises(ValueError, match="method"):
+        solvers.min_norm_simplex(jnp.eye(2), method="cvxpy")
+    with pytest.raises(ValueError, match="`u`"):
+        solvers.project_dual_cone(jnp.eye(3), jnp.ones(2))
+    with pytest.raises(ValueError, match="q_vec"):
+        solvers.nonneg_qp(jnp.eye(3), jnp.ones(4))
