@@ -79,3 +79,50 @@ def evaluate(
         metrics["eval/pred_corr"] = np.asarray(corrjax.stats.corrcoef(np.asarray(scores)[valid]))
         metrics["eval/error_corr"] = np.asarray(corrjax.stats.corrcoef(np.asarray(errors)[valid]))
     return {k: (float(v) if np.ndim(v) == 0 else v) for k, v in metrics.items()}
+
+
+def make_representation_fn(graphdef: Any) -> Callable:
+    """Jitted ``(state, x) -> {"shared": (n, D), ["experts": (E, n, h), "task_reps": (T, n, h),
+    "gate_usage": (T, E)]}``: the flattened shared representation and, for mixture-of-experts models (those with
+    ``gate_weights``), each expert's output, each task's gated mixture of them and the mean gate weights."""
+    from corrjax.train.regularizers import flatten_representation
+    from corrjax.train.state import merge_model
+
+    def fn(state, x):
+        model = merge_model(graphdef, state.params, state.rest)
+        z = model.features(x)
+        out = {"shared": flatten_representation(z)}
+        if hasattr(model, "gate_weights"):
+            gates = model.gate_weights(x)
+            names = list(gates)
+            out["gate_usage"] = jnp.stack([gates[n].mean(0) for n in names])
+            if isinstance(z, jax.Array) and z.ndim == 3 and all(g.shape[-1] == z.shape[1] for g in gates.values()):
+                out["experts"] = jnp.moveaxis(z, 1, 0)
+                out["task_reps"] = jnp.stack([jnp.einsum("ne,neh->nh", gates[n], z) for n in names])
+        return out
+
+    return jax.jit(fn)
+
+
+def representation_diagnostics(rep_fn: Callable, state: Any, x: np.ndarray, sharding: NamedSharding) -> dict:
+    """CKA diagnostics (debiased minibatch linear CKA, :func:`corrjax.stats.cka_matrix`) on a fixed eval subset:
+    ``eval/task_rep_cka`` (T, T) between the tasks' gated representations, ``eval/expert_cka`` (E, E) between
+    experts, ``eval/gate_usage`` (T, E); returns also the host copy of the shared representation under
+    ``"shared"`` for the CKA-over-training matrix."""
+    from jax.sharding import PartitionSpec as P
+
+    rep = NamedSharding(sharding.mesh, P())
+    reps = jax.device_get(rep_fn(state, jax.make_array_from_callback(x.shape, rep, lambda i: x[i])))
+    out: dict[str, Any] = {"shared": np.asarray(reps["shared"])}
+    if "gate_usage" in reps:
+        out["eval/gate_usage"] = np.asarray(reps["gate_usage"])
+    if "task_reps" in reps and reps["task_reps"].shape[0] > 1:
+        out["eval/task_rep_cka"] = np.asarray(corrjax.stats.cka_matrix([(list(reps["task_reps"]), None)]))
+    if "experts" in reps and reps["experts"].shape[0] > 1:
+        out["eval/expert_cka"] = np.asarray(corrjax.stats.cka_matrix([(list(reps["experts"]), None)]))
+    return out
+
+
+def cka_over_training(shared: Sequence[np.ndarray]) -> np.ndarray:
+    """``(K, K)`` CKA between the shared representations of the same examples at K evaluation points."""
+    return np.asarray(corrjax.stats.cka_matrix([(list(shared), None)]))

@@ -165,6 +165,19 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
     log.info("model %s: %d parameters; tasks %s; mesh %s", type(model).__name__, n_params, names, dict(mesh.shape))
 
+    rep_fn = evaluate.make_representation_fn(graphdef)
+    n_rep = min(len(eval_ds), 256)
+    rep_x = np.asarray(eval_ds.get_batch(np.arange(n_rep))["x"])
+    shared_history: list[tuple[int, np.ndarray]] = []
+
+    def run_eval(at_step: int) -> dict[str, Any]:
+        out = evaluate.evaluate(eval_step, train_state, eval_ds, tasks, data_sharding, tc.eval_batch_size)
+        if n_rep >= 4:
+            diag = evaluate.representation_diagnostics(rep_fn, train_state, rep_x, data_sharding)
+            shared_history.append((at_step, diag.pop("shared")))
+            out.update(diag)
+        return out
+
     iterator = BatchIterator(train_ds, tc.batch_size, seed=cfg.seed, sharding=data_sharding, prefetch=2)
     if not tc.resume and main and (run_dir / "checkpoints").exists():
         log.warning("fresh run (trainer.resume=false): removing old checkpoints in %s", run_dir / "checkpoints")
@@ -220,9 +233,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                             "lower the learning rate or check the data"
                         )
                 if tc.eval_every and (s % tc.eval_every == 0 or s == tc.max_steps):
-                    last_eval = evaluate.evaluate(
-                        eval_step, train_state, eval_ds, tasks, data_sharding, tc.eval_batch_size
-                    )
+                    last_eval = run_eval(s)
                     record.update(last_eval)
                 if record and writer is not None:
                     writer.write(s, record)
@@ -240,7 +251,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
             writer.close()
 
     if not last_eval or (not stopped_early and s == tc.max_steps and tc.eval_every == 0):
-        last_eval = evaluate.evaluate(eval_step, train_state, eval_ds, tasks, data_sharding, tc.eval_batch_size)
+        last_eval = run_eval(s)
     summary: dict[str, Any] = {
         "step": s,
         "completed": s >= tc.max_steps,
@@ -251,6 +262,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         **last_train,
         **last_eval,
     }
+    if len(shared_history) > 1:
+        summary["eval/shared_cka_steps"] = [k for k, _ in shared_history]
+        summary["eval/shared_cka_over_training"] = evaluate.cka_over_training([r for _, r in shared_history])
     if main:
         writers.write_summary(run_dir, summary)
         if cfg.logger.plots:

@@ -21,14 +21,24 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def heatmap(matrix: Any, labels: Sequence[str], title: str, path: str | Path, *, vmin=-1.0, vmax=1.0) -> Path:
-    """Writes an annotated ``(T, T)`` heatmap; NaN (undefined) cells are shown blank."""
+def heatmap(
+    matrix: Any,
+    labels: Sequence[str],
+    title: str,
+    path: str | Path,
+    *,
+    vmin=-1.0,
+    vmax=1.0,
+    col_labels: Sequence[str] | None = None,
+) -> Path:
+    """Writes an annotated heatmap (rows ``labels``, columns ``col_labels`` or the same); NaN cells are blank."""
     m = np.asarray(matrix, dtype=float)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(labels), 1.0 + 0.6 * len(labels)))
-    im = ax.imshow(m, vmin=vmin, vmax=vmax, cmap="coolwarm")
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    col_labels = list(labels) if col_labels is None else list(col_labels)
+    fig, ax = plt.subplots(figsize=(1.6 + 0.6 * len(col_labels), 1.0 + 0.6 * len(labels)))
+    im = ax.imshow(m, vmin=vmin, vmax=vmax, cmap="coolwarm" if vmin < 0 else "viridis")
+    ax.set_xticks(range(len(col_labels)), col_labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
-    if len(labels) <= 12:
+    if max(m.shape) <= 12:
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
                 if np.isfinite(m[i, j]):
@@ -69,14 +79,24 @@ def plot_run(run_dir: str | Path, records: Sequence[dict[str, Any]], summary: di
     out = Path(run_dir) / "plots"
     out.mkdir(parents=True, exist_ok=True)
     paths = []
+    steps = [str(k) for k in summary.get("eval/shared_cka_steps", [])]
     for key, value in summary.items():
         try:
             m = np.asarray(value, dtype=float) if isinstance(value, list) else None
         except (TypeError, ValueError):
             m = None
-        if m is not None and m.ndim == 2 and m.shape[0] == m.shape[1] == len(tasks):
-            vmin = 0.0 if "cka" in key else -1.0
-            paths.append(heatmap(m, tasks, key, out / (key.replace("/", "_") + ".png"), vmin=vmin))
+        if m is None or m.ndim != 2:
+            continue
+        rows = list(tasks) if m.shape[0] == len(tasks) else [str(i) for i in range(m.shape[0])]
+        cols = list(tasks) if m.shape[1] == len(tasks) else [str(i) for i in range(m.shape[1])]
+        if key == "eval/shared_cka_over_training" and len(steps) == m.shape[0]:
+            rows = cols = steps
+        elif "expert" in key or "gate" in key:
+            cols = [f"e{i}" for i in range(m.shape[1])]
+            rows = rows if "gate" in key else cols
+        nonneg = "cka" in key or "gate" in key
+        name = key.replace("/", "_") + ".png"
+        paths.append(heatmap(m, rows, key, out / name, vmin=0.0 if nonneg else -1.0, col_labels=cols))
     scalar_keys = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float)) and k != "step"})
     families: dict[str, list[str]] = {}
     for key in scalar_keys:

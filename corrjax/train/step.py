@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 import corrjax.mtl
 from corrjax.data import TaskSpec
+from corrjax.train.regularizers import flatten_representation
 from corrjax.train.state import TrainState, merge_model
 
 Batch = Mapping[str, jax.Array]
@@ -69,7 +70,7 @@ def make_train_step(
         losses = jnp.stack([loss_fns[n](outputs[n], batch[n]) for n in names])
         reg = jnp.zeros((), losses.dtype)
         if regularizer is not None:
-            reg = regularizer(z.reshape(z.shape[0], -1))
+            reg = regularizer(flatten_representation(z))
             losses = losses + (regularizer_weight / num_tasks) * reg
         new_rest = nnx.state(model, nnx.Not(nnx.Param))
         return losses, (new_rest, reg)
