@@ -224,10 +224,29 @@ def pearsonr(x: Any, y: Any, *, axis: int = 0, axis_name: AxisName = None) -> Pe
         r = jnp.round(r)
         p = jnp.where(jnp.isnan(r), jnp.nan, jnp.ones_like(r))
         return PearsonRResult(r, p)
-    ab = jnp.asarray(n / 2.0 - 1.0, r.dtype)
-    p = 2.0 * special.betainc(ab, ab, 0.5 * (1.0 - jnp.abs(_nan_to_zero(r))))
+    p = _pearson_pvalue(_nan_to_zero(r), n)
     p = jnp.where(jnp.isnan(r), jnp.nan, jnp.clip(p, 0.0, 1.0))
     return PearsonRResult(r, p)
+
+
+# Above this many observations, float32 p-values use the normal approximation below: XLA's float32 betainc loses
+# accuracy for large shape parameters (its log-prefactor cancels), ~1e-4 relative at n = 1000 and ~10% at n = 1e5.
+_F32_BETAINC_MAX_N = 2000
+
+
+def _pearson_pvalue(r: Array, n: int) -> Array:
+    """Two-sided p-value of Pearson's r from ``n`` observations under bivariate normal independence.
+
+    Exact (as scipy): ``2 I_{(1-|r|)/2}(n/2 - 1, n/2 - 1)``. For float32 with large ``n`` the equivalent Student-t
+    tail is evaluated with the Gaver-Kafadar normal approximation ``z^2 = -(n - 2.5) log(1 - r^2)`` (Gaver & Kafadar
+    1984, "A retrievable recipe for inverse t", Am. Stat. 38:308), whose relative error is ~1e-4 at n = 2000 and
+    falls like 1/n^2, below float32 resolution from n ~ 1e4.
+    """
+    if jnp.finfo(r.dtype).bits >= 64 or n <= _F32_BETAINC_MAX_N:
+        ab = jnp.asarray(n / 2.0 - 1.0, r.dtype)
+        return 2.0 * special.betainc(ab, ab, 0.5 * (1.0 - jnp.abs(r)))
+    z = jnp.sqrt(-(n - 2.5) * jnp.log1p(-r * r))
+    return special.erfc(z / jnp.sqrt(jnp.asarray(2.0, r.dtype)))
 
 
 def _nan_to_zero(r: Array) -> Array:

@@ -188,6 +188,12 @@ def test_pearsonr_float32_pvalues_and_special_cases():
     assert got.pvalue.dtype == jnp.float32
     np.testing.assert_allclose(got.statistic, ref.statistic, atol=1e-6)
     np.testing.assert_allclose(got.pvalue, ref.pvalue, rtol=1e-4, atol=1e-7)
+    # large n: float32 p-values take the Student-t normal approximation (betainc's float32 prefactor cancels there)
+    xl = rng.standard_normal((20_000, 3)).astype(np.float32)
+    yl = (xl * np.array([0.0, 0.01, 0.03], np.float32) + rng.standard_normal((20_000, 3))).astype(np.float32)
+    got = _pearsonr(xl, yl)
+    ref = scipy.stats.pearsonr(xl.astype(np.float64), yl.astype(np.float64))
+    np.testing.assert_allclose(got.pvalue, ref.pvalue, rtol=2e-4)
     two = _pearsonr(np.array([1.0, 2.0]), np.array([5.0, 3.0]))
     assert float(two.statistic) == -1.0 and float(two.pvalue) == 1.0
     const = _pearsonr(np.full(5, 1e4 + 0.1, np.float32), np.arange(5.0))
