@@ -195,7 +195,7 @@ def project_dual_cone(
 
     Solves ``min_v v^T G v`` subject to ``v >= u`` (Prop. 1 of Quinton & Rey 2024) as the non-negative QP in
     ``z = v - u``. The Gramian is trace-normalised and ridged by ``reg_eps`` first (TorchJD's ``QuadprogProjector``
-    uses the same normalisation and default ridge), so ``G J^T v >= -reg_eps * trace(G) * v`` elementwise. For a
+    uses the same normalisation and default ridge), so ``(G v)_i >= -reg_eps * trace(G) * v_i``. For a
     batch of ``u`` use ``jax.vmap``.
 
     Args:
@@ -223,7 +223,7 @@ def nash_bargaining(
     *,
     max_iter: int = 30,
     tol: float = 1e-9,
-    reg_eps: float = 0.0,
+    reg_eps: float = 1e-6,
 ) -> Array:
     """Solves Nash-MTL's bargaining system ``(G alpha)_i = 1 / alpha_i``, ``alpha > 0``.
 
@@ -234,7 +234,10 @@ def nash_bargaining(
     (``s = trace(G) / T``) and rescaled by ``1 / sqrt(s)``, so the answer is scale-equivariant:
     ``alpha(c G) = alpha(G) / sqrt(c)``. For orthogonal gradients ``alpha_i = 1 / |g_i|``. A task with a zero gradient
     has no finite solution (``alpha_i -> inf`` times a zero vector); it is taken out of the system and gets
-    ``alpha_i = 0``.
+    ``alpha_i = 0``. Near a Pareto-stationary point (``0`` in the convex hull, e.g. opposite gradients) the system
+    has no solution either (``phi`` is unbounded below); the ridge ``reg_eps`` (on the normalised Gramian, not floored)
+    keeps ``alpha`` finite, and since ``|J^T alpha|^2 = alpha^T G alpha <= T`` the update stays bounded. Set
+    ``reg_eps=0`` for the exact system away from such points.
 
     Args:
       gramian: ``(T, T)`` PSD Gramian.
@@ -249,9 +252,10 @@ def nash_bargaining(
     """
     g = _check_square(gramian)
     t = g.shape[0]
-    gn, s = _normalized(g, reg_eps)
+    gn, s = _normalized(g, 0.0)
     eye = jnp.eye(t, dtype=g.dtype)
     live = jnp.diag(gn) > 64 * jnp.finfo(g.dtype).eps
+    gn = gn + reg_eps * eye
     both = live[:, None] & live[None, :]
     gn = jnp.where(both, gn, eye)  # dead tasks decouple with a_i = 1, zeroed below
 

@@ -120,7 +120,7 @@ def test_dual_cone_projection_matches_scipy(j):
             np.testing.assert_allclose(j.T @ v, j.T @ r.x, atol=1e-4 * np.sqrt(tr) * max(1.0, np.abs(r.x).max()))
 
 
-_nash = jax.jit(solvers.nash_bargaining)
+_nash = jax.jit(lambda g: solvers.nash_bargaining(g, reg_eps=0.0))
 _dual = jax.jit(solvers.project_dual_cone)
 
 
@@ -153,6 +153,10 @@ def test_vmap_batch_and_nan():
     bad = gs[0].at[0, 0].set(jnp.nan)
     assert np.all(np.isnan(_mn_as(bad)))
     assert np.all(np.isnan(_nash(bad)))
+    # opposite gradients (Pareto-stationary): no solution; the default ridge keeps alpha finite, |d|^2 <= T
+    opp = jnp.array([[1.0, -1.0, 0.0], [-1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    a = np.asarray(jax.jit(solvers.nash_bargaining)(opp * 4.0))
+    assert np.all(np.isfinite(a)) and a @ np.asarray(opp * 4.0) @ a <= 3.0 + 1e-3
     assert np.all(np.isnan(_dual(bad, jnp.ones(3) / 3)))
 
 
