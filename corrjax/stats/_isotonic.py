@@ -44,7 +44,8 @@ def _pav_rows(
 
     One ``lax.while_loop`` advances all rows together; a row that has finished makes no change (its writes go out of
     bounds and are dropped), so the loop carries no per-iteration select over whole arrays and the work per row is
-    O(n) amortised.
+    O(n) amortised. Adjacent blocks with equal values are pooled too (the fit is the same); so tied inputs of a soft
+    rank always share a block, even when rounding hides the gap between them.
     """
     bsz, n, _ = inp.shape
     idt = jnp.int32
@@ -52,7 +53,7 @@ def _pav_rows(
 
     def step(state):
         i, k, below, cur, stack, _ = state
-        viol = (k >= 1) & (value(below) < value(cur))
+        viol = (k >= 1) & (value(below) <= value(cur))
         more = i < n
         push = ~viol & more
         # Merge: the block below absorbs the current one. Push: the current block goes onto the stack and the next
@@ -64,7 +65,7 @@ def _pav_rows(
         new_i = jnp.where(push, i + 1, i)
         below2 = _take(stack, jnp.maximum(k - 2, 0))
         new_below = jnp.where(viol[:, None], below2, jnp.where(push[:, None], cur, below))
-        active = ((new_k >= 1) & (value(new_below) < value(new_cur))) | (new_i < n)
+        active = ((new_k >= 1) & (value(new_below) <= value(new_cur))) | (new_i < n)
         return new_i, new_k, new_below, new_cur, stack, jnp.any(active)
 
     init = (

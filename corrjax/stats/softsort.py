@@ -18,13 +18,22 @@ Reference:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from corrjax._checks import as_float_array, check_choice
-from corrjax.stats._isotonic import project_kl, project_l2
+from corrjax.stats._isotonic import (
+    _block_logsumexp,
+    _block_mean,
+    _partition_kl,
+    _partition_l2,
+    project_kl,
+    project_l2,
+)
 
 Array = jax.Array
 
@@ -52,15 +61,76 @@ def _along_axis(fn, x: Array, axis: int) -> Array:
     return jnp.moveaxis(out.reshape(moved.shape), -1, axis)
 
 
+def _order_key(x: Array) -> Array:
+    """Unsigned integers with the numeric order of ``x`` (``-0.0`` maps with ``+0.0``); ``x`` is float32/float64."""
+    utype = jnp.uint32 if x.dtype.itemsize == 4 else jnp.uint64
+    top = jnp.asarray(1 << (8 * x.dtype.itemsize - 1), utype)
+    u = lax.bitcast_convert_type(jnp.where(x == 0, jnp.zeros_like(x), x), utype)
+    return jnp.where(u & top, ~u, u | top)
+
+
+def _from_order_key(k: Array, dtype: Any) -> Array:
+    top = jnp.asarray(1 << (8 * k.dtype.itemsize - 1), k.dtype)
+    return lax.bitcast_convert_type(jnp.where(k & top, k ^ top, ~k), dtype)
+
+
+def _sorted_and_positions(theta: Array) -> tuple[Array, Array]:
+    """``(s, q)``: ``theta`` sorted non-increasingly, and each element's position in ``s`` (ties share one).
+
+    XLA's CPU sort is fast for one operand of primitive type and several times slower with a payload (``argsort``),
+    so the values are sorted as order-preserving integer keys and the positions found by binary search; soft ranks
+    need no more, since tied values always fall into one block.
+    """
+    n = theta.shape[0]
+    key_dtype = jnp.float64 if theta.dtype == jnp.float64 else jnp.float32
+    keys = _order_key(theta.astype(key_dtype))
+    sorted_keys = lax.sort(keys, is_stable=False)
+    s = _from_order_key(sorted_keys, key_dtype).astype(theta.dtype)[::-1]
+    q = n - 1 - jnp.searchsorted(sorted_keys, keys, side="left", method="scan_unrolled").astype(jnp.int32)
+    return s, q
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _soft_rank_theta(theta: Array, regularization: str) -> Array:
+    return _soft_rank_theta_fwd(theta, regularization)[0]
+
+
+def _soft_rank_theta_fwd(theta: Array, regularization: str) -> tuple[Array, tuple[Array, ...]]:
+    """Ranks of one row ``theta = x / ε``: the permutahedron projection in sorted coordinates, read back per element.
+
+    Residuals are per element in the input order (its block, the block size or block softmax), so the VJP needs no
+    permutation: for l2 it is ``g - mean_B(g)``; for kl, with ``h = g * r``, ``h - softmax_B(θ) Σ_B h``.
+    """
+    n = theta.shape[0]
+    s, q = _sorted_and_positions(theta)
+    rho = jnp.arange(n, 0, -1, dtype=theta.dtype)
+    if regularization == "l2":
+        blocks = _partition_l2(s - rho)
+        ranks = (_block_mean(s, blocks)[1] + _block_mean(rho, blocks)[0])[q]
+        return ranks, (blocks.block_id[q], blocks.count[q])
+    log_rho = jnp.log(rho)
+    blocks = _partition_kl(s, log_rho)
+    _, log_ps = _block_logsumexp(s, blocks)
+    lse_w, _ = _block_logsumexp(log_rho, blocks)
+    ranks = jnp.exp(log_ps + lse_w)[q]
+    return ranks, (blocks.block_id[q], jnp.exp(log_ps)[q], ranks)
+
+
+def _soft_rank_theta_bwd(regularization: str, res: tuple[Array, ...], g: Array) -> tuple[Array]:
+    n = g.shape[0]
+    if regularization == "l2":
+        block_of, count = res
+        return (g - jax.ops.segment_sum(g, block_of, num_segments=n)[block_of] / count,)
+    block_of, p, ranks = res
+    h = g * ranks
+    return (h - p * jax.ops.segment_sum(h, block_of, num_segments=n)[block_of],)
+
+
+_soft_rank_theta.defvjp(_soft_rank_theta_fwd, _soft_rank_theta_bwd)
+
+
 def _rank_row(x: Array, strength: Array, regularization: str) -> Array:
-    n = x.shape[0]
-    theta = x / strength
-    rho = jnp.arange(n, 0, -1, dtype=x.dtype)
-    perm = jnp.argsort(-theta, stable=True)
-    inv = jnp.zeros((n,), perm.dtype).at[perm].set(jnp.arange(n, dtype=perm.dtype))
-    s = theta[perm]  # non-increasing
-    ranks = project_l2(s, rho) if regularization == "l2" else jnp.exp(project_kl(s, jnp.log(rho)))
-    out = ranks[inv]
+    out = _soft_rank_theta(x / strength, regularization)
     return jnp.where(jnp.any(jnp.isnan(x)), jnp.nan, out)
 
 
