@@ -244,15 +244,15 @@ def dwa(
 
     def init_fn(params):
         del params
-        ones = jnp.ones((num_tasks,), _float_dtype())
-        zero = jnp.zeros([], jnp.int32)
+        # Distinct buffers for every field, so the state can be donated to a jitted step.
+        ones = lambda: jnp.ones((num_tasks,), _float_dtype())
         return DWAState(
-            window_sum=jnp.zeros_like(ones),
-            window_count=zero,
-            last=ones,
-            before_last=ones,
-            windows=zero,
-            weights=ones,
+            window_sum=jnp.zeros((num_tasks,), _float_dtype()),
+            window_count=jnp.zeros([], jnp.int32),
+            last=ones(),
+            before_last=ones(),
+            windows=jnp.zeros([], jnp.int32),
+            weights=ones(),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -346,7 +346,7 @@ def gradnorm(
             task_weights=w,
             initial_losses=jnp.ones_like(w),
             inner_state=inner.init(w),
-            weights=w,
+            weights=jnp.ones_like(w),
             count=jnp.zeros([], jnp.int32),
         )
 

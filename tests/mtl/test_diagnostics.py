@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -73,6 +75,7 @@ def _reference(flat: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+@settings(max_examples=20)
 @given(g=task_grads())
 def test_diagnostics_match_brute_force(g):
     flat = _flat(g)
@@ -193,20 +196,30 @@ _PARAMS = {
 }
 
 
+@functools.cache
+def _grads():
+    return jax.jit(jax.jacrev(_loss_fn))(_PARAMS, _X, _Y)
+
+
+def _np_losses(params) -> np.ndarray:
+    """``_loss_fn`` in NumPy float64."""
+    z = np.tanh(_X @ np.asarray(params["trunk"], np.float64))
+    return np.mean((z @ np.asarray(params["heads"], np.float64) - _Y) ** 2, axis=0)
+
+
 def _brute_tag(params, grads, lr, shared):
-    base = np.asarray(_loss_fn(params, _X, _Y), np.float64)
+    base = _np_losses(params)
     t = base.shape[0]
     z = np.zeros((t, t))
     for i in range(t):
-        moved = {k: params[k] - lr * grads[k][i] if shared[k] else params[k] for k in params}
-        after = np.asarray(_loss_fn(moved, _X, _Y), np.float64)
-        z[i] = 1.0 - after / base
+        moved = {k: np.asarray(params[k]) - lr * np.asarray(grads[k][i]) if shared[k] else params[k] for k in params}
+        z[i] = 1.0 - _np_losses(moved) / base
     return z
 
 
 @pytest.mark.parametrize("heads_shared", [True, False])
 def test_tag_affinity_matches_brute_force(heads_shared):
-    grads = jax.jacrev(_loss_fn)(_PARAMS, _X, _Y)
+    grads = _grads()
     shared = {"trunk": True, "heads": heads_shared}
     tag = jax.jit(lambda p, g: D.tag_affinity(_loss_fn, p, g, _X, _Y, learning_rate=0.01, shared=shared))
     z = tag(_PARAMS, grads)
@@ -219,20 +232,24 @@ def test_tag_affinity_matches_brute_force(heads_shared):
 
 def test_tag_affinity_first_order_and_update_fn():
     """For a small SGD step, Z[i, j] ~ lr <g_i, g_j> / L_j (first-order Taylor expansion)."""
-    grads = jax.jacrev(_loss_fn)(_PARAMS, _X, _Y)
+    grads = _grads()
     lr = 1e-4
-    base = _loss_fn(_PARAMS, _X, _Y)
-    z = D.tag_affinity(_loss_fn, _PARAMS, grads, _X, _Y, update_fn=lambda g: jax.tree.map(lambda x: -lr * x, g))
+    base = jax.jit(_loss_fn)(_PARAMS, _X, _Y)
+    sgd = lambda g: jax.tree.map(lambda x: -lr * x, g)
+    z = jax.jit(lambda p, g: D.tag_affinity(_loss_fn, p, g, _X, _Y, update_fn=sgd))(_PARAMS, grads)
     flat = np.concatenate([np.asarray(grads[k], np.float64).reshape(3, -1) for k in ("heads", "trunk")], 1)
     first_order = lr * (flat @ flat.T) / np.asarray(base, np.float64)[None, :]
     np.testing.assert_allclose(z, first_order, rtol=2e-2, atol=1e-6)
-    z_given = D.tag_affinity(_loss_fn, _PARAMS, grads, _X, _Y, learning_rate=lr, task_losses=base)
+    z_given = jax.jit(lambda p, g, b: D.tag_affinity(_loss_fn, p, g, _X, _Y, learning_rate=lr, task_losses=b))(
+        _PARAMS, grads, base
+    )
     np.testing.assert_allclose(z_given, z, rtol=1e-5, atol=1e-7)
 
 
 def test_tag_affinity_zero_loss_and_bad_input():
-    grads = jax.jacrev(_loss_fn)(_PARAMS, _X, _Y)
-    z = D.tag_affinity(_loss_fn, _PARAMS, grads, _X, _Y, task_losses=jnp.asarray([1.0, 0.0, 1.0]))
+    grads = _grads()
+    tag = jax.jit(lambda p, g, b: D.tag_affinity(_loss_fn, p, g, _X, _Y, task_losses=b))
+    z = tag(_PARAMS, grads, jnp.asarray([1.0, 0.0, 1.0]))
     assert np.all(np.isnan(np.asarray(z)[:, 1])) and np.all(np.isfinite(np.asarray(z)[:, [0, 2]]))
     with pytest.raises(ValueError, match="structure"):
         D.tag_affinity(_loss_fn, _PARAMS, {"trunk": grads["trunk"]}, _X, _Y)
