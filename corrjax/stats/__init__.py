@@ -22,6 +22,7 @@ from corrjax.stats.moments import (
     partial_corr,
     pearsonr,
 )
+from corrjax.stats.ranks import KendallTauResult, SpearmanRResult, kendalltau, rankdata, spearmanr
 from corrjax.stats.shrinkage import ShrunkCovariance, ledoit_wolf, oas
 from corrjax.stats.similarity import (
     CKAState,
@@ -48,8 +49,10 @@ __all__ = [
     "CKAState",
     "ConfidenceInterval",
     "CovState",
+    "KendallTauResult",
     "PearsonRResult",
     "ShrunkCovariance",
+    "SpearmanRResult",
     "barlow_twins_loss",
     "cka_finalize",
     "cka_init",
@@ -68,6 +71,7 @@ __all__ = [
     "cov_update",
     "decov_loss",
     "fisher_z_ci",
+    "kendalltau",
     "ledoit_wolf",
     "linear_cka",
     "nancorrcoef",
@@ -76,9 +80,11 @@ __all__ = [
     "partial_corr",
     "pearson_loss",
     "pearsonr",
+    "rankdata",
     "rbf_cka",
     "soft_rank",
     "soft_sort",
     "spearman_loss",
+    "spearmanr",
     "vicreg_loss",
 ]

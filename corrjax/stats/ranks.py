@@ -1,0 +1,341 @@
+"""Rank statistics: ``rankdata``, Spearman's rho and Kendall's tau (tau-b, tau-c) with scipy's p-values.
+
+Conventions (see DESIGN.md): data are ``(n, d)`` with observations in rows and a 1-D ``(n,)`` input is one variable
+(its result axis is dropped); with ``y`` of shape ``(n, e)`` :func:`spearmanr` gives the ``(d, e)`` cross block.
+Ties get average ranks; ``-0.0`` ties with ``+0.0``. NaN propagates as in scipy's ``nan_policy='propagate'``.
+Ranks are piecewise constant, so gradients through these functions are zero (never NaN).
+
+The sorting machinery lives in :mod:`corrjax.stats._sorting`: XLA's CPU sort is only fast for a single primitive
+operand, so ranks come from key-only sorts of order-preserving integer keys plus a vectorised binary search, and
+stable orderings from an LSD radix sort over packed ``digit | position`` words. Kendall's tau counts discordant
+pairs exactly (integer counts; ties handled as scipy) in O(n log n) time and O(n) memory, never an n x n matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.scipy import special
+
+from corrjax._checks import as_columns, check_choice, check_same_n
+from corrjax.stats import _sorting
+
+Array = jax.Array
+AxisName = Any
+
+__all__ = ["KendallTauResult", "SpearmanRResult", "kendalltau", "rankdata", "spearmanr"]
+
+_RANK_METHODS = ("average", "min", "max", "dense", "ordinal")
+
+
+class SpearmanRResult(NamedTuple):
+    """Result of :func:`spearmanr`: Spearman's rho and its two-sided p-value (same shapes)."""
+
+    statistic: Array
+    pvalue: Array
+
+
+class KendallTauResult(NamedTuple):
+    """Result of :func:`kendalltau`: Kendall's tau and its two-sided p-value (scalars)."""
+
+    statistic: Array
+    pvalue: Array
+
+
+def _as_array(x: Any, name: str) -> Array:
+    try:
+        a = jnp.asarray(x)
+    except TypeError as e:
+        raise TypeError(f"`{name}` must be array-like, got {type(x).__name__}") from e
+    if jnp.issubdtype(a.dtype, jnp.complexfloating):
+        raise TypeError(f"`{name}` must be real, got dtype {a.dtype}")
+    return a
+
+
+def _float_dtype(*dtypes: Any) -> Any:
+    """Floating result dtype: the inputs' float dtype, at least float32 (ranks need the precision)."""
+    dt = jnp.result_type(*[d if jnp.issubdtype(d, jnp.floating) else jnp.result_type(float) for d in dtypes])
+    return jnp.promote_types(dt, jnp.float32)
+
+
+def _has_nan(a: Array, axis: int | None = None, keepdims: bool = False) -> Array:
+    if jnp.issubdtype(a.dtype, jnp.floating):
+        return jnp.any(jnp.isnan(a), axis=axis, keepdims=keepdims)
+    shape = () if axis is None else tuple(s for i, s in enumerate(a.shape) if i != axis % a.ndim)
+    if keepdims and axis is not None:
+        shape = tuple(1 if i == axis % a.ndim else s for i, s in enumerate(a.shape))
+    return jnp.zeros(shape, bool)
+
+
+def _ranks_last(keys: Array, method: str, dtype: Any) -> Array:
+    """1-based ranks of unsigned ``keys`` along the last axis, as ``dtype``."""
+    n = keys.shape[-1]
+    if method == "ordinal":
+        return (_sorting.invert_permutation(_sorting.stable_argsort(keys)) + 1).astype(dtype)
+    s, r = _sorting.min_rank(keys)
+    if method == "min":
+        return (r + 1).astype(dtype)
+    is_first = _sorting.run_starts(s)
+    if method == "dense":
+        dense = jnp.cumsum(is_first, axis=-1, dtype=jnp.int32)
+        return jnp.take_along_axis(dense, r, axis=-1, mode="promise_in_bounds").astype(dtype)
+    _, end = _sorting.runs(is_first)
+    last = jnp.take_along_axis(end, r, axis=-1, mode="promise_in_bounds")
+    if method == "max":
+        return (last + 1).astype(dtype)
+    del n
+    return ((r + last).astype(dtype) + 2) * jnp.asarray(0.5, dtype)
+
+
+def rankdata(x: Any, *, method: str = "average", axis: int | None = 0) -> Array:
+    """Ranks of ``x`` along ``axis`` (1-based), like ``scipy.stats.rankdata``.
+
+    ``method`` resolves ties: ``"average"`` (mean of the tied positions), ``"min"``, ``"max"``, ``"dense"``
+    (consecutive ranks of the distinct values) or ``"ordinal"`` (ties in order of appearance). A slice that contains
+    NaN is all NaN (scipy's ``nan_policy='propagate'``). Integer input is ranked exactly (no float promotion).
+
+    Args:
+      x: array of any rank; observations along ``axis``.
+      method: tie method (static).
+      axis: the axis to rank along (default 0, observations in rows); ``None`` ranks the flattened array.
+
+    Returns:
+      Floating ranks with the shape of ``x`` (flattened for ``axis=None``): JAX needs one static dtype and NaN must
+      be representable, so every method returns floats (float32, or float64 for float64 input); integer-valued
+      ranks are exact up to 2**24 observations in float32.
+    """
+    check_choice(method, "method", _RANK_METHODS)
+    a = _as_array(x, "x")
+    if axis is None:
+        a, axis = a.reshape(-1), 0
+    if a.ndim == 0:
+        raise ValueError(f"`x` must have at least one axis to rank along, got shape {a.shape}")
+    if not isinstance(axis, int | np.integer) or isinstance(axis, bool) or not -a.ndim <= axis < a.ndim:
+        raise ValueError(f"`axis`={axis!r} is out of range for `x` of shape {a.shape}")
+    dtype = _float_dtype(a.dtype)
+    if a.shape[axis] == 0:
+        return jnp.zeros(a.shape, dtype)
+    a_last = jnp.moveaxis(a, axis, -1)
+    ranks = _ranks_last(_sorting.order_key(a_last), method, dtype)
+    ranks = jnp.where(_has_nan(a_last, -1, keepdims=True), jnp.asarray(jnp.nan, dtype), ranks)
+    return jnp.moveaxis(ranks, -1, axis)
+
+
+def _gather_rows(a: Array, axis_name: AxisName) -> Array:
+    """All rows of ``a`` from every shard of ``axis_name``, in shard order, as a mapped-axis-invariant value.
+
+    Written as a ``psum`` of zero-padded blocks (adding zeros is exact) so that the result is invariant, i.e. valid
+    for ``out_specs=P()`` under ``shard_map``'s replication checks, which an ``all_gather`` is not.
+    """
+    if axis_name is None:
+        return a
+    if a.dtype == jnp.bool_:
+        a = a.astype(jnp.int32)
+    size = int(lax.axis_size(axis_name))
+    n = a.shape[0]
+    full = jnp.zeros((size * n, *a.shape[1:]), a.dtype)
+    full = lax.dynamic_update_slice_in_dim(full, a, lax.axis_index(axis_name) * n, axis=0)
+    return lax.psum(full, axis_name)
+
+
+def _t_pvalue(r: Array, dof: int) -> Array:
+    """Two-sided p-value of a correlation ``r`` under Student's t with ``dof >= 1`` degrees of freedom.
+
+    ``2 sf(|t|) = I_{1 - r^2}(dof/2, 1/2) = 1 - I_{r^2}(1/2, dof/2)`` with ``t = r sqrt(dof / (1 - r^2))``; the
+    second form is used for small ``r^2``, where ``1 - r^2`` would lose the digits that decide the p-value.
+    """
+    safe = jnp.where(jnp.isnan(r), jnp.zeros_like(r), r)
+    r2 = safe * safe
+    small = r2 < 0.5
+    half, a = jnp.asarray(0.5, r.dtype), jnp.asarray(dof / 2, r.dtype)
+    p_small = 1 - special.betainc(half, a, jnp.where(small, r2, 0.0))
+    p_large = special.betainc(a, half, jnp.where(small, 0.5, jnp.clip((1 - safe) * (1 + safe), 0.0, 1.0)))
+    p = jnp.where(small, p_small, p_large)
+    return jnp.where(jnp.isnan(r), jnp.asarray(jnp.nan, r.dtype), jnp.clip(p, 0.0, 1.0))
+
+
+def spearmanr(x: Any, y: Any = None, *, axis_name: AxisName = None) -> SpearmanRResult:
+    """Spearman rank correlation matrix of the columns of ``x`` (or the cross block with ``y``) and p-values.
+
+    rho is Pearson's correlation of the average ranks (ties get the mean of their positions), as
+    ``scipy.stats.spearmanr``; the centred ranks ``r - (n + 1) / 2`` are exact, so only the final products round.
+    The p-value is scipy's two-sided t-test with ``n - 2`` degrees of freedom (asymptotic; exact for no n).
+
+    Args:
+      x: ``(n, d)`` or ``(n,)``.
+      y: optional ``(n, e)`` or ``(n,)``; then the ``(d, e)`` cross block (scipy returns the full
+        ``(d + e) x (d + e)`` matrix of the concatenated columns instead).
+      axis_name: mapped axis over which the rows are sharded; the rows are all-gathered (ranks need every
+        observation) and every shard returns the global result.
+
+    Returns:
+      ``SpearmanRResult(statistic, pvalue)``, each ``(d, d)`` / ``(d, e)`` with 1-D axes dropped, rho clipped to
+      [-1, 1] with an exact unit diagonal for ``y=None``. A constant column, a column containing NaN, or
+      ``n < 2`` give NaN; ``n == 2`` gives p = NaN (t has no degrees of freedom), as scipy.
+    """
+    x2, x1 = as_columns(_as_array(x, "x"), "x")
+    y2, y1 = (None, False) if y is None else as_columns(_as_array(y, "y"), "y")
+    if y2 is not None:
+        check_same_n(x2, y2)
+    dtype = _float_dtype(x2.dtype, *([] if y2 is None else [y2.dtype]))
+    x2 = _gather_rows(x2, axis_name)
+    y2 = None if y2 is None else _gather_rows(y2, axis_name)
+    n, d = x2.shape
+    y_1d = x1 if y2 is None else y1
+    cols = x2 if y2 is None else jnp.concatenate([x2.astype(dtype), y2.astype(dtype)], axis=1)
+    if n < 2:
+        nan = jnp.full((d, d if y2 is None else y2.shape[1]), jnp.nan, dtype)
+        return SpearmanRResult(_squeeze(nan, x1, y_1d), _squeeze(nan, x1, y_1d))
+    ranks = rankdata(cols.T, method="average", axis=1).astype(dtype)  # (variables, n), NaN rows for NaN columns
+    # Centred ranks are exact (half-)integers; the power-of-two scale is exact too and keeps the products of sums of
+    # squares below float32 overflow, so sqrt(s * s) == s and identical/reversed rankings give exactly +-1.
+    scale = jnp.asarray(2.0 ** -max(1, (n - 1).bit_length()), dtype)
+    rc = (ranks - jnp.asarray((n + 1) / 2, dtype)) * scale
+    gram = jnp.matmul(rc, rc.T, precision=lax.Precision.HIGHEST)
+    gram = 0.5 * (gram + gram.T)
+    ss_ = jnp.diagonal(gram)
+    c, sxx, syy = (gram, ss_, ss_) if y2 is None else (gram[:d, d:], ss_[:d], ss_[d:])
+    den = jnp.sqrt(sxx[:, None] * syy[None, :])
+    rho = jnp.clip(c / jnp.where(den > 0, den, jnp.nan), -1.0, 1.0)
+    if y2 is None:
+        eye = jnp.eye(d, dtype=bool)
+        rho = jnp.where(eye & ~jnp.isnan(rho), jnp.ones_like(rho), rho)
+    p = jnp.full_like(rho, jnp.nan) if n == 2 else _t_pvalue(rho, n - 2)
+    return SpearmanRResult(_squeeze(rho, x1, y_1d), _squeeze(p, x1, y_1d))
+
+
+def _squeeze(r: Array, x_1d: bool, y_1d: bool) -> Array:
+    if x_1d and y_1d:
+        return r[0, 0]
+    if x_1d:
+        return r[0]
+    if y_1d:
+        return r[:, 0]
+    return r
+
+
+def _run_sizes(is_first: Array) -> Array:
+    start, end = _sorting.runs(is_first)
+    return end - start + 1
+
+
+def _kendall_exact_cdf(n: int) -> np.ndarray:
+    """P(at most k discordant pairs) for k = 0..n(n-1)/2 under independence with no ties (Mahonian numbers,
+    Kendall 1970), float64, built at trace time by the recursion that adds one element at a time."""
+    dist = np.ones(1)
+    for j in range(2, n + 1):
+        # Inserting the j-th element adds 0..j-1 inversions, each with probability 1/j.
+        csum = np.concatenate([[0.0], np.cumsum(dist)])
+        m = dist.size + j - 1
+        hi = np.minimum(np.arange(m) + 1, dist.size)
+        lo = np.maximum(np.arange(m) - j + 1, 0)
+        dist = (csum[hi] - csum[lo]) / j
+    return np.cumsum(dist)
+
+
+def kendalltau(x: Any, y: Any, *, variant: str = "b", axis_name: AxisName = None) -> KendallTauResult:
+    """Kendall's tau-b or tau-c of two 1-D samples with its two-sided p-value, like ``scipy.stats.kendalltau``.
+
+    With ``P``/``Q`` the concordant/discordant pairs, ``T``/``U`` the pairs tied in ``x``/``y`` only and ``n0 =
+    n(n-1)/2``: tau-b ``= (P - Q) / sqrt((n0 - T_x)(n0 - T_y))`` and tau-c ``= 2 (P - Q) / (n^2 (m - 1) / m)`` with
+    ``m`` the smaller number of distinct values. ``Q`` is counted exactly, never with an n x n matrix: sort by
+    ``(x, y)`` (stable radix passes), then count the strict inversions of the y-ranks with ``ceil(log2 n)`` bit
+    passes; O(n log n) time, O(n) memory.
+
+    The p-value follows scipy's ``method='auto'``: without ties and with ``n <= 33`` (or at most one discordant /
+    concordant pair) the exact null distribution of Q (Kendall 1970); otherwise the normal approximation with the
+    tie-corrected variance (Kendall & Gibbons 1990). Counts are integers; with 64-bit types disabled their sums are
+    accumulated in float32 (exact block sums, then rounded), so the statistic is float32-accurate.
+
+    Args:
+      x, y: 1-D samples of the same length ``n`` (float or integer; integers are compared exactly).
+      variant: ``"b"`` or ``"c"`` (static).
+      axis_name: mapped axis over which the samples are sharded; they are all-gathered, every shard returns the
+        global result.
+
+    Returns:
+      ``KendallTauResult(statistic, pvalue)`` (scalars, float32 or float64). NaN if either sample is constant,
+      contains NaN, or ``n < 2``.
+    """
+    check_choice(variant, "variant", ("b", "c"))
+    xa, ya = _as_array(x, "x"), _as_array(y, "y")
+    if xa.ndim != 1 or ya.ndim != 1:
+        raise ValueError(f"`x` and `y` must be 1-D samples, got x.shape={xa.shape} and y.shape={ya.shape}")
+    check_same_n(xa, ya)
+    dtype = _float_dtype(xa.dtype, ya.dtype)
+    xa, ya = _gather_rows(xa, axis_name), _gather_rows(ya, axis_name)
+    n = xa.shape[0]
+    nan = jnp.asarray(jnp.nan, dtype)
+    if n < 2:
+        return KendallTauResult(nan, nan)
+    x64 = jax.config.jax_enable_x64
+    acc = jnp.float64 if x64 else jnp.float32
+    isum = jnp.int64 if x64 else acc
+
+    kx, ky = _sorting.order_key(xa), _sorting.order_key(ya)
+    # Order by y (stable), then stably by x: the sequence is sorted by (x, y, original index).
+    py = _sorting.stable_argsort(ky)
+    sy = ky[py]
+    fy = _sorting.run_starts(sy)
+    ystart, yend = _sorting.runs(fy)
+    ymin = jnp.zeros((n,), jnp.int32).at[py].set(ystart, unique_indices=True, mode="promise_in_bounds")
+    k = jnp.arange(n, dtype=jnp.int32)
+    below = jnp.concatenate([jnp.where(fy, k, yend + 1), jnp.full((1,), n, jnp.int32)])
+    order = py[_sorting.stable_argsort(kx[py])]
+    sx, sy_x = kx[order], ky[order]
+    fx = _sorting.run_starts(sx)
+    fxy = fx | _sorting.run_starts(sy_x)
+    # Discordant pairs: strict inversions of the y min-ranks in (x, y) order (x-ties are ascending in y).
+    dis = _sorting.wide_sum(_sorting.count_inversions(ymin[order], below), 2 * n, isum).astype(acc)
+
+    cx, cy, cxy = _run_sizes(fx), yend - ystart + 1, _run_sizes(fxy)
+    # Summing a per-group quantity g(c) over elements gives sum_groups c * g(c); these are the tie statistics.
+    xtie = _sorting.wide_sum(cx - 1, n, isum).astype(acc) / 2
+    ytie = _sorting.wide_sum(cy - 1, n, isum).astype(acc) / 2
+    ntie = _sorting.wide_sum(cxy - 1, n, isum).astype(acc) / 2
+    tot = jnp.asarray(n * (n - 1) // 2, acc)
+    cmd = tot - xtie - ytie + ntie - 2 * dis
+
+    if variant == "b":
+        tau = cmd / jnp.sqrt((tot - xtie) * (tot - ytie))
+    else:
+        m = jnp.minimum(jnp.sum(fx, dtype=jnp.int32), jnp.sum(fy, dtype=jnp.int32)).astype(acc)
+        tau = 2 * cmd / (jnp.asarray(float(n) ** 2, acc) * (m - 1) / m)
+    tau = jnp.clip(tau, -1.0, 1.0)
+
+    # Normal approximation with the tie-corrected variance (scipy's formula), arranged to avoid float32 overflow.
+    cxf, cyf = cx.astype(acc), cy.astype(acc)
+    x0 = jnp.sum((cxf - 1) * (cxf - 2))
+    x1 = jnp.sum((cxf - 1) * (2 * cxf + 5))
+    y0 = jnp.sum((cyf - 1) * (cyf - 2))
+    y1 = jnp.sum((cyf - 1) * (2 * cyf + 5))
+    mm = jnp.asarray(float(n) * (n - 1), acc)
+    var = (mm * (2 * n + 5) - x1 - y1) / 18 + 2 * (xtie / mm) * ytie
+    if n > 2:
+        var = var + (x0 / (9 * mm)) * (y0 / (n - 2))
+    z = cmd / jnp.sqrt(var)
+    p = special.erfc(jnp.abs(z) / jnp.sqrt(jnp.asarray(2.0, acc)))
+
+    # scipy's exact branch: no ties and (n <= 33 or min(Q, n0 - Q) <= 1).
+    c = jnp.minimum(dis, tot - dis)
+    if n <= 33:
+        cdf = jnp.asarray(_kendall_exact_cdf(n), acc)
+        p_exact = jnp.minimum(1.0, 2 * cdf[jnp.clip(c, 0, cdf.shape[0] - 1).astype(jnp.int32)])
+        use_exact = jnp.asarray(True)
+    else:
+        p0 = 2.0 / math.factorial(n) if n < 171 else 0.0
+        p1 = 2.0 / math.factorial(n - 1) if n < 172 else 0.0
+        p_exact = jnp.where(c == 0, jnp.asarray(p0, acc), jnp.asarray(p1, acc))
+        use_exact = c <= 1
+    no_ties = (xtie == 0) & (ytie == 0)
+    p = jnp.where(no_ties & use_exact, p_exact, p)
+
+    undefined = (xtie == tot) | (ytie == tot) | _has_nan(xa) | _has_nan(ya)
+    tau = jnp.where(undefined, jnp.nan, tau).astype(dtype)
+    p = jnp.where(undefined, jnp.nan, jnp.clip(p, 0.0, 1.0)).astype(dtype)
+    return KendallTauResult(tau, p)
