@@ -33,7 +33,8 @@ class TrainerConfig:
     # Stop (with a checkpoint) after this many steps of this invocation; a later `trainer.resume=true` continues.
     stop_after: int | None = None
     max_nonfinite_in_a_row: int = 10
-    diagnostics_every: int = 0  # 0: with every log line; task-gradient cosines etc. cost one more step-sized pass
+    # Log McCandlish et al.'s gradient noise scale at every log step (one more forward/backward pass there).
+    noise_scale: bool = True
     progress: bool = True
 
 

@@ -152,13 +152,14 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     if cfg.get("regularizer") is not None and cfg.regularizer.get("fn") is not None:
         regularizer, reg_weight = instantiate(cfg.regularizer.fn), float(cfg.regularizer.weight)
     loss_fns = losses.task_loss_fns(tasks, OmegaConf.to_container(cfg.task_losses))
-    train_step, eval_step = step.jit_steps(
+    train_step, eval_step, noise_step = step.jit_steps(
         step.make_train_step(
             graphdef, tasks, loss_fns, tx, mask, regularizer=regularizer, regularizer_weight=reg_weight
         ),
         step.make_eval_step(graphdef),
         mesh,
         cfg.parallel.axis_name,
+        step.make_noise_scale_step(graphdef, tasks, loss_fns),
     )
     init = jax.jit(lambda p, r: state.create_state(p, r, tx, cfg.seed), out_shardings=rep)
     train_state = init(to_global(params, rep), to_global(rest, rep))
@@ -217,6 +218,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                 progress.update(bar, advance=1)
                 record: dict[str, Any] = {}
                 if s % tc.log_every == 0 or s == tc.max_steps:
+                    if tc.noise_scale:
+                        metrics = {**metrics, **noise_step(train_state, batch)}
                     host = jax.device_get(metrics)
                     host.pop("train/finite")
                     dt = time.perf_counter() - t_window

@@ -99,11 +99,41 @@ def make_train_step(
             metrics[f"train/{n}/loss"] = losses[i]
         if regularizer is not None:
             metrics["train/regularizer"] = reg
-        metrics["train/update_norm"] = optax.global_norm(updates)
+        metrics["train/update_norm"] = optax.tree.norm(updates)
         metrics["train/grad_cosine"] = task_cosines(grads, shared)
         return new_state, metrics
 
     return train_step
+
+
+def make_noise_scale_step(
+    graphdef: nnx.GraphDef,
+    tasks: Sequence[TaskSpec],
+    loss_fns: Mapping[str, Callable[[jax.Array, jax.Array], jax.Array]],
+) -> Callable[[TrainState, Batch], Metrics]:
+    """``(state, batch) -> metrics``: McCandlish et al.'s (2018) simple noise scale ``B_simple = tr(Sigma) / |G|^2``
+    of the summed task loss, from the two-batch estimator (:func:`corrjax.optim.noise_terms_from_two_batches`):
+    the gradients of the two halves of the batch give ``|G_{B/2}|^2`` (their mean squared norm) and, averaged,
+    ``|G_B|^2``. Costs one forward and backward pass over the batch; a single-batch estimate, so noisy."""
+    from corrjax.optim import noise_terms_from_two_batches
+
+    names = [t.name for t in tasks]
+
+    def summed(params, rest, batch):
+        outputs = merge_model(graphdef, params, rest)(batch["x"])
+        return sum(loss_fns[n](outputs[n], batch[n]) for n in names)
+
+    def noise_step(state: TrainState, batch: Batch) -> Metrics:
+        n = batch["x"].shape[0]
+        half = n // 2
+        halves = [{k: v[:half] for k, v in batch.items()}, {k: v[half : 2 * half] for k, v in batch.items()}]
+        g1, g2 = (jax.grad(summed)(state.params, state.rest, h) for h in halves)
+        small = 0.5 * (optax.tree.norm(g1, squared=True) + optax.tree.norm(g2, squared=True))
+        big = optax.tree.norm(jax.tree.map(lambda a, b: 0.5 * (a + b), g1, g2), squared=True)
+        g_sq, trace = noise_terms_from_two_batches(small, big, half, 2 * half)
+        return {"train/noise_scale": trace / g_sq, "train/grad_sq_norm": g_sq, "train/trace_cov": trace}
+
+    return noise_step
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
@@ -125,10 +155,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def jit_steps(train_step, eval_step, mesh: Mesh, axis_name: str = "data"):
-    """Jits both steps with explicit shardings: state replicated, batch split over ``axis_name``; the train step
-    donates its input state so XLA updates parameters and optimiser state in place."""
+def jit_steps(train_step, eval_step, mesh: Mesh, axis_name: str = "data", *extra_steps):
+    """Jits the steps with explicit shardings: state replicated, batch split over ``axis_name``, outputs
+    replicated; the train step donates its input state so XLA updates parameters and optimiser state in place.
+    ``extra_steps`` (``(state, batch) -> metrics`` diagnostics) are jitted like ``eval_step`` and returned after it."""
     rep, data = replicated(mesh), batch_sharding(mesh, axis_name)
     train = jax.jit(train_step, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
-    evaluate = jax.jit(eval_step, in_shardings=(rep, data), out_shardings=rep)
-    return train, evaluate
+    others = [jax.jit(f, in_shardings=(rep, data), out_shardings=rep) for f in (eval_step, *extra_steps)]
+    return (train, *others)

@@ -49,7 +49,7 @@ def subprocess_env(tmp_path):
 
 
 def test_tiny_run_outputs(compose_fn, tmp_path):
-    cfg = compose_fn([*TINY, "logger=default", "model=mmoe", "mtl=pcgrad", "optim=msvag"])
+    cfg = compose_fn([*TINY, "logger=default", "model=mmoe", "mtl=pcgrad", "optim=msvag", "regularizer=decov"])
     summary = loop.run(cfg, run_dir=tmp_path)
     assert summary["completed"] and summary["step"] == 4
     on_disk = json.loads((tmp_path / "summary.json").read_text())
@@ -60,12 +60,18 @@ def test_tiny_run_outputs(compose_fn, tmp_path):
     assert np.asarray(on_disk["eval/pred_corr"]).shape == (2, 2)
     records = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["train/regularizer"]) for r in records)
     assert "eval/loss" in records[1] and "eval/loss" not in records[0]
+    assert records[-1]["train/trace_cov"] > 0 and np.isfinite(records[-1]["train/noise_scale"])
+    assert np.asarray(on_disk["eval/gate_usage"]).shape == (2, 4)  # MMoE: 2 tasks x 4 experts
+    np.testing.assert_allclose(np.asarray(on_disk["eval/gate_usage"]).sum(1), 1.0, rtol=1e-5)
+    assert np.asarray(on_disk["eval/shared_cka_over_training"]).shape == (2, 2)  # evals at steps 2 and 4
     cos = np.asarray(records[-1]["train/grad_cosine"])
     assert cos.shape == (2, 2) and np.allclose(np.diag(cos), 1, atol=1e-5) and np.allclose(cos, cos.T)
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     pngs = {p.name for p in (tmp_path / "plots").glob("*.png")}
     assert {"train_grad_cosine.png", "eval_pred_corr.png", "eval_error_corr.png", "curve_train_loss.png"} <= pngs
+    assert {"eval_task_rep_cka.png", "eval_expert_cka.png", "eval_shared_cka_over_training.png"} <= pngs
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
 
 
@@ -80,7 +86,8 @@ def test_resume_reproduces_the_uninterrupted_run(compose_fn, tmp_path):
     b = deterministic(read_jsonl(tmp_path / "resumed" / "metrics.jsonl"))
     assert a == b  # exactly: model, optimiser (rlw's key), RNG and data position restored
     for k in full:
-        if k.startswith("eval/"):
+        # The CKA-over-training matrix covers the evaluations of one invocation (it is not checkpointed).
+        if k.startswith("eval/") and "shared_cka" not in k:
             np.testing.assert_array_equal(full[k], resumed[k], err_msg=k)
 
 
