@@ -16,7 +16,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from corrjax.mtl import _gramian
 
@@ -32,34 +31,9 @@ __all__ = [
 
 
 def _task_gramian(task_grads: Any) -> jax.Array:
-    """The ``(T, T)`` Gramian ``G_ij = <g_i, g_j>`` of the task gradients, summed over all leaves.
-
-    Accumulated in at least float32 with full-precision products (no TF32/bf16 passes on accelerators). Unlike
-    ``corrjax.mtl.task_gramian`` this asks for a replicated result when the parameter axes are sharded over an
-    explicit-sharding mesh (a plain contraction over sharded axes is rejected there as ambiguous).
-
-    Args:
-      task_grads: task-stacked gradient pytree, every leaf ``(T, ...)``.
-
-    Returns:
-      ``(T, T)`` symmetric positive semi-definite array.
-    """
+    """``(T, T)`` Gramian of the task gradients (``corrjax.mtl.task_gramian``: leaf by leaf, at least float32)."""
     _gramian.num_tasks(task_grads, "task_grads")
-
-    def one(g):
-        g = g.astype(jnp.promote_types(g.dtype, jnp.float32))
-        sharding = jax.typeof(g).sharding
-        # Under an explicit-sharding mesh the contraction runs over sharded parameter axes: ask for a replicated
-        # (T, T) result rather than leaving the output sharding ambiguous.
-        kw = (
-            {}
-            if getattr(sharding, "mesh", None) is None or sharding.mesh.empty
-            else {"out_sharding": sharding.update(spec=P())}
-        )
-        return jnp.einsum("i...,j...->ij", g, g, precision=jax.lax.Precision.HIGHEST, **kw)
-
-    grams = [one(g) for g in jax.tree.leaves(task_grads)]
-    return sum(grams[1:], grams[0])
+    return _gramian.gramian(task_grads)
 
 
 def _cosine_from_gramian(gram: jax.Array) -> jax.Array:

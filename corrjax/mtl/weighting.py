@@ -17,9 +17,11 @@ logging. The task count ``num_tasks`` is static (pass it in ``static_args`` of `
 
 Non-finite losses or gradients are not hidden: they make the weights (and with learned weightings, the state) NaN.
 
-``optax.MultiSteps`` accumulates gradients but passes only the last mini-step's ``task_losses``; DWA, GradNorm and
-FAMO then see one loss vector per accumulated step, which is what they are defined on when the mini-step losses are
-averaged by the caller (pass the mean of the mini-step losses yourself if that matters).
+As for the aggregators, put a weighting outside ``optax.MultiSteps`` (whose accumulator has the shape of the
+parameters, not of task-stacked gradients): ``optax.chain(dwa(T), optax.MultiSteps(opt, k).gradient_transformation())``.
+The weighting then runs at every mini-step with that mini-step's losses, and learned weights advance every mini-step.
+With ``shared_only(weighting, mask)`` only the shared leaves are reweighted; head leaves pass through with their own
+task's (unweighted) gradient.
 """
 
 from __future__ import annotations

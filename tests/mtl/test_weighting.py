@@ -454,3 +454,23 @@ def test_dwa_period_validation():
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="period"):
             W.dwa(T, period=bad)
+
+
+def test_outside_multisteps_accumulates_the_weighted_gradients():
+    """Documented composition: the weighting runs per mini-step, MultiSteps averages its outputs over k mini-steps."""
+    tx = optax.chain(
+        W.geometric_mean(T), optax.MultiSteps(optax.sgd(1.0), every_k_schedule=2).gradient_transformation()
+    )
+    params = _params()
+    state = tx.init(params)
+    rng = np.random.default_rng(13)
+    grads = [_stacked(rng) for _ in range(2)]
+    losses = [np.array([1.0, 2.0, 4.0]), np.array([0.5, 0.5, 2.0])]
+    upd = jax.jit(lambda g, s, lo: tx.update(g, s, params, task_losses=lo))
+    out0, state = upd(grads[0], state, jnp.asarray(losses[0]))
+    out1, state = upd(grads[1], state, jnp.asarray(losses[1]))
+    assert all(np.all(np.asarray(v) == 0) for v in out0.values())  # nothing applied before k mini-steps
+    gm = [np.exp(np.mean(np.log(lo))) / (T * lo) for lo in losses]
+    for k in SHAPES:
+        ref = -0.5 * (_combine_ref(gm[0], grads[0])[k] + _combine_ref(gm[1], grads[1])[k])
+        np.testing.assert_allclose(out1[k], ref, rtol=1e-5, atol=1e-6)
