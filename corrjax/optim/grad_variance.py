@@ -63,15 +63,13 @@ def rho(beta: chex.Numeric, count: chex.Numeric) -> chex.Array:
     return jnp.minimum(r, RHO_CAP)
 
 
-def _safe_ratio(num: chex.Array, den: chex.Array) -> chex.Array:
-    """``num / den`` with 0 where ``den == 0`` (the 0/0 case of the variance factor); gradient-safe."""
-    pos = den > 0
-    return jnp.where(pos, num / jnp.where(pos, den, 1), 0)
-
-
 def _compute_dtype(dtype: Any) -> Any:
     """bf16/f16 are computed in float32 (``v - m^2`` cancels badly in 8 mantissa bits); f32/f64 stay."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def _is_static(x: Any, value: float) -> bool:
+    return isinstance(x, int | float) and float(x) == value
 
 
 def _check_clip(clip: Any) -> tuple[Any, Any]:
@@ -170,9 +168,14 @@ def scale_by_grad_variance(
         del params, extra_args
         count = optax.safe_increment(state.count)
         r = rho(b1, count)
+        fdt = r.dtype
+        k1 = 1 / (1 - jnp.asarray(b1, fdt) ** count.astype(fdt))  # bias corrections as scalar multipliers
+        k2 = 1 / (1 - jnp.asarray(decay2, fdt) ** count.astype(fdt))
+        # Scalar factor turning max(v_hat - m_hat^2, 0) into s (inv_std, svag) or rho_t * s (msvag). At t = 1,
+        # v_hat - m_hat^2 = g^2 - g^2 = 0 exactly; computed, it is rounding amplified 1000-fold by the cap, so the
+        # factor is 0 there.
         first = count == 1
-        beta_t1 = 1 - jnp.asarray(b1, r.dtype) ** count.astype(r.dtype)
-        beta_t2 = 1 - jnp.asarray(decay2, r.dtype) ** count.astype(r.dtype)
+        s_factor = jnp.where(first, 0, (r if rule == "msvag" else 1) / (1 - r))
 
         def leaf(g: chex.Array, m: chex.Array, v: chex.Array) -> tuple[chex.Array, chex.Array, chex.Array]:
             cdt = _compute_dtype(jnp.promote_types(g.dtype, m.dtype))
@@ -180,17 +183,17 @@ def scale_by_grad_variance(
             c1, c2 = jnp.asarray(b1, cdt), jnp.asarray(decay2, cdt)
             m_new = c1 * mc + (1 - c1) * gc
             v_new = c2 * vc + (1 - c2) * gc * gc
-            m_hat = m_new / beta_t1.astype(cdt)
-            v_hat = v_new / beta_t2.astype(cdt)
-            rc = r.astype(cdt)
+            m_hat = m_new * k1.astype(cdt)
             m2 = m_hat * m_hat
-            # At t = 1, v_hat - m_hat^2 = g^2 - g^2 = 0 exactly; computed, it is rounding amplified by 1/(1 - 0.999).
-            s = jnp.where(first, 0, jnp.maximum(v_hat - m2, 0) / (1 - rc))
+            excess = jnp.maximum(v_new * k2.astype(cdt) - m2, 0)  # (1 - rho_t) s
             if rule == "inv_std":
-                u = m_hat / (jnp.sqrt(s) + jnp.asarray(eps, cdt))
+                u = m_hat / (jnp.sqrt(excess) * jnp.sqrt(s_factor).astype(cdt) + jnp.asarray(eps, cdt))
             else:
-                den = m2 + rc * s if rule == "msvag" else m2 + s
-                gamma = jnp.clip(_safe_ratio(m2, den), jnp.asarray(low, cdt), jnp.asarray(high, cdt))
+                den = m2 + excess * s_factor.astype(cdt)  # m_hat^2 + rho_t s  or  m_hat^2 + s
+                # den >= m2 >= 0, so den == 0 only when m2 == 0: max(den, tiny) turns that 0/0 into 0.
+                gamma = m2 / jnp.maximum(den, jnp.finfo(cdt).tiny)
+                if not (_is_static(low, 0.0) and _is_static(high, 1.0)):  # gamma is in [0, 1] already
+                    gamma = jnp.clip(gamma, jnp.asarray(low, cdt), jnp.asarray(high, cdt))
                 u = gamma * (m_hat if rule == "msvag" else gc)
             return u.astype(g.dtype), m_new.astype(m.dtype), v_new.astype(v.dtype)
 
@@ -230,20 +233,24 @@ def _scale_by_batch_variance(*, rule: str, eps: Any, low: Any, high: Any) -> opt
                 f"got {jax.tree.structure(ssd)} vs {jax.tree.structure(updates)}"
             )
 
+        nf = jnp.asarray(n, jnp.float32)
+        # 1 / ((n - 1) n) turns sum_sq_diff into the variance of the mean; undefined (NaN) for n < 2.
+        inv = jnp.where(nf >= 2, 1 / jnp.maximum((nf - 1) * nf, 1), jnp.nan)
+
         def leaf(g: chex.Array, q: chex.Array) -> chex.Array:
             if g.shape != q.shape:
                 raise ValueError(f"`sum_sq_diff_grads` leaf shape {q.shape} differs from the update's {g.shape}")
             cdt = _compute_dtype(g.dtype)
             gc = g.astype(cdt)
-            nc = jnp.asarray(n, cdt)
-            v = q.astype(cdt) / ((nc - 1) * nc)
+            v = q.astype(cdt) * inv.astype(cdt)
             if rule == "inv_std":
                 u = gc / (jnp.sqrt(v) + jnp.asarray(eps, cdt))
             else:
                 signal = jnp.maximum(gc * gc - v, 0)
-                gamma = _safe_ratio(signal, signal + v)
-                gamma = jnp.where(jnp.isnan(v), jnp.nan, gamma)  # keep n < 2 visible (0/0 in v)
-                u = jnp.clip(gamma, jnp.asarray(low, cdt), jnp.asarray(high, cdt)) * gc
+                gamma = signal / jnp.maximum(signal + v, jnp.finfo(cdt).tiny)  # 0/0 -> 0; NaN stays NaN
+                if not (_is_static(low, 0.0) and _is_static(high, 1.0)):
+                    gamma = jnp.clip(gamma, jnp.asarray(low, cdt), jnp.asarray(high, cdt))
+                u = gamma * gc
             return u.astype(g.dtype)
 
         new_updates = jax.tree.map(leaf, updates, ssd)

@@ -177,18 +177,23 @@ def test_chain_accepts_extra_args_and_aliases():
     ):
         assert isinstance(tx, optax.GradientTransformationExtraArgs)
         s = tx.init(_params())
-        u, s = tx.update(_grads(0), s, _params(), task_losses=jnp.ones(3), unknown=1)
+        u, s = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p, task_losses=jnp.ones(3), unknown=1))(
+            _grads(0), s, _params()
+        )
         chex.assert_trees_all_equal_shapes_and_dtypes(u, _params())
     # msvag alias == chain(scale_by_grad_variance, -lr)
     a, b = co.msvag(0.1), co.scale_by_grad_variance()
     sa, sb = a.init(_params()), b.init(_params())
+    step_a, step_b = jax.jit(a.update), jax.jit(b.update)
     for t in range(3):
-        ua, sa = a.update(_grads(t), sa)
-        ub, sb = b.update(_grads(t), sb)
+        ua, sa = step_a(_grads(t), sa)
+        ub, sb = step_b(_grads(t), sb)
     chex.assert_trees_all_close(ua, jax.tree.map(lambda x: -0.1 * x, ub), rtol=1e-6)
     sc = co.msvag(0.1, source="batch")
     g = _grads(1)
-    u, _ = sc.update(g, sc.init(g), sum_sq_diff_grads=jax.tree.map(jnp.zeros_like, g), sample_size=4)
+    u, _ = jax.jit(lambda g, s: sc.update(g, s, sum_sq_diff_grads=jax.tree.map(jnp.zeros_like, g), sample_size=4))(
+        g, sc.init(g)
+    )
     chex.assert_trees_all_close(u, jax.tree.map(lambda x: -0.1 * x, g), rtol=1e-6)
 
 

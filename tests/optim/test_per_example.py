@@ -30,14 +30,12 @@ class MLP(nnx.Module):
 class CNN(nnx.Module):
     def __init__(self, *, rngs):
         self.c1 = nnx.Conv(2, 4, (3, 3), rngs=rngs)
-        self.c2 = nnx.Conv(4, 4, (3, 3), strides=2, padding="VALID", rngs=rngs)
-        self.c3 = nnx.Conv(4, 4, (2, 2), feature_group_count=2, use_bias=False, rngs=rngs)
+        self.c2 = nnx.Conv(4, 4, (3, 3), strides=2, padding="VALID", feature_group_count=2, use_bias=False, rngs=rngs)
         self.head = nnx.Linear(4 * 3 * 3, 3, rngs=rngs)
 
     def __call__(self, x):
         h = nnx.relu(self.c1(x))
-        h = nnx.relu(self.c2(h))
-        h = self.c3(h)
+        h = self.c2(h)
         return self.head(h.reshape(*h.shape[:-3], -1))
 
 
@@ -76,8 +74,13 @@ def _setup(model_cls, seed=0):
     return params, loss
 
 
+@functools.cache
+def _per_example_grads(loss):
+    return jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0, 0)))
+
+
 def _reference(loss, params, x, y):
-    per = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, x, y)
+    per = _per_example_grads(loss)(params, x, y)
     per = jax.tree.map(lambda g: np.asarray(g, np.float64), per)
     return jax.tree.map(lambda g: g.mean(0), per), jax.tree.map(lambda g: ((g - g.mean(0)) ** 2).sum(0), per)
 
@@ -102,7 +105,7 @@ MODELS = {"mlp": MLP, "cnn": CNN, "seq": Seq, "tied": Tied}
 INPUTS = {"mlp": (6,), "cnn": (8, 8, 2), "seq": (4, 3), "tied": (4,)}
 FAST = {
     "mlp": {"l1": True, "l2": True, "out": True},
-    "cnn": {"c1": True, "c2": True, "c3": True, "head": True},
+    "cnn": {"c1": True, "c2": True, "head": True},
     "seq": {"l": True, "out": True},
     "tied": {"l": False, "out": False},
 }
@@ -120,11 +123,12 @@ def test_fast_path_mask(model_name):
 
 
 CASES = [
-    *[(m, "fast", 4) for m in sorted(MODELS)],  # two scanned microbatches and a remainder of 2
-    ("mlp", "fast", None),
-    ("cnn", "fast", None),
-    ("mlp", "vmap", 4),
-    ("cnn", "vmap", None),
+    ("mlp", "fast", 4),  # two scanned microbatches and a remainder of 2
+    ("cnn", "fast", 4),
+    ("seq", "fast", None),
+    ("tied", "fast", None),
+    ("mlp", "vmap", None),
+    ("cnn", "vmap", 4),
 ]
 
 
