@@ -33,11 +33,26 @@ def psum(x: Any, axis_name: AxisName) -> Any:
     return x if axis_name is None else lax.psum(x, axis_name)
 
 
+def _names(axis_name: AxisName) -> tuple:
+    return tuple(axis_name) if isinstance(axis_name, tuple | list) else (axis_name,)
+
+
 def axis_size(axis_name: AxisName) -> int:
-    """Static number of shards along ``axis_name`` (1 when ``None``)."""
+    """Static number of shards along ``axis_name`` (a name or a tuple of names; 1 when ``None``)."""
     if axis_name is None:
         return 1
-    return int(lax.axis_size(axis_name))
+    count = 1
+    for name in _names(axis_name):
+        count *= int(lax.axis_size(name))
+    return count
+
+
+def linear_index(axis_name: AxisName) -> Array:
+    """This shard's row-major position along ``axis_name`` (a name or a tuple of names)."""
+    idx = jnp.asarray(0, jnp.int32)
+    for name in _names(axis_name):
+        idx = idx * lax.axis_size(name) + lax.axis_index(name)
+    return idx
 
 
 def global_n(n_local: int, axis_name: AxisName) -> int:
@@ -46,11 +61,7 @@ def global_n(n_local: int, axis_name: AxisName) -> int:
 
 
 def _is_first_shard(axis_name: AxisName) -> Array:
-    names = axis_name if isinstance(axis_name, tuple | list) else (axis_name,)
-    first = jnp.asarray(True)
-    for name in names:
-        first = first & (lax.axis_index(name) == 0)
-    return first
+    return linear_index(axis_name) == 0
 
 
 def reference_row(x: Array, axis_name: AxisName) -> Array:

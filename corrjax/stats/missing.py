@@ -8,8 +8,8 @@ set to 0,
     Sxy  = X0^T Y0          Sxx = (X0^2)^T M       Syy = M^T Y0^2
 
 and the pairwise-centred sums follow as ``Sxy - Sx Sy / N`` (and ``Sxx - Sx^2 / N``). The shift is, per column, the
-observed value nearest the column mean, so the sums are of deviations of size ~spread (no float32 cancellation
-when the mean is far larger than the spread, and integer-valued data stay exact).
+observed value near the column's centre (see ``_shift``), so the sums are of deviations of size ~spread (no float32
+cancellation when the mean is far larger than the spread, and integer-valued data stay exact).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from corrjax._checks import as_columns, check_ddof, check_same_n
-from corrjax.stats._centered import PRECISION, AxisName, psum, squeeze_1d
+from corrjax.stats._centered import PRECISION, AxisName, axis_size, linear_index, psum, squeeze_1d
 
 Array = jax.Array
 
@@ -36,19 +36,34 @@ def _check_min_periods(min_periods: Any) -> int:
     return max(min_periods, 1)
 
 
+_HEAD_ROWS = 512
+
+
 def _shift(x: Array, mask: Array, axis_name: AxisName) -> Array:
-    """Per column: the observed value nearest the observed mean (global over ``axis_name``); 0 if none."""
-    xz = jnp.where(mask, x, jnp.zeros_like(x))
-    count = psum(jnp.sum(mask, axis=0, dtype=x.dtype), axis_name)
-    mean = psum(jnp.sum(xz, axis=0), axis_name) / jnp.where(count > 0, count, 1.0)
-    dist = jnp.where(mask, jnp.abs(x - mean), jnp.inf)
-    idx = jnp.argmin(dist, axis=0)
-    best = jnp.take_along_axis(dist, idx[None], axis=0)[0]
-    value = jnp.take_along_axis(xz, idx[None], axis=0)[0]
+    """Per column, an observed value near the column's centre, the same on every shard (0 for an empty column).
+
+    Preferably the observed value nearest the mean of the first ``_HEAD_ROWS`` rows (cheap, and robust to a leading
+    outlier); for a column with nothing observed there, its first observed value. Being an actual data value keeps
+    integer-valued data exact after the shift.
+    """
+    if x.shape[0] == 0:
+        return jnp.zeros(x.shape[1:], x.dtype)
+    head, hmask = x[:_HEAD_ROWS], mask[:_HEAD_ROWS]
+    hz = jnp.where(hmask, head, jnp.zeros_like(head))
+    hcount = jnp.sum(hmask, axis=0, dtype=x.dtype)
+    hmean = jnp.sum(hz, axis=0) / jnp.where(hcount > 0, hcount, 1.0)
+    near = jnp.argmin(jnp.where(hmask, jnp.abs(head - hmean), jnp.inf), axis=0)
+    head_value = jnp.take_along_axis(hz, near[None], axis=0)[0]
+    first = jnp.argmax(mask, axis=0)  # first observed row (0 if none)
+    first_value = jnp.take_along_axis(x, first[None], axis=0)[0]
+    any_obs = jnp.take_along_axis(mask, first[None], axis=0)[0]
+    value = jnp.where(hcount > 0, head_value, jnp.where(any_obs, first_value, jnp.zeros_like(first_value)))
     if axis_name is not None:
-        gbest = lax.pmin(best, axis_name)
-        value = lax.pmin(jnp.where(best == gbest, value, jnp.inf), axis_name)
-    value = jnp.where(jnp.isfinite(value), value, jnp.zeros_like(value))
+        # prefer a head value, then any observed value, then the lowest shard index
+        quality = jnp.where(hcount > 0, 0, jnp.where(any_obs, 1, 2)).astype(jnp.int32)
+        key = quality * axis_size(axis_name) + linear_index(axis_name)
+        chosen = key == lax.pmin(key, axis_name)
+        value = lax.psum(jnp.where(chosen, value, jnp.zeros_like(value)), axis_name)
     return lax.stop_gradient(value)
 
 

@@ -20,7 +20,7 @@ from flax import struct
 from jax import lax
 
 from corrjax._checks import as_columns, as_float_array, check_ddof, check_same_n
-from corrjax.stats._centered import PRECISION, AxisName, gram, normalize_comoment
+from corrjax.stats._centered import PRECISION, AxisName, gram, linear_index, normalize_comoment
 
 Array = jax.Array
 
@@ -186,14 +186,6 @@ def cov_merge(a: CovState, b: CovState) -> CovState:
     return CovState(w, sx, mx, sy, my, comoment, m2_x, m2_y, cross=a.cross)
 
 
-def _linear_index(axis_name: AxisName) -> Array:
-    names = axis_name if isinstance(axis_name, tuple | list) else (axis_name,)
-    idx = jnp.asarray(0, jnp.int32)
-    for name in names:
-        idx = idx * lax.axis_size(name) + lax.axis_index(name)
-    return idx
-
-
 def cov_allreduce(state: CovState, axis_name: AxisName) -> CovState:
     """Merges the per-shard states along a mapped axis (``shard_map``/``pmap``); every shard gets the total.
 
@@ -203,7 +195,7 @@ def cov_allreduce(state: CovState, axis_name: AxisName) -> CovState:
     """
     w = lax.psum(state.weight, axis_name)
     safe_w = jnp.where(w > 0, w, jnp.ones_like(w))
-    idx = _linear_index(axis_name)
+    idx = linear_index(axis_name)
     big = jnp.iinfo(jnp.int32).max
     lead = lax.pmin(jnp.where(state.weight > 0, idx, big), axis_name)
     mine = idx == lead

@@ -127,3 +127,15 @@ def test_grad_and_vmap():
         np.testing.assert_allclose(batched[b], pd.DataFrame(x[b].astype(np.float64)).corr().to_numpy(), atol=1e-5)
     g = jax.jit(jax.grad(lambda a: jnp.nansum(cs.nancorrcoef(a) ** 2)))(x[0])
     assert np.all(np.isfinite(g[np.isfinite(x[0])]))
+
+
+def test_shift_falls_back_when_a_column_starts_missing():
+    """A column with nothing observed in the first rows (a late-starting series) and a large offset, float32."""
+    rng = np.random.default_rng(4)
+    x = (1e4 + rng.standard_normal((1500, 3)) @ rng.standard_normal((3, 3))).astype(np.float32)
+    x[:700, 0] = np.nan
+    x[0, 1] = 1e4 + 40.0  # a leading outlier must not be the shift either
+    ref = pd.DataFrame(x.astype(np.float64)).corr().to_numpy()
+    np.testing.assert_allclose(_nancorr(x), ref, atol=3e-5)
+    ref_c = pd.DataFrame(x.astype(np.float64)).cov().to_numpy()
+    np.testing.assert_allclose(_nancov(x), ref_c, rtol=3e-5, atol=3e-5 * np.abs(ref_c).max())
