@@ -73,28 +73,32 @@ def to_global(tree: Any, sharding: jax.sharding.Sharding) -> Any:
 
 
 class _Interrupt:
-    """SIGINT sets a flag the loop checks after each step; a second Ctrl-C interrupts at once."""
+    """SIGINT (Ctrl-C) or SIGTERM (e.g. SLURM preemption) sets a flag the loop checks after each step, so the
+    step finishes, a checkpoint is saved and the run exits; a second Ctrl-C interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _Interrupt:
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread
-            self._previous = None
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave the handlers alone
+                break
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("interrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+        log.warning("signal %d: finishing this step and saving a checkpoint (Ctrl-C again to abort)", signum)
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def _progress(enabled: bool):

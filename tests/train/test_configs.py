@@ -133,3 +133,22 @@ def test_unknown_option_lists_valid_ones(compose_fn, group):
         compose_fn([f"{group}=nope"])
     text = str(e.value)
     assert "nope" in text and all(opt in text for opt in options(group)[:3])
+
+
+def test_distributed_autodetect(monkeypatch):
+    from types import SimpleNamespace
+
+    from corrjax.train import distributed
+
+    for var in ("SLURM_JOB_ID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    assert not distributed.slurm_multiprocess()
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert not distributed.slurm_multiprocess()
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert distributed.slurm_multiprocess()
+    # Explicitly disabled wins over SLURM's environment; nothing is initialised.
+    off = SimpleNamespace(enabled=False)
+    assert distributed.maybe_initialize(off) is False
+    assert distributed.broadcast_str("/some/run/dir") == "/some/run/dir"  # one process: identity
