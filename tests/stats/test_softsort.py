@@ -80,15 +80,21 @@ _iso_l2 = jax.jit(jax.vmap(isotonic_l2))
 _iso_kl = jax.jit(jax.vmap(isotonic_kl))
 
 
-# The strength is a traced argument here, so these also check that it may be an array (for schedules).
+# The strength is a traced argument here, so these also check that it may be an array (for schedules). Ranks and
+# sorts share one compiled function per regularisation and dtype (compilation dominates these tests' time).
 @functools.partial(jax.jit, static_argnames=("reg",))
+def _both(x, eps, reg):
+    return soft_rank(x, regularization_strength=eps, regularization=reg), soft_sort(
+        x, regularization_strength=eps, regularization=reg
+    )
+
+
 def _rank(x, eps, reg):
-    return soft_rank(x, regularization_strength=eps, regularization=reg)
+    return _both(x, eps, reg)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("reg",))
 def _sort(x, eps, reg):
-    return soft_sort(x, regularization_strength=eps, regularization=reg)
+    return _both(x, eps, reg)[1]
 
 
 # Values on a coarse grid give ties and, at these strengths, many pooled blocks.
@@ -113,8 +119,7 @@ def test_isotonic_matches_bruteforce(y, w):
 @given(x=batches, eps=strengths, reg=regs)
 def test_soft_rank_and_sort_match_reference(x, eps, reg):
     with jax.enable_x64(True):
-        ranks = np.asarray(_rank(jnp.asarray(x), eps, reg))
-        sort = np.asarray(_sort(jnp.asarray(x), eps, reg))
+        ranks, sort = map(np.asarray, _both(jnp.asarray(x), eps, reg))
     for b in range(x.shape[0]):
         np.testing.assert_allclose(ranks[b], soft_rank_ref(x[b], eps, reg), rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(sort[b], soft_sort_ref(x[b], eps, reg), rtol=1e-10, atol=1e-10)
@@ -165,13 +170,18 @@ def test_large_strength_gives_near_constant(reg):
 
 
 @pytest.mark.parametrize("reg", ["l2", "kl"])
-@pytest.mark.parametrize("fn", [_rank, _sort])
-def test_gradients_match_finite_differences(fn, reg):
+def test_gradients_match_finite_differences(reg):
     with jax.enable_x64(True):
-        x = jnp.asarray(np.random.default_rng(3).normal(size=(3, N)))
-        # A weighted sum touches every output, so the check sees the whole Jacobian, pooled blocks included.
-        w = jnp.asarray(np.random.default_rng(4).normal(size=(3, N)))
-        loss = lambda x: jnp.sum(w * fn(x, 0.5, reg))
+        rng = np.random.default_rng(3)
+        x = jnp.asarray(rng.normal(size=(3, N)))
+        # Random weights on every output of both functions: the check sees both whole Jacobians, pooled blocks
+        # included (a wrong rank gradient cannot be cancelled by the sort's: the weights are generic).
+        w_rank, w_sort = jnp.asarray(rng.normal(size=(2, 3, N)))
+
+        def loss(x):
+            rank, sort = _both(x, 0.5, reg)
+            return jnp.sum(w_rank * rank) + jnp.sum(w_sort * sort)
+
         g = np.asarray(jax.jit(jax.grad(loss))(x))
         fd = np.zeros(x.shape)
         for idx in np.ndindex(x.shape):
@@ -179,9 +189,8 @@ def test_gradients_match_finite_differences(fn, reg):
             dx[idx] = 1e-6
             fd[idx] = (loss(x + dx) - loss(x - dx)) / 2e-6
     np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-7)
-    # The point is generic: pooling happened, so the Jacobian is not the identity (l2 ranks: rows sum to zero).
-    if fn is _rank and reg == "l2":
-        np.testing.assert_allclose(g.sum(1), 0, atol=1e-9)
+    if reg == "l2":  # shift equivariance: rank(x + c) = rank(x), sort(x + c) = sort(x) + c
+        np.testing.assert_allclose(g.sum(1), np.asarray(w_sort).sum(1), rtol=1e-9, atol=1e-9)
 
 
 def test_axis_vmap_and_nested_vmap_agree():
@@ -213,8 +222,7 @@ def test_translation_invariance_float32_large_offset():
 def test_nan_row_propagates_only_in_its_row():
     x = np.random.default_rng(6).normal(size=(2, N)).astype(np.float32)
     x[0, 3] = np.nan
-    for fn in (_rank, _sort):
-        out = np.asarray(fn(jnp.asarray(x), 1.0, "l2"))
+    for out in map(np.asarray, _both(jnp.asarray(x), 1.0, "l2")):
         assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()
 
 
