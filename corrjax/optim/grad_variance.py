@@ -199,6 +199,8 @@ def scale_by_grad_variance(
 
         out = jax.tree.map(leaf, updates, state.mu, state.nu)
         treedef = jax.tree.structure(updates)
+        if treedef.num_leaves == 0:
+            return updates, ScaleByGradVarianceState(count=count, mu=state.mu, nu=state.nu)
         new_updates, mu, nu = (jax.tree.unflatten(treedef, xs) for xs in zip(*treedef.flatten_up_to(out), strict=True))
         return new_updates, ScaleByGradVarianceState(count=count, mu=mu, nu=nu)
 

@@ -95,7 +95,7 @@ def _standard_dense(lhs: Any, rhs: Any, args: tuple[Any, ...], kwargs: dict[str,
 
 
 _STATE = threading.local()
-_PATCH_LOCK = threading.Lock()
+_PATCH_LOCK = threading.RLock()  # re-entrant: a loss may itself call per_example_moments
 
 
 def _active_tap() -> _Tap | None:
@@ -125,6 +125,7 @@ def _make_call(orig: Callable[..., Any], attr: str, kind: str, ok: Callable[[Any
         finally:
             object.__setattr__(self, attr, fn)
 
+    call._corrjax_original = orig  # type: ignore[attr-defined]
     return call
 
 
@@ -138,13 +139,15 @@ def _intercept(tap: _Tap) -> Iterator[_Tap]:
         return
     with _PATCH_LOCK:
         saved = (nnx.Linear.__call__, nnx.Conv.__call__)
-        nnx.Linear.__call__ = _make_call(saved[0], "dot_general", "dense", _dense_ok)
-        nnx.Conv.__call__ = _make_call(saved[1], "conv_general_dilated", "conv", _conv_ok)
-        _STATE.tap = tap
+        # When nested, wrap the true originals (never our own wrapper) so a call is tapped once.
+        base = [getattr(f, "_corrjax_original", f) for f in saved]
+        nnx.Linear.__call__ = _make_call(base[0], "dot_general", "dense", _dense_ok)
+        nnx.Conv.__call__ = _make_call(base[1], "conv_general_dilated", "conv", _conv_ok)
+        previous, _STATE.tap = _active_tap(), tap
         try:
             yield tap
         finally:
-            _STATE.tap = None
+            _STATE.tap = previous
             nnx.Linear.__call__, nnx.Conv.__call__ = saved
 
 
