@@ -180,7 +180,7 @@ def soft_sort(
     Args:
       x: array of any shape with at least one axis; integer input is promoted to float.
       regularization_strength: ``ε > 0``. Small ``ε``: ``jnp.sort(x)``; large ``ε`` (l2): every entry tends to the
-        row mean (kl: to ``log(mean(exp(x)))``).
+        row mean (kl: to ``-log(mean(exp(-x)))``).
       regularization: ``"l2"`` or ``"kl"``.
       axis: the axis to sort along; every other axis is a batch axis.
 
