@@ -59,10 +59,19 @@ def gramian(task_grads: Any) -> Array:
     g = jnp.zeros((t, t), dtype)
     for leaf in leaves:
         x = leaf.astype(dtype)
-        axes = tuple(range(1, x.ndim))
-        g = g + jax.lax.dot_general(
-            x, x, ((axes, axes), ((), ())), precision=jax.lax.Precision.HIGHEST, out_sharding=_replicated(x)
-        )
+        out_sharding = _replicated(x)
+        if out_sharding is None:
+            # (T, p) @ (p, T): XLA:CPU/GPU pick a GEMM directly; measured ~2x faster than contracting the
+            # multi-axis leaf in place, which makes XLA materialise a transposed copy.
+            mat = jnp.reshape(x, (t, -1))
+            g = g + jnp.matmul(mat, mat.T, precision=jax.lax.Precision.HIGHEST)
+        else:
+            # Sharded leaves: contract every non-task axis in place (a reshape could merge a sharded axis) and ask
+            # for a replicated result, which explicit-sharding meshes require for sharded contractions.
+            axes = tuple(range(1, x.ndim))
+            g = g + jax.lax.dot_general(
+                x, x, ((axes, axes), ((), ())), precision=jax.lax.Precision.HIGHEST, out_sharding=out_sharding
+            )
     return g
 
 

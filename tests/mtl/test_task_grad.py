@@ -144,3 +144,33 @@ def test_sharded_batch_on_mesh(mesh8):
     _, g = _vtg(pr, xs, ys)
     _, g_ref = _vtg(p, x, y)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g, g_ref)
+
+
+def test_flax_nnx_state_with_shared_mask():
+    """nnx.split params + a bool mask of the same State structure (as corrjax.models.shared_mask returns)."""
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.trunk = nnx.Linear(4, 8, rngs=rngs)
+            self.heads = nnx.List([nnx.Linear(8, 1, rngs=rngs) for _ in range(3)])
+
+        def __call__(self, x):
+            z = jnp.tanh(self.trunk(x))
+            return jnp.concatenate([h(z) for h in self.heads], axis=1)
+
+    graphdef, params = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
+    mask = jax.tree_util.tree_map_with_path(lambda path, _: "trunk" in str(path[0]), params)
+    x = jax.random.normal(jax.random.key(0), (5, 4))
+    y = jax.random.normal(jax.random.key(1), (5, 3))
+
+    def losses(p, x, y):
+        return jnp.mean((nnx.merge(graphdef, p)(x) - y) ** 2, axis=0)
+
+    _, g = jax.jit(mtl.value_and_task_grad(losses, shared=mask))(params, x, y)
+    ref = jax.jit(jax.jacrev(losses))(params, x, y)
+    np.testing.assert_allclose(g["trunk"]["kernel"][...], ref["trunk"]["kernel"][...], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(g["heads"][1]["kernel"][...], ref["heads"][1]["kernel"][...][1], rtol=1e-4, atol=1e-6)
+    tx = optax.chain(mtl.shared_only(mtl.upgrad(), mask), optax.sgd(1.0))
+    upd, _ = jax.jit(tx.update)(g, tx.init(params), params)
+    assert upd["trunk"]["kernel"][...].shape == (4, 8) and upd["heads"][0]["kernel"][...].shape == (8, 1)
