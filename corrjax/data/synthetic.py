@@ -17,6 +17,7 @@ Everything is pure JAX and seeded: the same seed gives the same problem and the 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -85,15 +86,20 @@ def make_problem(
     r = correlation_matrix(correlation, num_tasks)
     if num_features < num_tasks:
         raise ValueError(f"`num_features`={num_features} must be >= `num_tasks`={num_tasks} for orthonormal directions")
+    return _draw_problem(key, jnp.asarray(psd_cholesky(r), jnp.float32), scale, num_features, num_sin)
+
+
+@partial(jax.jit, static_argnums=(3, 4))
+def _draw_problem(key: jax.Array, lower: jax.Array, scale: float, num_features: int, num_sin: int) -> SyntheticProblem:
     k_u, k_a, k_b = jax.random.split(key, 3)
-    q, _ = jnp.linalg.qr(jax.random.normal(k_u, (num_features, num_tasks)))  # (d, T), orthonormal columns
-    lower = jnp.asarray(psd_cholesky(r), dtype=q.dtype)
-    weights = scale * lower @ q.T  # (T, d)
+    q, _ = jnp.linalg.qr(jax.random.normal(k_u, (num_features, lower.shape[0])))  # (d, T), orthonormal columns
+    weights = scale * lower.astype(q.dtype) @ q.T  # (T, d)
     alpha = jax.random.normal(k_a, (num_sin,))
     beta = jax.random.normal(k_b, (num_sin,))
     return SyntheticProblem(weights, alpha, beta)
 
 
+@partial(jax.jit, static_argnums=2)
 def sample(problem: SyntheticProblem, key: jax.Array, num_examples: int, noise_std: float = 0.1):
     """Draws ``x (n, d)`` and targets ``y (n, T)`` from ``problem``. Pure and jittable (``num_examples`` static)."""
     k_x, k_e = jax.random.split(key)

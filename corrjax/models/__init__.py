@@ -5,8 +5,9 @@ Every model maps ``x`` to ``{task_name: output}``, exposes ``features(x)`` / ``f
 """
 
 from corrjax.data.spec import TaskSpec
-from corrjax.models.backbones import MLP, LeNet, ResidualBlock, ResNet
+from corrjax.models.backbones import MLP, ConvBlock, LeNet, ResidualBlock, ResNet, global_pool
 from corrjax.models.base import MultiTaskModel, TaskHead, count_params, shared_mask
+from corrjax.models.columns import MTAN, CrossStitch, CrossStitchUnit
 from corrjax.models.hps import HPS
 from corrjax.models.moe import CGC, PLE, MMoE
 
@@ -14,7 +15,11 @@ __all__ = [
     "CGC",
     "HPS",
     "MLP",
+    "MTAN",
     "PLE",
+    "ConvBlock",
+    "CrossStitch",
+    "CrossStitchUnit",
     "LeNet",
     "MMoE",
     "MultiTaskModel",
@@ -23,5 +28,6 @@ __all__ = [
     "TaskHead",
     "TaskSpec",
     "count_params",
+    "global_pool",
     "shared_mask",
 ]

@@ -164,3 +164,26 @@ class ResNet(nnx.Module):
         for block in self.blocks:
             x = block(x)
         return jnp.mean(x, axis=(1, 2))
+
+
+class ConvBlock(nnx.Module):
+    """A 3x3 conv, GroupNorm, ReLU and optional 2x2 max-pool: ``(n, H, W, C_in) -> (n, H', W', out_features)``.
+
+    The stage unit of the column/attention architectures (cross-stitch, MTAN) on images; ``out_features`` is the
+    channel count.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, pool: bool = True, rngs: nnx.Rngs) -> None:
+        self.conv = nnx.Conv(int(in_channels), int(out_channels), (3, 3), use_bias=False, rngs=rngs)
+        self.norm = nnx.GroupNorm(int(out_channels), num_groups=_groups(int(out_channels)), rngs=rngs)
+        self.pool = pool
+        self.out_features = int(out_channels)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nnx.relu(self.norm(self.conv(x)))
+        return nnx.max_pool(x, (2, 2), strides=(2, 2)) if self.pool else x
+
+
+def global_pool(x: jax.Array) -> jax.Array:
+    """Averages every axis between the batch and the last (channel) axis: ``(n, ..., C) -> (n, C)``."""
+    return x if x.ndim == 2 else jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))

@@ -1,5 +1,6 @@
 """Shapes, parameter splits, gates and functional use (split/merge, per-task VJPs, sharded jit) of every model."""
 
+import functools
 from functools import partial
 
 import jax
@@ -10,7 +11,21 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from corrjax.models import CGC, HPS, MLP, PLE, LeNet, MMoE, ResNet, TaskSpec, count_params, shared_mask
+from corrjax.models import (
+    CGC,
+    HPS,
+    MLP,
+    MTAN,
+    PLE,
+    ConvBlock,
+    CrossStitch,
+    LeNet,
+    MMoE,
+    ResNet,
+    TaskSpec,
+    count_params,
+    shared_mask,
+)
 
 TASKS = (
     TaskSpec("digit", "classification", 4),
@@ -34,13 +49,38 @@ BUILDERS = {
     "ple": lambda r: PLE(
         mlp(), TASKS, num_levels=3, num_shared_experts=1, num_task_experts=2, gate_in_features=D, rngs=r
     ),
+    "cross_stitch": lambda r: CrossStitch([partial(MLP, D, (8,)), partial(MLP, 8, (6,))], TASKS, rngs=r),
+    "cross_stitch_conv": lambda r: CrossStitch(
+        [partial(ConvBlock, 1, 4), partial(ConvBlock, 4, 6)], TASKS, head_hidden=(4,), rngs=r
+    ),
+    "mtan": lambda r: MTAN([partial(MLP, D, (8,)), partial(MLP, 8, (6,))], TASKS, rngs=r),
+    "mtan_conv": lambda r: MTAN([partial(ConvBlock, 1, 4), partial(ConvBlock, 4, 6, pool=False)], TASKS, rngs=r),
 }
 GATED = ("mmoe", "cgc", "ple")
 
 
+X = jax.random.normal(jax.random.key(1), (8, *IMG))
+W = jax.random.normal(jax.random.key(2), (3, 8))
+
+
 @pytest.fixture(scope="module")
 def x():
-    return jax.random.normal(jax.random.key(1), (8, *IMG))
+    return X
+
+
+@functools.cache
+def built_outputs(name):
+    """The model, its outputs, ``from_features(features)`` and per-task Jacobians, from ONE compiled function."""
+    model = BUILDERS[name](nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def run(params, x):
+        m = nnx.merge(graphdef, params, rest)
+        jac = jax.jacrev(lambda p: task_losses(graphdef, p, rest, x, W))(params)
+        return m(x), m.from_features(m.features(x), x), jac
+
+    out, again, jac = jax.jit(run)(params, X)
+    return name, model, out, again, jac
 
 
 @pytest.fixture(
@@ -48,7 +88,7 @@ def x():
     params=[pytest.param(k, marks=pytest.mark.slow) if "resnet" in k else k for k in sorted(BUILDERS)],
 )
 def built(request):
-    return request.param, BUILDERS[request.param](nnx.Rngs(0))
+    return built_outputs(request.param)
 
 
 def task_losses(graphdef, params, rest, x, w):
@@ -62,24 +102,20 @@ def task_losses(graphdef, params, rest, x, w):
     )
 
 
-def test_output_shapes_and_identity(built, x):
-    _name, model = built
-    out = model(x)
+def test_output_shapes_and_identity(built):
+    _name, _model, out, again, _jac = built
     assert set(out) == {t.name for t in TASKS}
     assert out["digit"].shape == (8, 4) and out["size"].shape == (8,) and out["flags"].shape == (8, 2)
     for v in out.values():
         assert v.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(v)))
-    again = model.from_features(model.features(x), x)
     for k in out:
         np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(again[k]))
 
 
-def test_mask_matches_gradient_dependency(built, x):
+def test_mask_matches_gradient_dependency(built):
     """A leaf is task-specific (False) iff exactly one task's loss has a nonzero gradient on it."""
-    name, model = built
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    w = jax.random.normal(jax.random.key(2), (len(TASKS), 8))
-    jac = jax.jit(jax.jacrev(partial(task_losses, graphdef), argnums=0))(params, rest, x, w)
+    name, model, _out, _again, jac = built
+    params = nnx.state(model, nnx.Param)
     mask = shared_mask(model)
     assert jax.tree.structure(mask) == jax.tree.structure(params)
     flags = jax.tree.leaves(mask)
@@ -98,8 +134,8 @@ def test_mask_matches_gradient_dependency(built, x):
 
 @pytest.mark.parametrize("name", GATED)
 def test_gate_weights_sum_to_one(name, x):
-    model = BUILDERS[name](nnx.Rngs(3))
-    gates = model.gate_weights(x)
+    model = built_outputs(name)[1]
+    gates = nnx.jit(lambda m, x: m.gate_weights(x))(model, x)
     assert set(gates) == {t.name for t in TASKS}
     for g in gates.values():
         assert g.ndim == 2 and g.shape[0] == 8
@@ -109,51 +145,51 @@ def test_gate_weights_sum_to_one(name, x):
 
 def test_mmoe_mixes_experts_by_gates(x):
     """MMoE's task representation is exactly the gate-weighted sum of the expert outputs (brute force)."""
-    model = BUILDERS["mmoe"](nnx.Rngs(4))
+    _, model, out, _, _ = built_outputs("mmoe")
     z = model.features(x)
     assert z.shape == (8, 3, 8)
     gates = model.gate_weights(x)
     for t in TASKS:
         mixed = sum(gates[t.name][:, e : e + 1] * model.experts[e](x) for e in range(3))
         np.testing.assert_allclose(
-            np.asarray(model.heads[t.name](mixed)), np.asarray(model(x)[t.name]), rtol=1e-5, atol=1e-6
+            np.asarray(model.heads[t.name](mixed)), np.asarray(out[t.name]), rtol=1e-5, atol=1e-6
         )
 
 
-def test_split_merge_roundtrip_and_per_task_vjp_sharded(mesh8):
-    """A pure function of the params: per-task VJPs via vmap over one-hot cotangents, jitted with shardings."""
-    model = BUILDERS["mmoe"](nnx.Rngs(5))
+def test_split_merge_roundtrip_and_per_task_vjp_sharded(mesh8, x):
+    """A pure function of the params: per-task VJPs via vmap over one-hot cotangents, jitted with shardings, equal
+    the per-task Jacobian rows of the unsharded model."""
+    model = BUILDERS["mmoe"](nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    xb = jax.random.normal(jax.random.key(6), (16, *IMG))
-    w = jax.random.normal(jax.random.key(7), (len(TASKS), 16))
-    ref = nnx.merge(graphdef, params, rest)(xb)
-    np.testing.assert_array_equal(np.asarray(ref["digit"]), np.asarray(model(xb)["digit"]))
+    copy = nnx.merge(graphdef, params, rest)
+    g2, p2, _ = nnx.split(copy, nnx.Param, ...)
+    assert g2 == graphdef
+    jax.tree.map(np.testing.assert_array_equal, p2, params)
+    w = W
 
     def per_task_grads(params, x):
         losses, vjp = jax.vjp(lambda p: task_losses(graphdef, p, rest, x, w), params)
         return losses, jax.vmap(vjp)(jnp.eye(len(TASKS)))[0]
 
     repl = NamedSharding(mesh8, P())
-    xs = jax.device_put(xb, NamedSharding(mesh8, P("data")))
+    xs = jax.device_put(x, NamedSharding(mesh8, P("data")))
     ps = jax.device_put(params, repl)
     with jax.set_mesh(mesh8):
         losses, grads = jax.jit(per_task_grads, out_shardings=(repl, repl))(ps, xs)
-    ref_losses, ref_grads = per_task_grads(params, xb)
-    np.testing.assert_allclose(np.asarray(losses), np.asarray(ref_losses), rtol=1e-5)
-    for g, r, p in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), jax.tree.leaves(params), strict=True):
-        assert g.shape == (len(TASKS), *p.shape)
+    assert losses.shape == (len(TASKS),)
+    # Reference: the per-task Jacobian of the same model (same seed), unsharded, from the `built` fixture's function.
+    _, _, out, _, jac = built_outputs("mmoe")
+    np.testing.assert_allclose(np.asarray(losses)[1], np.sum(np.asarray(out["size"])) * float(W[1, 0]), rtol=1e-5)
+    for g, r, p in zip(jax.tree.leaves(grads), jax.tree.leaves(jac), jax.tree.leaves(params), strict=True):
+        assert g.shape == (len(TASKS), *p.shape) and g.sharding.is_fully_replicated
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
-    # Each task's VJP is the gradient of that task's loss alone.
-    g0 = jax.grad(lambda p: task_losses(graphdef, p, rest, xb, w)[0])(params)
-    for g, r in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(g0), strict=True):
-        np.testing.assert_allclose(np.asarray(g[0]), np.asarray(r), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_inputs():
     with pytest.raises(ValueError, match="input features"):
         HPS(mlp(), TASKS, rngs=nnx.Rngs(0))(jnp.ones((2, 5)))
     with pytest.raises(ValueError, match="LeNet expects"):
-        LeNet(IMG, rngs=nnx.Rngs(0))(jnp.ones((2, 10, 10, 1)))
+        LeNet(IMG, channels=(4, 6), out_features=8, rngs=nnx.Rngs(0))(jnp.ones((2, 10, 10, 1)))
     with pytest.raises(ValueError, match="duplicate"):
         HPS(mlp(), (TASKS[0], TASKS[0]), rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match="out_features"):
@@ -166,7 +202,32 @@ def test_bad_inputs():
         TaskSpec("t", "ranking", 2)
 
 
+@pytest.mark.slow
 def test_resnet_64px_and_jit():
     net = ResNet(3, widths=(4, 8), blocks_per_stage=1, stem_stride=2, rngs=nnx.Rngs(0))
     y = nnx.jit(lambda m, x: m(x))(net, jnp.ones((2, 64, 64, 3)))
     assert y.shape == (2, 8)
+
+
+def test_cross_stitch_mixing_and_mtan_masks(x):
+    cs = built_outputs("cross_stitch")[1]
+    alpha = np.asarray(cs.stitches[0].alpha[...])
+    np.testing.assert_allclose(alpha.sum(1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(np.diag(alpha), 0.9)
+    z = cs.features(x)
+    assert z.shape == (8, len(TASKS), 6)
+    # Brute force: run the columns by hand with the stitch as an explicit matrix product.
+    hs = [x] * 3
+    for level in range(2):
+        outs = [cs.columns[t.name][level](h) for t, h in zip(TASKS, hs, strict=True)]
+        a = np.asarray(cs.stitches[level].alpha[...])
+        hs = [sum(a[i, j] * outs[j] for j in range(3)) for i in range(3)]
+    np.testing.assert_allclose(np.asarray(z), np.stack([np.asarray(h) for h in hs], 1), rtol=1e-5, atol=1e-6)
+
+    mtan = built_outputs("mtan_conv")[1]
+    masks = mtan.attention_masks(x)
+    us = mtan.features(x)
+    assert [u.shape for u in us] == [(8, 6, 6, 4), (8, 6, 6, 6)]
+    for t in TASKS:
+        assert [m.shape for m in masks[t.name]] == [u.shape for u in us]
+        assert all(bool(jnp.all((m > 0) & (m < 1))) for m in masks[t.name])
