@@ -66,7 +66,7 @@ def test_mean_sum_weighted_rlw():
 def test_bf16_and_dtype_preserved():
     g = {"w": jnp.ones((2, 3), jnp.bfloat16), "b": jnp.ones((2,), jnp.float32)}
     for agg in (mtl.mean(), mtl.graddrop()):
-        out, _ = agg.update(g, agg.init(None))
+        out, _ = jax.jit(agg.update)(g, agg.init(None))
         assert out["w"].dtype == jnp.bfloat16 and out["b"].dtype == jnp.float32
 
 
