@@ -2,8 +2,8 @@
 
     python scripts/run_experiment_multidigits.py [--mtl ew pcgrad mgda upgrad] [--seeds 0 1 2] [--steps 600]
 
-Runs two local Hydra multiruns of ``experiment=multidigits_mtl``: the aggregators (both tasks) and the single-task
-baselines (``tasks=[left]``, ``tasks=[right]``), then ``scripts/compare.py`` on the first with the second as the
+Runs two local Hydra multiruns of ``experiment=multidigits_mtl``: the single-task baselines (``tasks=[left]``,
+``tasks=[right]``) and the aggregators (both tasks), then ``scripts/compare.py`` on the first with the second as the
 baseline: accuracy per task, mean +- std over seeds, and Delta_m%. Output: ``comparison.{md,json,png}`` in the
 aggregator sweep's folder.
 """
@@ -31,12 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     seeds = f"seed={','.join(map(str, args.seeds))}"
     extra = [*args.overrides] + ([f"trainer.max_steps={args.steps}"] if args.steps else [])
     train = [sys.executable, str(ROOT / "scripts" / "train.py"), "-m", "experiment=multidigits_mtl"]
-    subprocess.run(
-        [*train, f"mtl={','.join(args.mtl)}", seeds, f"hydra.sweep.dir={base / 'mtl'}", *extra], check=True, cwd=ROOT
-    )
-    subprocess.run(
-        [*train, "tasks=[left],[right]", seeds, f"hydra.sweep.dir={base / 'stl'}", *extra], check=True, cwd=ROOT
-    )
+    stl = [*train, "tasks=[left],[right]", seeds, f"hydra.sweep.dir={base / 'stl'}", *extra]
+    subprocess.run(stl, check=True, cwd=ROOT)
+    mtl = [*train, f"mtl={','.join(args.mtl)}", seeds, f"hydra.sweep.dir={base / 'mtl'}", *extra]
+    subprocess.run(mtl, check=True, cwd=ROOT)
     compare = [
         sys.executable,
         str(ROOT / "scripts" / "compare.py"),

@@ -208,7 +208,6 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     last_eval: dict[str, Any] = {}
     last_train: dict[str, Any] = {}
     s = start
-    stopped_early = False
     t_window, n_window = time.perf_counter(), 0
     t_start = time.perf_counter()
     try:
@@ -248,7 +247,6 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                 if (tc.checkpoint_every and s % tc.checkpoint_every == 0) or s == tc.max_steps or stop:
                     ckpt.save(s, train_state, iterator.get_state(), force=True)
                 if stop:
-                    stopped_early = True
                     log.warning("stopping at step %d (checkpoint saved; continue with trainer.resume=true)", s)
                     break
     finally:
@@ -257,7 +255,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         if writer is not None:
             writer.close()
 
-    if not last_eval or (not stopped_early and s == tc.max_steps and tc.eval_every == 0):
+    if not last_eval:
         last_eval = run_eval(s)
     summary: dict[str, Any] = {
         "step": s,

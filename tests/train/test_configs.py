@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 from flax import nnx
-from hydra.errors import ConfigCompositionException
+from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
@@ -43,10 +43,16 @@ def test_default_config_schema(compose_fn):
 
 
 @pytest.mark.parametrize("name", options("data"))
-def test_data_options(compose_fn, name):
+def test_data_options(compose_fn, name, tmp_path):
     cfg = compose_fn([f"data={name}"])
     if name in TFDS:
-        assert "data_dir" in cfg.data
+        # Not prepared here: instantiation fails at once, saying how to prepare the data.
+        from corrjax.data import DatasetNotPreparedError
+
+        assert cfg.data.data_dir  # the ${oc.env:TFDS_DATA_DIR,...} default resolves
+        with pytest.raises(InstantiationException, match="tfds build") as e:
+            instantiate(cfg.data, split="val", data_dir=str(tmp_path))
+        assert isinstance(e.value.__cause__, DatasetNotPreparedError)
         return
     ds = instantiate(cfg.data, split="val", num_examples=8)
     assert len(ds) == 8 and ds.tasks and ds[0]["x"].dtype == "float32"
@@ -58,9 +64,10 @@ def test_model_options(compose_fn, name):
     # without paying for eager initialisation here (tiny real runs are in test_steps.py / test_run.py).
     cfg = compose_fn([f"model={name}", "data=multidigits"] if "lenet" in name else [f"model={name}"])
     ds = instantiate(cfg.data, split="val", num_examples=4)
-    model = nnx.eval_shape(lambda: builders.build_model(cfg.model, ds.tasks, ds[0]["x"].shape, seed=0))
+    shape = (32, 32, 3) if "resnet" in name else ds[0]["x"].shape  # RGB models: image-shaped inputs
+    model = nnx.eval_shape(lambda: builders.build_model(cfg.model, ds.tasks, shape, seed=0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    x = jax.ShapeDtypeStruct((4, *ds[0]["x"].shape), jnp.float32)
+    x = jax.ShapeDtypeStruct((4, *shape), jnp.float32)
     out = jax.eval_shape(lambda p, r, x: nnx.merge(graphdef, p, r)(x), params, rest, x)
     assert {n: o.shape[1:] for n, o in out.items()} == {t.name: t.output_shape for t in ds.tasks}
     flags = jax.tree.leaves(corrjax.models.shared_mask(model))
