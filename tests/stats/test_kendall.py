@@ -91,6 +91,7 @@ def test_brute_force_counts(seed):
     np.testing.assert_allclose(float(_kt(jnp.asarray(x), jnp.asarray(y))[0]), want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_larger_n_with_ties_and_offset():
     rng = np.random.default_rng(0)
     n = 20000
