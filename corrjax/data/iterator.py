@@ -3,8 +3,9 @@
 The order of examples is a pure function of ``(seed, epoch)``: epoch ``e`` visits
 ``np.random.default_rng([seed, e]).permutation(len(source))`` in consecutive global batches of ``batch_size``.
 With a ``sharding`` (or a ``mesh`` and its data axis) each process reads only the rows of the global batch that
-its own devices hold, and the batch is assembled with ``jax.make_array_from_process_local_data``, so the global
-batch is the same whatever the number of processes. Without one, each process gets a contiguous
+its own devices hold, and the batch is assembled with ``jax.make_array_from_process_local_data`` (one
+``jax.device_put`` of the whole batch when a single process owns every device), so the global batch is the same
+whatever the number of processes. Without one, each process gets a contiguous
 ``batch_size / process_count`` block as NumPy arrays.
 
 The position ``{"epoch": e, "step": s}`` (``s`` batches of epoch ``e`` consumed) is all the state there is:
@@ -122,6 +123,9 @@ class BatchIterator(Iterator[dict[str, Any]]):
         self.process_count = jax.process_count() if process_count is None else int(process_count)
         if self.batch_size % self.process_count:
             raise ValueError(f"`batch_size`={batch_size} must be divisible by the process count {self.process_count}")
+        # With one process owning every device a batch is placed with one `device_put`; otherwise each process hands
+        # its rows to `make_array_from_process_local_data`.
+        self._single_transfer = sharding is not None and sharding.is_fully_addressable
         if sharding is not None:
             self._rows = _local_rows(sharding, self.batch_size)
         else:
@@ -185,6 +189,8 @@ class BatchIterator(Iterator[dict[str, Any]]):
             batch = self.transform(batch)
         if self.sharding is None:
             return batch
+        if self._single_transfer:  # one process holds the whole batch: a single pytree transfer
+            return jax.device_put(batch, self.sharding)
         return {
             k: jax.make_array_from_process_local_data(self.sharding, v, (self.batch_size, *v.shape[1:]))
             for k, v in batch.items()

@@ -83,9 +83,12 @@ def test_process_shards_partition_the_global_batch():
         BatchIterator(ds, 6, process_count=4, process_index=0)
 
 
-def test_global_batches_on_mesh(mesh8):
+@pytest.mark.parametrize("single_transfer", [True, False])
+def test_global_batches_on_mesh(mesh8, single_transfer):
     ds = make_ds(50)
     it = BatchIterator(ds, 16, seed=2, mesh=mesh8, drop_remainder=False)
+    assert it._single_transfer
+    it._single_transfer = single_transfer  # False: the multi-process path (make_array_from_process_local_data)
     ref = BatchIterator(ds, 16, seed=2, prefetch=0, drop_remainder=False)
     sharding = NamedSharding(mesh8, P("data"))
     for _ in range(4):
