@@ -293,7 +293,7 @@ def test_imtl_g_equal_projections(j):
     np.testing.assert_allclose(a.sum(), 1.0, atol=2e-2)
 
 
-@settings(max_examples=20)
+@settings(max_examples=12)
 @given(jac)
 def test_upgrad_and_dualproj_do_not_conflict(j):
     j64 = j.astype(np.float64)
@@ -431,9 +431,10 @@ def test_multisteps_accumulates_aggregated_updates():
     params = jax.tree.map(lambda x: x[0], _stack(js[0]))
     tx = optax.chain(mtl.mgda(), optax.MultiSteps(optax.sgd(1.0), every_k_schedule=2).gradient_transformation())
     state = tx.init(params)
-    upd1, state = tx.update(_stack(js[0]), state, params)
+    update = jax.jit(tx.update)
+    upd1, state = update(_stack(js[0]), state, params)
     np.testing.assert_array_equal(_flat(upd1), 0.0)  # accumulating
-    upd2, state = tx.update(_stack(js[1]), state, params)
+    upd2, state = update(_stack(js[1]), state, params)
     expected = -(_run("mgda", js[0]) + _run("mgda", js[1])) / 2
     np.testing.assert_allclose(_flat(upd2), expected, rtol=1e-4, atol=1e-6)
 
@@ -455,7 +456,7 @@ def test_explicit_sharding_mesh(mesh8):
         "b": NamedSharding(mesh8, P()),
     }
     gs = jax.device_put(g, spec)
-    for name in ("upgrad", "graddrop"):
+    for name in ("upgrad",):
         agg = _AGGS[name]
         out, _ = jax.jit(agg.update)(gs, agg.init(None))
         ref, _ = jax.jit(agg.update)(g, agg.init(None))

@@ -40,13 +40,18 @@ def graddrop(key: int | Array = 0, leak: float = 0.0) -> optax.GradientTransform
         keys = jax.random.split(sub, len(leaves))
 
         def drop(leaf: Array, lk: Array) -> Array:
-            total = jnp.sum(leaf, axis=0)
-            mass = jnp.sum(jnp.abs(leaf), axis=0)
+            # Whether a task keeps its component depends only on the coordinate's draw and the component's sign, so
+            # the kept sum is [P > U] * (sum of positive parts) + [P < U] * (sum of negative parts): two reductions
+            # over T instead of a (T, ...) mask. The reductions are contractions with ones: on XLA:CPU a reduce over
+            # the leading axis of a (T, p) array measured ~100x slower than the equivalent GEMV.
+            ones = jnp.ones((leaf.shape[0],), leaf.dtype)
+            pos = jnp.tensordot(ones, jnp.maximum(leaf, 0), axes=1)
+            neg = jnp.tensordot(ones, jnp.minimum(leaf, 0), axes=1)
+            total, mass = pos + neg, pos - neg
             p = 0.5 * (1.0 + total / jnp.where(mass > 0, mass, 1.0))
             u = jax.random.uniform(lk, p.shape, dtype=jnp.float32)
-            keep = ((p > u) & (leaf > 0)) | ((p < u) & (leaf < 0))
-            m = leak + (1.0 - leak) * keep.astype(leaf.dtype)
-            out = jnp.sum(m * leaf, axis=0)
+            kept = jnp.where(p > u, pos, 0.0) + jnp.where(p < u, neg, 0.0)
+            out = leak * total + (1.0 - leak) * kept
             # NaN gradients make the sign tests false; propagate them explicitly.
             return jnp.where(jnp.isnan(total), jnp.nan, out).astype(leaf.dtype)
 
