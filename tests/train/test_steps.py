@@ -99,11 +99,12 @@ def test_writers_roundtrip(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text()) == {"eval/loss": 1.0, "x": None}
 
 
-def _tiny_setup(model_cfg_name="hps", mtl="ew", optim="adam", tasks=REG, in_features=6):
+def _tiny_setup(model_cfg_name="hps", mtl="ew", optim="adam", tasks=REG, in_shape=(6,)):
     from omegaconf import OmegaConf
 
     model_cfg = OmegaConf.load(CONFIGS / "model" / f"{model_cfg_name}.yaml")
-    model = builders.build_model(model_cfg, tasks, (in_features,), seed=0)
+    model_cfg = OmegaConf.merge(model_cfg, SHRINK.get(model_cfg_name, {}))  # smaller, same architecture
+    model = builders.build_model(model_cfg, tasks, in_shape, seed=0)
     mask = shared_mask(model)
     graphdef, params, rest = state.split_model(model)
     mtl_cfg = OmegaConf.load(CONFIGS / "mtl" / f"{mtl}.yaml")
@@ -116,16 +117,16 @@ def _tiny_setup(model_cfg_name="hps", mtl="ew", optim="adam", tasks=REG, in_feat
     return train_step, st0
 
 
-def _batch(n=16, in_features=6, seed=0, tasks=REG):
+def _batch(n=16, in_shape=(6,), seed=0, tasks=REG):
     rng = np.random.default_rng(seed)
-    b = {"x": jnp.asarray(rng.normal(size=(n, in_features)), jnp.float32)}
+    b = {"x": jnp.asarray(rng.normal(size=(n, *in_shape)), jnp.float32)}
     for t in tasks:
         b[t.name] = jnp.asarray(rng.normal(size=n), jnp.float32)
     return b
 
 
-def _descends(train_step, st0, steps=3):
-    batch = _batch()
+def _descends(train_step, st0, steps=3, in_shape=(6,)):
+    batch = _batch(in_shape=in_shape)
     losses_seen = []
     s = st0
     for _ in range(steps):
@@ -136,10 +137,19 @@ def _descends(train_step, st0, steps=3):
     return losses_seen
 
 
-@pytest.mark.parametrize("model", sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml") if "lenet" not in p.stem))
+MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
+IMAGE_SHAPES = {"hps_lenet": (12, 12, 1), "hps_resnet": (8, 8, 3)}
+SHRINK = {
+    "hps_lenet": {"backbone": {"channels": [2, 4], "out_features": 8}, "head_hidden": [4]},
+    "hps_resnet": {"backbone": {"widths": [4, 8], "blocks_per_stage": 1}},
+}
+
+
+@pytest.mark.parametrize("model", [pytest.param(m, marks=pytest.mark.slow) if m in IMAGE_SHAPES else m for m in MODELS])
 def test_tiny_train_step_per_model(model):
-    train_step, st0 = _tiny_setup(model_cfg_name=model)
-    seen = _descends(train_step, st0, steps=4)
+    shape = IMAGE_SHAPES.get(model, (6,))
+    train_step, st0 = _tiny_setup(model_cfg_name=model, in_shape=shape)
+    seen = _descends(train_step, st0, steps=4, in_shape=shape)
     assert seen[-1] < seen[0]  # a few Adam steps on one fixed batch lower its loss
 
 
