@@ -197,3 +197,27 @@ def test_sharded_step_equals_unsharded(mesh8):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), out.params, plain.params)
     preds = sharded_eval(out, jax.device_put({"x": _batch()["x"]}, data))
     assert preds["a"].shape == (16,)
+
+
+@pytest.mark.parametrize("name", ["pearson", "concordance", "spearman"])
+def test_correlation_losses_per_regression_task(name):
+    import corrjax.stats
+
+    fns = losses.task_loss_fns(REG, {"b": name})
+    rng = np.random.default_rng(1)
+    pred, y = jnp.asarray(rng.normal(size=8), jnp.float32), jnp.asarray(rng.normal(size=8), jnp.float32)
+    want = getattr(corrjax.stats, f"{name}_loss")(pred[:, None], y[:, None])
+    np.testing.assert_allclose(fns["b"](pred, y), want, rtol=1e-6)
+    np.testing.assert_allclose(fns["a"](pred, y), np.mean((np.asarray(pred) - np.asarray(y)) ** 2), rtol=1e-5)
+
+
+def test_representation_regularizers():
+    import corrjax.stats
+    from corrjax.train import regularizers
+
+    z = jnp.asarray(np.random.default_rng(2).normal(size=(16, 5)), jnp.float32)
+    np.testing.assert_allclose(regularizers.single_view(corrjax.stats.decov_loss)(z), corrjax.stats.decov_loss(z))
+    bt = regularizers.same_view(functools.partial(corrjax.stats.barlow_twins_loss, eps=1e-5))
+    np.testing.assert_allclose(bt(z), corrjax.stats.barlow_twins_loss(z, z, eps=1e-5))
+    tree = {"a": jnp.ones((4, 2, 3)), "b": jnp.zeros((4, 5))}
+    assert regularizers.flatten_representation(tree).shape == (4, 11)
