@@ -94,7 +94,11 @@ def _corrcoef_section(n: int, d: int, repeats: int) -> str:
             "SYRK-bound (BLAS computes half of the symmetric product, `n d^2` flops), so beating it 3x would need "
             "more than 1.5x this machine's measured GEMM peak: that target is not reachable on a CPU by any "
             "float32 implementation. What would close most of the rest: a recursive block split (approaching 1/2 "
-            "of the flops, as SYRK) and fusing the centring into the GEMM's operand packing (custom kernel).",
+            "of the flops, as SYRK; a two-level split measured no better here) and fusing the centring into the GEMM's "
+            "operand packing (a custom kernel). Caution: the ratio depends on the load line above. Oversubscribed, "
+            "BLAS's spinning threads degrade more than XLA's, which flatters corrjax; on the idle machine (load 0.2, "
+            "2026-11-21, before the block split) numpy.corrcoef took 0.22 s, a plain XLA GEMM 0.32 s and this "
+            "corrcoef 0.40 s, i.e. numpy's SYRK-based corrcoef was faster there.",
         ]
     )
 
