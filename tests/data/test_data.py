@@ -26,7 +26,7 @@ def correlations(draw):
 
 
 @settings(max_examples=15)
-@given(r=correlations(), d=st.sampled_from([5, 9]), seed=st.integers(0, 2**16))
+@given(r=correlations(), d=st.just(7), seed=st.integers(0, 2**16))
 def test_task_weights_have_target_correlation(r, d, seed):
     t = r.shape[0]
     lower = psd_cholesky(r)
