@@ -77,16 +77,39 @@ def _take(a: Array, idx: Array) -> Array:
     return jnp.take_along_axis(a, idx, axis=-1, mode="promise_in_bounds")
 
 
+_BLOCK_BITS = 6
+
+
 def searchsorted_left(sorted_keys: Array, queries: Array, *, fanout_bits: int = 5) -> Array:
     """For each query, the number of entries of its row of ``sorted_keys`` strictly below it (int32).
 
-    Branch-free binary search over all queries at once. The first ``fanout_bits`` halvings are replaced by comparing
-    each query with ``2**fanout_bits - 1`` evenly spaced splitters (a fused elementwise count, cheaper on CPU than
-    that many gathers); the remaining rounds are one gather and one select each. ``sorted_keys`` is ``(..., n)``
-    sorted along the last axis, ``queries`` is ``(..., q)`` with the same leading shape.
+    Branch-free, vectorised over all queries. Long rows are searched in two levels, for cache locality: first the
+    splitters ``sorted_keys[..., 63::64]`` (a small array), which pins the answer to one 64-entry block, then that
+    block (six rounds on a few cache lines). In the splitter search the first ``fanout_bits`` halvings are replaced
+    by comparing each query with ``2**fanout_bits - 1`` evenly spaced entries (a fused elementwise count, cheaper
+    on CPU than that many gathers); every other round is one gather and one select. ``sorted_keys`` is
+    ``(..., n)`` sorted along the last axis, ``queries`` is ``(..., q)`` with the same leading shape.
     """
     n = sorted_keys.shape[-1]
-    pos = jnp.zeros(queries.shape, jnp.int32)
+    block = 1 << _BLOCK_BITS
+    if n < 64 * block:
+        return _search_flat(sorted_keys, queries, jnp.zeros(queries.shape, jnp.int32), n, fanout_bits)
+    splitters = sorted_keys[..., block - 1 :: block]  # the last entry of every full block
+    pos = _search_flat(splitters, queries, jnp.zeros(queries.shape, jnp.int32), splitters.shape[-1], fanout_bits)
+    # The answer lies in [block * b, block * b + block - 1] (or in the tail after the last full block).
+    return _bisect(sorted_keys, queries, pos * block, block >> 1, n)
+
+
+def _bisect(sorted_keys: Array, queries: Array, pos: Array, step: int, n: int) -> Array:
+    while step:
+        cand = pos + step
+        probe = _take(sorted_keys, jnp.minimum(cand, n) - 1)
+        pos = jnp.where((cand <= n) & (probe < queries), cand, pos)
+        step >>= 1
+    return pos
+
+
+def _search_flat(sorted_keys: Array, queries: Array, pos: Array, n: int, fanout_bits: int) -> Array:
     if n == 0:
         return pos
     step = 1 << (n.bit_length() - 1)
@@ -98,12 +121,7 @@ def searchsorted_left(sorted_keys: Array, queries: Array, *, fanout_bits: int = 
         count = sum((spl[..., j : j + 1] < queries).astype(jnp.int32) for j in range(len(splits)))
         pos = count * unit
         step = unit >> 1
-    while step:
-        cand = pos + step
-        probe = _take(sorted_keys, jnp.minimum(cand, n) - 1)
-        pos = jnp.where((cand <= n) & (probe < queries), cand, pos)
-        step >>= 1
-    return pos
+    return _bisect(sorted_keys, queries, pos, step, n)
 
 
 def runs(is_first: Array) -> tuple[Array, Array]:

@@ -75,6 +75,8 @@ def _has_nan(a: Array, axis: int | None = None, keepdims: bool = False) -> Array
 def _ranks_last(keys: Array, method: str, dtype: Any) -> Array:
     """1-based ranks of unsigned ``keys`` along the last axis, as ``dtype``."""
     n = keys.shape[-1]
+    # Materialise the keys once: otherwise XLA fuses the (transposing) key computation into every search round.
+    keys = lax.optimization_barrier(keys)
     if method == "ordinal":
         return (_sorting.invert_permutation(_sorting.stable_argsort(keys)) + 1).astype(dtype)
     s, r = _sorting.min_rank(keys)

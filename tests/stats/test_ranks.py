@@ -18,6 +18,7 @@ METHODS = ("average", "min", "max", "dense", "ordinal")
 _rank = jax.jit(rankdata, static_argnames=("method", "axis"))
 _spear = jax.jit(spearmanr)
 _argsort = jax.jit(_sorting.stable_argsort, static_argnames="key_bits")
+_search = jax.jit(_sorting.searchsorted_left)
 _inversions = jax.jit(lambda v, below: jnp.sum(_sorting.count_inversions(v, below)))
 _inversions_perm = jax.jit(lambda v: jnp.sum(_sorting.count_inversions(v)))
 
@@ -79,6 +80,18 @@ def test_count_inversions_brute_force(seed, n, ties):
     assert int(_inversions(jnp.asarray(mr), jnp.asarray(below))) == brute
     if not ties:
         assert int(_inversions_perm(jnp.asarray(mr))) == brute
+
+
+@pytest.mark.parametrize("n", [100, 4096, 5001])
+def test_searchsorted_left_matches_numpy(n):
+    # n >= 4096 takes the two-level (splitters, then one 64-entry block) path.
+    rng = np.random.default_rng(n)
+    for hi in (7, 2**32 - 1):
+        s = np.sort(rng.integers(0, hi, (2, n), dtype=np.uint64).astype(np.uint32), axis=-1)
+        q = np.concatenate([s[:, ::-3], rng.integers(0, hi, (2, 40), dtype=np.uint64).astype(np.uint32)], axis=1)
+        q[:, :2] = [0, 2**32 - 1]
+        got = np.asarray(_search(jnp.asarray(s), jnp.asarray(q)))
+        np.testing.assert_array_equal(got, np.stack([np.searchsorted(s[i], q[i]) for i in range(2)]))
 
 
 def test_wide_sum_does_not_wrap():
