@@ -53,15 +53,18 @@ def merge_model(graphdef: nnx.GraphDef, params: Any, rest: Any) -> nnx.Module:
 
 
 def create_state(params: Any, rest: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
-    """A fresh state at step 0 (call under ``jit`` with out shardings to place it on the mesh)."""
-    zero = jnp.zeros((), jnp.int32)
+    """A fresh state at step 0 (call under ``jit`` with out shardings to place it on the mesh).
+
+    Every counter is its own array: the train step donates the state, and XLA refuses to donate one buffer twice.
+    """
+    zero = lambda: jnp.zeros((), jnp.int32)
     return TrainState(
-        step=zero,
+        step=zero(),
         params=params,
         rest=rest,
         opt_state=tx.init(params),
         rng=jax.random.key_data(jax.random.key(seed)),
-        nonfinite_streak=zero,
-        nonfinite_max_streak=zero,
-        nonfinite_total=zero,
+        nonfinite_streak=zero(),
+        nonfinite_max_streak=zero(),
+        nonfinite_total=zero(),
     )

@@ -108,8 +108,8 @@ def _tiny_setup(model_cfg_name="hps", mtl="ew", optim="adam", tasks=REG, in_shap
     mask = shared_mask(model)
     graphdef, params, rest = state.split_model(model)
     mtl_cfg = OmegaConf.load(CONFIGS / "mtl" / f"{mtl}.yaml")
-    if "${" in OmegaConf.to_yaml(mtl_cfg):
-        mtl_cfg = OmegaConf.create({k: (0 if k == "key" else v) for k, v in mtl_cfg.items()})
+    raw = OmegaConf.to_container(mtl_cfg, resolve=False)
+    mtl_cfg = OmegaConf.create({k: (0 if v == "${seed}" else v) for k, v in raw.items()})  # outside a full config
     tx = optimizer.build_optimizer(mtl_cfg, OmegaConf.load(CONFIGS / "optim" / f"{optim}.yaml"), mask, len(tasks))
     fns = losses.task_loss_fns(tasks)
     train_step = jax.jit(step.make_train_step(graphdef, tasks, fns, tx, mask))
