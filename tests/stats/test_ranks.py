@@ -102,7 +102,7 @@ def test_wide_sum_does_not_wrap():
 # -------------------------------------------------------------------------------------------------------- rankdata
 
 
-@given(tied_or_not(ns=(1, 8, 31), ds=(3,)), st.sampled_from([0, -1, None]))
+@given(tied_or_not(ns=(1, 31), ds=(3,)), st.sampled_from([0, -1, None]))
 def test_rankdata_matches_scipy(x, axis):
     for method, got in zip(METHODS, _all_methods(jnp.asarray(x), axis), strict=True):
         want = ss.rankdata(x, method=method, axis=axis)
