@@ -22,10 +22,13 @@ $(VENV)/.installed-dev: pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@ $(VENV)/.installed-train
 
-# torch is pinned to the CPU wheel available on this kind of machine before the bench extra resolves.
+# torch is pinned first so the bench extra's range is satisfied by the CPU build this kind of machine carries.
+# LibMTL imports torchvision (no CPU build here) only at package level; bench_mtl.py loads LibMTL.weighting alone,
+# so it is installed without its dependencies.
 $(VENV)/.installed-bench: pyproject.toml | $(PY)
-	$(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m pip install -q --no-deps "LibMTL>=1.1.5"
 	touch $@ $(VENV)/.installed-dev $(VENV)/.installed-train
 
 install-train: $(VENV)/.installed-train

@@ -46,17 +46,36 @@ def test_nancorrcoef_matches_pandas(x64, x, min_periods):
     np.testing.assert_array_equal(got, got.T)
 
 
+def _pairwise_cov_reference(x, ddof, min_periods):
+    """Brute force: each pair (i, j) uses the rows where both are finite; NaN below min_periods or n - ddof <= 0."""
+    d = x.shape[1]
+    out = np.full((d, d), np.nan)
+    for i in range(d):
+        for j in range(d):
+            rows = np.isfinite(x[:, i]) & np.isfinite(x[:, j])
+            n = int(rows.sum())
+            if n >= min_periods and n - ddof > 0:
+                a, b = x[rows, i], x[rows, j]
+                out[i, j] = np.sum((a - a.mean()) * (b - b.mean())) / (n - ddof)
+    return out
+
+
 @X64
 @given(x=nan_data(), min_periods=st.sampled_from([1, 4]), ddof=st.sampled_from([0, 1, 2]))
-def test_nancov_matches_pandas_with_any_ddof(x64, x, min_periods, ddof):
+def test_nancov_matches_pairwise_reference_with_any_ddof(x64, x, min_periods, ddof):
     got = np.asarray(_nancov(x, ddof=ddof, min_periods=min_periods))
-    ref = pd.DataFrame(x).cov(min_periods=min_periods).to_numpy()  # ddof=1 once anything is missing
-    m = np.isfinite(x).astype(float)
-    count = m.T @ m
-    with np.errstate(all="ignore"):
-        ref = ref * (count - 1) / (count - ddof)
-    ref = np.where((count - ddof > 0) & (count >= min_periods), ref, np.nan)
+    ref = _pairwise_cov_reference(x, ddof, min_periods)
+    if ddof == 1:  # pandas' own semantics
+        np.testing.assert_allclose(ref, pd.DataFrame(x).cov(min_periods=min_periods).to_numpy(), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-9 * (1 + np.nanmax(np.abs(ref), initial=0)))
+
+
+def test_nancov_single_complete_pair_with_ddof0_is_zero(x64):
+    # One common row: with ddof=0 the pair's covariance is 0 (numpy's np.cov of one point), not NaN.
+    x = np.array([[np.nan, 1.0], [0.0, -1.0], [-1.0, np.nan]])
+    got = np.asarray(_nancov(x, ddof=0))
+    np.testing.assert_allclose(got, [[0.25, 0.0], [0.0, 1.0]], rtol=1e-12)
+    assert np.isnan(np.asarray(_nancov(x, ddof=1))[0, 1])
 
 
 @X64
