@@ -9,7 +9,7 @@ from corrjax.models.backbones import MLP, ConvBlock, LeNet, ResidualBlock, ResNe
 from corrjax.models.base import MultiTaskModel, TaskHead, count_params, shared_mask
 from corrjax.models.columns import MTAN, CrossStitch, CrossStitchUnit
 from corrjax.models.hps import HPS
-from corrjax.models.moe import CGC, PLE, MMoE
+from corrjax.models.moe import CGC, PLE, MMoE, OMoE
 
 __all__ = [
     "CGC",
@@ -23,6 +23,7 @@ __all__ = [
     "LeNet",
     "MMoE",
     "MultiTaskModel",
+    "OMoE",
     "ResNet",
     "ResidualBlock",
     "TaskHead",

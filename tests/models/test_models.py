@@ -21,6 +21,7 @@ from corrjax.models import (
     CrossStitch,
     LeNet,
     MMoE,
+    OMoE,
     ResNet,
     TaskSpec,
     count_params,
@@ -45,6 +46,7 @@ BUILDERS = {
     "hps_lenet": lambda r: HPS(partial(LeNet, IMG, channels=(4, 6), out_features=8), TASKS, rngs=r),
     "hps_resnet": lambda r: HPS(partial(ResNet, 1, widths=(4, 8), blocks_per_stage=1), TASKS, rngs=r),
     "mmoe": lambda r: MMoE(mlp(), TASKS, num_experts=3, gate_in_features=D, tower_hidden=(4,), rngs=r),
+    "omoe": lambda r: OMoE(mlp(), TASKS, num_experts=3, gate_in_features=D, rngs=r),
     "cgc": lambda r: CGC(mlp(), TASKS, num_shared_experts=2, num_task_experts=1, gate_in_features=D, rngs=r),
     "ple": lambda r: PLE(
         mlp(), TASKS, num_levels=3, num_shared_experts=1, num_task_experts=2, gate_in_features=D, rngs=r
@@ -56,7 +58,7 @@ BUILDERS = {
     "mtan": lambda r: MTAN([partial(MLP, D, (8,)), partial(MLP, 8, (6,))], TASKS, rngs=r),
     "mtan_conv": lambda r: MTAN([partial(ConvBlock, 1, 4), partial(ConvBlock, 4, 6, pool=False)], TASKS, rngs=r),
 }
-GATED = ("mmoe", "cgc", "ple")
+GATED = ("mmoe", "omoe", "cgc", "ple")
 
 
 X = jax.random.normal(jax.random.key(1), (8, *IMG))
@@ -154,6 +156,21 @@ def test_mmoe_mixes_experts_by_gates(x):
         np.testing.assert_allclose(
             np.asarray(model.heads[t.name](mixed)), np.asarray(out[t.name]), rtol=1e-5, atol=1e-6
         )
+
+
+def test_omoe_mixes_experts_by_one_shared_gate(x):
+    """OMoE: one gate for all tasks; each head reads the same gate-weighted sum of the experts (brute force)."""
+    _, model, out, _, _ = built_outputs("omoe")
+    gates = model.gate_weights(x)
+    np.testing.assert_array_equal(np.asarray(gates[TASKS[0].name]), np.asarray(gates[TASKS[-1].name]))
+    g = gates[TASKS[0].name]
+    mixed = sum(g[:, e : e + 1] * model.experts[e](x) for e in range(3))
+    for t in TASKS:
+        np.testing.assert_allclose(
+            np.asarray(model.heads[t.name](mixed)), np.asarray(out[t.name]), rtol=1e-5, atol=1e-6
+        )
+    mask = jax.tree.leaves(shared_mask(model))
+    assert any(mask) and not all(mask)
 
 
 def test_split_merge_roundtrip_and_per_task_vjp_sharded(mesh8, x):
