@@ -7,9 +7,7 @@ peers run in the same process on the same data.
 from __future__ import annotations
 
 import logging
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -22,17 +20,6 @@ import benchlib
 import corrjax.stats as cs
 
 logger = logging.getLogger("bench_stats.moments")
-
-
-def _cpu_seconds(fn, repeats: int) -> float:
-    """Median process CPU time (all threads) of one call: a load-robust measure of the work done."""
-    benchlib.block(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        benchlib.block(fn())
-        times.append(time.process_time() - t0)
-    return statistics.median(times)
 
 
 def _hlo_summary(fn, *args) -> str:
@@ -114,8 +101,8 @@ def _nan_section(n: int, d: int, repeats: int) -> str:
     df = pd.DataFrame(x)
     t_ours = benchlib.timeit(lambda: f(xj), repeats=repeats)["median"]
     t_pd = benchlib.timeit(lambda: df.corr(), repeats=max(3, repeats // 2), warmup=0)["median"]
-    c_ours = _cpu_seconds(lambda: f(xj), repeats)
-    c_pd = _cpu_seconds(lambda: df.corr(), 3)
+    c_ours = benchlib.cpu_seconds(lambda: f(xj), repeats)
+    c_pd = benchlib.cpu_seconds(lambda: df.corr(), 3)
     ref = pd.DataFrame(x.astype(np.float64)).corr().to_numpy()
     err = float(np.nanmax(np.abs(np.asarray(f(xj)) - ref)))
     hlo = _hlo_summary(cs.nancorrcoef, xj)

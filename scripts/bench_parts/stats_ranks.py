@@ -8,9 +8,7 @@ prints the fragment (``--quick`` for small sizes).
 from __future__ import annotations
 
 import logging
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -31,17 +29,6 @@ def _ms(t: float) -> float:
     return t * 1e3
 
 
-def _cpu(fn, repeats: int) -> float:
-    """Median process CPU time (all threads) of ``fn()``: less sensitive than wall time to other processes' load."""
-    benchlib.block(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        benchlib.block(fn())
-        times.append(time.process_time() - t0)
-    return statistics.median(times)
-
-
 def _spearman(n: int, d: int, repeats: int) -> tuple[list, float]:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, d)).astype(np.float32)
@@ -53,7 +40,7 @@ def _spearman(n: int, d: int, repeats: int) -> tuple[list, float]:
     t_sp = benchlib.timeit(lambda: ss.spearmanr(x), repeats=repeats)["median"]
     t_sort = benchlib.timeit(lambda: sort(xj), repeats=repeats)["median"]
     err = float(np.max(np.abs(np.asarray(ours(xj).statistic) - ss.spearmanr(x.astype(np.float64)).statistic)))
-    c_ours, c_sp = _cpu(lambda: ours(xj), 3), _cpu(lambda: ss.spearmanr(x), 3)
+    c_ours, c_sp = benchlib.cpu_seconds(lambda: ours(xj), 3), benchlib.cpu_seconds(lambda: ss.spearmanr(x), 3)
     rows = [
         [f"corrjax.stats.spearmanr (jit), {n}x{d}", _ms(t_ours), t_sp / t_ours, _ms(c_ours), c_sp / c_ours],
         [f"scipy.stats.spearmanr, {n}x{d}", _ms(t_sp), 1.0, _ms(c_sp), 1.0],
@@ -72,7 +59,7 @@ def _kendall(n: int, repeats: int) -> tuple[list, float]:
     t_ours = benchlib.timeit(lambda: ours(xj, yj), repeats=repeats)["median"]
     t_sp = benchlib.timeit(lambda: ss.kendalltau(x, y), repeats=repeats)["median"]
     err = abs(float(ours(xj, yj).statistic) - ss.kendalltau(x.astype(np.float64), y.astype(np.float64)).statistic)
-    c_ours, c_sp = _cpu(lambda: ours(xj, yj), 3), _cpu(lambda: ss.kendalltau(x, y), 3)
+    c_ours, c_sp = benchlib.cpu_seconds(lambda: ours(xj, yj), 3), benchlib.cpu_seconds(lambda: ss.kendalltau(x, y), 3)
     rows = [
         [f"corrjax.stats.kendalltau (jit), n={n:.0e}", _ms(t_ours), t_sp / t_ours, _ms(c_ours), c_sp / c_ours],
         [f"scipy.stats.kendalltau, n={n:.0e}", _ms(t_sp), 1.0, _ms(c_sp), 1.0],

@@ -12,9 +12,7 @@ SciPy's compiled pool-adjacent-violators (``scipy.optimize.isotonic_regression``
 from __future__ import annotations
 
 import logging
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -28,17 +26,6 @@ import benchlib
 import corrjax.stats as cs
 
 logger = logging.getLogger("bench_stats.similarity")
-
-
-def _cpu_seconds(fn, repeats: int) -> float:
-    """Median process CPU time (all threads) of one warm call: robust to other processes sharing the cores."""
-    benchlib.block(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        benchlib.block(fn())
-        times.append(time.process_time() - t0)
-    return statistics.median(times)
 
 
 def _soft_rank_numpy(x: np.ndarray, eps: float) -> np.ndarray:
@@ -85,7 +72,7 @@ def _soft_rank_section(batch: int, n: int, repeats: int) -> str:
         xt = torch.from_numpy(x)
         calls["torchsort.soft_rank (float32)"] = lambda: torchsort.soft_rank(xt, regularization_strength=eps)
     wall = {k: benchlib.timeit(f, repeats=repeats)["median"] for k, f in calls.items()}
-    cpu = {k: _cpu_seconds(f, repeats) for k, f in calls.items()}
+    cpu = {k: benchlib.cpu_seconds(f, repeats) for k, f in calls.items()}
     ref_key = "NumPy argsort + SciPy PAV per row (float64)"
     ref = _soft_rank_numpy(x, eps)
     err = float(np.max(np.abs(np.asarray(rank["l2"](xj)) - ref)))
@@ -153,8 +140,8 @@ def _cka_section(n: int, width: int, layers: int, batches: int, repeats: int) ->
 
     t_stream = benchlib.timeit(stream, repeats=repeats)["median"] / batches
     t_gemm = benchlib.timeit(lambda: gemms_only(acts_x, acts_y), repeats=repeats)["median"]
-    c_stream = _cpu_seconds(stream, repeats) / batches
-    c_gemm = _cpu_seconds(lambda: gemms_only(acts_x, acts_y), repeats)
+    c_stream = benchlib.cpu_seconds(stream, repeats) / batches
+    c_gemm = benchlib.cpu_seconds(lambda: gemms_only(acts_x, acts_y), repeats)
     flops = 2 * layers * 2 * n * n * width + 2 * layers * layers * n * n
     rows = [
         [
