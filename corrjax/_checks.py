@@ -15,18 +15,24 @@ import numpy as np
 Array = jnp.ndarray
 
 
-def as_float_array(x: Any, name: str) -> Array:
-    """Returns ``x`` as a JAX array of floating dtype.
-
-    Integer and boolean input is promoted to the default float dtype (float32, or float64 under x64); floating input
-    keeps its dtype (float32 stays float32, bf16 stays bf16). Complex input is rejected.
-    """
+def as_array(x: Any, name: str) -> Array:
+    """Returns ``x`` as a real JAX array, keeping its dtype (integers stay integers); complex input is rejected."""
     try:
         arr = jnp.asarray(x)
     except TypeError as e:
         raise TypeError(f"`{name}` must be array-like, got {type(x).__name__}") from e
     if jnp.issubdtype(arr.dtype, jnp.complexfloating):
         raise TypeError(f"`{name}` must be real, got dtype {arr.dtype}")
+    return arr
+
+
+def as_float_array(x: Any, name: str) -> Array:
+    """Returns ``x`` as a JAX array of floating dtype.
+
+    Integer and boolean input is promoted to the default float dtype (float32, or float64 under x64); floating input
+    keeps its dtype (float32 stays float32, bf16 stays bf16). Complex input is rejected.
+    """
+    arr = as_array(x, name)
     if not jnp.issubdtype(arr.dtype, jnp.floating):
         arr = arr.astype(jnp.result_type(float))
     return arr

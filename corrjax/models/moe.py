@@ -74,9 +74,12 @@ class MMoE(MultiTaskModel):
             raise ValueError(f"`num_experts` must be >= 1, got {num_experts}")
         self._init_tasks(tasks)
         self.experts = _experts(expert, num_experts, rngs, "expert")
-        self.gates = nnx.Dict({n: nnx.Linear(gate_in_features, num_experts, rngs=rngs) for n in self.task_names})
+        self._init_gates(gate_in_features, num_experts, rngs)
         self.heads = make_heads(self.experts[0].out_features, self.tasks, tower_hidden, rngs)
         self.num_experts = num_experts
+
+    def _init_gates(self, in_features: int, num_experts: int, rngs: nnx.Rngs) -> None:
+        self.gates = nnx.Dict({n: nnx.Linear(in_features, num_experts, rngs=rngs) for n in self.task_names})
 
     def features(self, x: jax.Array) -> jax.Array:
         return _run(self.experts, x)
@@ -94,7 +97,7 @@ class MMoE(MultiTaskModel):
         return {n: self.heads[n](_mix(logits[n], z)) for n in self.task_names}
 
 
-class OMoE(MultiTaskModel):
+class OMoE(MMoE):
     """One-gate mixture of experts, the baseline of Ma et al. (KDD 2018, Section 5).
 
     Like :class:`MMoE` but with a single softmax gate shared by every task, ``h = sum_e g(x)_e f_e(x)``, so every
@@ -103,35 +106,13 @@ class OMoE(MultiTaskModel):
 
     task_specific = ("heads",)
 
-    def __init__(
-        self,
-        expert: BackboneFactory,
-        tasks: Sequence[TaskSpec],
-        *,
-        num_experts: int = 4,
-        gate_in_features: int,
-        tower_hidden: Sequence[int] = (),
-        rngs: nnx.Rngs,
-    ) -> None:
-        if num_experts < 1:
-            raise ValueError(f"`num_experts` must be >= 1, got {num_experts}")
-        self._init_tasks(tasks)
-        self.experts = _experts(expert, num_experts, rngs, "expert")
-        self.gate = nnx.Linear(gate_in_features, num_experts, rngs=rngs)
-        self.heads = make_heads(self.experts[0].out_features, self.tasks, tower_hidden, rngs)
-        self.num_experts = num_experts
+    def _init_gates(self, in_features: int, num_experts: int, rngs: nnx.Rngs) -> None:
+        self.gate = nnx.Linear(in_features, num_experts, rngs=rngs)
 
-    def features(self, x: jax.Array) -> jax.Array:
-        return _run(self.experts, x)
-
-    def gate_weights(self, x: jax.Array) -> dict[str, jax.Array]:
-        """``{task: (n, E)}``: the one gate's softmax weights (the same array for every task)."""
-        g = jax.nn.softmax(self.gate(flatten(x)), axis=-1)
+    def gate_logits(self, x: jax.Array) -> dict[str, jax.Array]:
+        """``{task: (n, E)}``: the one gate's logits (the same array for every task)."""
+        g = self.gate(flatten(x))
         return {n: g for n in self.task_names}
-
-    def from_features(self, z: jax.Array, x: jax.Array) -> dict[str, jax.Array]:
-        h = _mix(self.gate(flatten(x)), z)
-        return {n: self.heads[n](h) for n in self.task_names}
 
 
 class CGCLevel(nnx.Module):

@@ -22,7 +22,7 @@ import numpy as np
 from jax import lax
 from jax.scipy import special
 
-from corrjax._checks import as_columns, check_choice, check_same_n
+from corrjax._checks import as_array, as_columns, check_choice, check_same_n
 from corrjax.stats import _sorting
 
 Array = jax.Array
@@ -45,16 +45,6 @@ class KendallTauResult(NamedTuple):
 
     statistic: Array
     pvalue: Array
-
-
-def _as_array(x: Any, name: str) -> Array:
-    try:
-        a = jnp.asarray(x)
-    except TypeError as e:
-        raise TypeError(f"`{name}` must be array-like, got {type(x).__name__}") from e
-    if jnp.issubdtype(a.dtype, jnp.complexfloating):
-        raise TypeError(f"`{name}` must be real, got dtype {a.dtype}")
-    return a
 
 
 def _float_dtype(*dtypes: Any) -> Any:
@@ -112,7 +102,7 @@ def rankdata(x: Any, *, method: str = "average", axis: int | None = 0) -> Array:
       ranks are exact up to 2**24 observations in float32.
     """
     check_choice(method, "method", _RANK_METHODS)
-    a = _as_array(x, "x")
+    a = as_array(x, "x")
     if axis is None:
         a, axis = a.reshape(-1), 0
     if a.ndim == 0:
@@ -180,8 +170,8 @@ def spearmanr(x: Any, y: Any = None, *, axis_name: AxisName = None) -> SpearmanR
       [-1, 1] with an exact unit diagonal for ``y=None``. A constant column, a column containing NaN, or
       ``n < 2`` give NaN; ``n == 2`` gives p = NaN (t has no degrees of freedom), as scipy.
     """
-    x2, x1 = as_columns(_as_array(x, "x"), "x")
-    y2, y1 = (None, False) if y is None else as_columns(_as_array(y, "y"), "y")
+    x2, x1 = as_columns(as_array(x, "x"), "x")
+    y2, y1 = (None, False) if y is None else as_columns(as_array(y, "y"), "y")
     if y2 is not None:
         check_same_n(x2, y2)
     dtype = _float_dtype(x2.dtype, *([] if y2 is None else [y2.dtype]))
@@ -265,7 +255,7 @@ def kendalltau(x: Any, y: Any, *, variant: str = "b", axis_name: AxisName = None
       contains NaN, or ``n < 2``.
     """
     check_choice(variant, "variant", ("b", "c"))
-    xa, ya = _as_array(x, "x"), _as_array(y, "y")
+    xa, ya = as_array(x, "x"), as_array(y, "y")
     if xa.ndim != 1 or ya.ndim != 1:
         raise ValueError(f"`x` and `y` must be 1-D samples, got x.shape={xa.shape} and y.shape={ya.shape}")
     check_same_n(xa, ya)
