@@ -6,7 +6,8 @@ Everything that reduces over observations goes through :func:`centered`, which
    running sums below are of deviations of size ~spread rather than ~mean (no catastrophic cancellation in float32
    when the mean is 1e4 times the spread; a constant column becomes exactly zero);
 2. takes the (weighted) mean of the shifted data, reduced with ``lax.psum`` over ``axis_name`` when given;
-3. returns the centred data, so callers form co-moments with one matrix product and a final ``psum``.
+3. returns the centred data, so callers form co-moments with one matrix product and a final ``psum``;
+   :func:`centered_comoment` does the same for cov/corrcoef in row blocks, without a centred copy of the data.
 
 This is the classical two-pass algorithm (Chan, Golub & LeVeque 1983, "Algorithms for computing the sample
 variance"), made exact across shards because every shard centres with the same global mean.
@@ -14,8 +15,9 @@ variance"), made exact across shards because every shard centres with the same g
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
-from typing import Any
+import itertools
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,14 +76,14 @@ def reference_row(x: Array, axis_name: AxisName) -> Array:
     return lax.psum(jnp.where(_is_first_shard(axis_name), x0, jnp.zeros_like(x0)), axis_name)
 
 
-def centered(x: Array, w: Array | None, axis_name: AxisName) -> tuple[Array, Array, Array]:
-    """Returns ``(xc, mean, wsum)`` for observations along axis 0 of ``x``.
+def centering(x: Array, w: Array | None, axis_name: AxisName) -> tuple[Array, Array, Array]:
+    """Returns ``(shift, mean_d, wsum)``: the centred data are ``(x - shift) - mean_d`` (not materialised here).
 
-    ``xc = x - mean`` (computed as ``(x - x_ref) - mean(x - x_ref)``), ``mean`` the global weighted mean with the
-    observation axis removed, ``wsum`` the global sum of weights (the number of observations when ``w`` is None).
+    ``shift`` is the reference row, ``mean_d`` the global weighted mean of ``x - shift`` and ``wsum`` the global sum
+    of weights (the number of observations when ``w`` is None).
     """
     shift = reference_row(x, axis_name)
-    d = x - shift
+    d = x - shift  # fused into the reductions below: no (n, d) temporary
     if w is None:
         wsum = jnp.asarray(global_n(x.shape[0], axis_name), x.dtype)
         sum_d = psum(jnp.sum(d, axis=0), axis_name)
@@ -89,30 +91,100 @@ def centered(x: Array, w: Array | None, axis_name: AxisName) -> tuple[Array, Arr
         wsum = psum(jnp.sum(w), axis_name)
         sum_d = psum(jnp.tensordot(w, d, axes=(0, 0), precision=PRECISION), axis_name)
     mean_d = sum_d / jnp.where(wsum != 0, wsum, jnp.ones_like(wsum))  # no weight: the shift stands in
-    return d - mean_d, shift + mean_d, wsum
+    return shift, mean_d, wsum
 
 
-# From this many columns on, a Gram matrix is computed as two products over the upper block triangle (3/4 of the
-# flops of the full product); below it the single product is as fast.
-SYMMETRIC_SPLIT_MIN_D = 256
+def centered(x: Array, w: Array | None, axis_name: AxisName) -> tuple[Array, Array, Array]:
+    """Returns ``(xc, mean, wsum)`` for observations along axis 0 of ``x``.
+
+    ``xc = x - mean`` (computed as ``(x - x_ref) - mean(x - x_ref)``), ``mean`` the global weighted mean with the
+    observation axis removed, ``wsum`` the global sum of weights (the number of observations when ``w`` is None).
+    """
+    shift, mean_d, wsum = centering(x, w, axis_name)
+    return (x - shift) - mean_d, shift + mean_d, wsum
+
+
+# Row blocks. XLA's CPU runtime gives each large temporary of a program (a centred copy of the data, a mask) a fresh
+# allocation whose pages the kernel zero-fills on first touch: for 100000 x 512 float32 that costs more than the
+# centring arithmetic itself. Reductions over observations therefore stream the rows in blocks of ~4 MB, whose
+# temporaries stay in cache and are reused by every iteration of one loop; each block's matrix products are still
+# large enough to run at full GEMM speed. Accelerators have no such cost and take the rows in one block.
+BLOCK_ELEMENTS = 1 << 20
+MIN_BLOCK_ROWS = 512
+
+
+def block_rows(width: int) -> int | None:
+    """Rows per block for data with ``width`` columns in total (``None``: one block, on accelerators)."""
+    if jax.default_backend() != "cpu":
+        return None
+    return max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // max(width, 1) // 8 * 8)
+
+
+def sum_over_row_blocks(fn: Callable[..., Any], *arrays: Array | None, rows: int | None) -> Any:
+    """``sum_b fn(*blocks_b)`` (a pytree sum) over consecutive row blocks of ``arrays``.
+
+    All non-None arrays share the leading (observation) axis; ``None`` entries are passed through. Blocks hold
+    ``rows`` rows (the last one the remainder); with fewer than two full blocks, or ``rows=None``, ``fn`` sees the
+    whole arrays. The loop is a ``lax.fori_loop`` with a static trip count, so it differentiates, vmaps and shards.
+    """
+    n = next(a.shape[0] for a in arrays if a is not None)
+    count = 0 if rows is None else n // rows
+    if count < 2:
+        return fn(*arrays)
+
+    def take(start: Any, size: int) -> list[Array | None]:
+        return [None if a is None else lax.dynamic_slice_in_dim(a, start, size) for a in arrays]
+
+    def body(i: Array, acc: Any) -> Any:
+        return jax.tree.map(jnp.add, acc, fn(*take(i * rows, rows)))
+
+    acc = lax.fori_loop(1, count, body, fn(*take(0, rows)))
+    if count * rows < n:
+        tail = fn(*[None if a is None else a[count * rows :] for a in arrays])
+        acc = jax.tree.map(jnp.add, acc, tail)
+    return acc
+
+
+def triangle_blocks(d: int) -> int:
+    """Block rows of a ``d x d`` symmetric product: 1 (a plain GEMM) below 256 columns, then 2, from 512 on 3."""
+    return 1 if d < 256 else 2 if d < 512 else 3
+
+
+def _block_edges(d: int, k: int) -> list[int]:
+    return [d * i // k for i in range(k + 1)]
+
+
+def gram_block_rows(a: Array, b: Array, k: int) -> list[Array]:
+    """The upper block triangle of the symmetric ``a^T b``: block row ``i`` is ``a_i^T b[:, lo_i:]``.
+
+    With ``k`` block rows this costs ``(k + 1) / (2k)`` of a GEMM's multiply-adds (3/4 for ``k = 2``, 2/3 for 3); XLA
+    has no SYRK. Sum these over row blocks, then :func:`assemble_gram`.
+    """
+    edges = _block_edges(a.shape[1], k)
+    return [jnp.matmul(a[:, lo:hi].T, b[:, lo:], precision=PRECISION) for lo, hi in itertools.pairwise(edges)]
+
+
+def assemble_gram(block_rows_: list[Array], d: int) -> Array:
+    """The full symmetric ``(d, d)`` matrix from its upper block rows (:func:`gram_block_rows`)."""
+    k = len(block_rows_)
+    if k == 1:
+        return block_rows_[0]
+    edges = _block_edges(d, k)
+    rows = []
+    for i, lo in enumerate(edges[:-1]):
+        left = [block_rows_[j][:, lo - edges[j] : edges[i + 1] - edges[j]].T for j in range(i)]  # mirrored blocks
+        rows.append(jnp.concatenate([*left, block_rows_[i]], axis=1))
+    return jnp.concatenate(rows, axis=0)
 
 
 def gram(a: Array, b: Array | None = None) -> Array:
     """``a^T b`` (``(n, d)``, ``(n, d)`` -> ``(d, d)``) for a symmetric result; ``b = a`` when omitted.
 
-    The caller guarantees ``a^T b`` is symmetric (``b`` is ``a`` or ``a`` with rows scaled). For wide inputs the
-    result is assembled from ``a_1^T b`` (the top block row) and ``a_2^T b_2`` (the bottom-right block), saving a
-    quarter of the multiply-adds of a plain GEMM (XLA has no SYRK).
+    The caller guarantees ``a^T b`` is symmetric (``b`` is ``a`` or ``a`` with rows scaled); wide inputs use the
+    block triangle (:func:`gram_block_rows`).
     """
     b = a if b is None else b
-    d = a.shape[1]
-    if d < SYMMETRIC_SPLIT_MIN_D:
-        return jnp.matmul(a.T, b, precision=PRECISION)
-    h = d // 2
-    top = jnp.matmul(a[:, :h].T, b, precision=PRECISION)  # (h, d)
-    bottom_right = jnp.matmul(a[:, h:].T, b[:, h:], precision=PRECISION)  # (d - h, d - h)
-    bottom = jnp.concatenate([top[:, h:].T, bottom_right], axis=1)
-    return jnp.concatenate([top, bottom], axis=0)
+    return assemble_gram(gram_block_rows(a, b, triangle_blocks(a.shape[1])), a.shape[1])
 
 
 def comoment(xc: Array, yc: Array | None, w: Array | None, axis_name: AxisName) -> Array:
@@ -123,6 +195,46 @@ def comoment(xc: Array, yc: Array | None, w: Array | None, axis_name: AxisName) 
     if w is not None:
         yc = yc * w[:, None].astype(yc.dtype)
     return psum(jnp.matmul(xc.T, yc, precision=PRECISION), axis_name)
+
+
+class CenteredMoments(NamedTuple):
+    """Second moments about the global (weighted) mean, summed over all shards (see :func:`centered_comoment`)."""
+
+    comoment: Array  # (d, e): sum_k w_k xc_k yc_k^T (symmetric (d, d) when y is None)
+    sxx: Array | None  # (d,): sum_k w_k xc_k^2, with ``sumsq`` and a cross block
+    syy: Array | None  # (e,)
+    wsum: Array  # sum of weights (n unweighted)
+
+
+def centered_comoment(
+    x: Array, y: Array | None, w: Array | None, axis_name: AxisName, *, sumsq: bool = False
+) -> CenteredMoments:
+    """Centred (co-)moments of raw data without materialising the centred copy (row blocks, :func:`block_rows`).
+
+    Same numerics as :func:`centered` followed by :func:`comoment`: each block is centred as
+    ``(x - shift) - mean_d`` with the global shift and mean.
+    """
+    sx, mx, wsum = centering(x, w, axis_name)
+    sy, my = (None, None) if y is None else centering(y, w, axis_name)[:2]
+    d = x.shape[1]
+    k = triangle_blocks(d)
+
+    def block(xb: Array, yb: Array | None, wb: Array | None) -> dict[str, Any]:
+        xc = (xb - sx) - mx
+        xw = xc if wb is None else xc * wb[:, None]
+        if yb is None:
+            return {"c": gram_block_rows(xc, xw, k)}
+        yc = (yb - sy) - my
+        out = {"c": jnp.matmul(xw.T, yc, precision=PRECISION)}
+        if sumsq:
+            out["sxx"] = jnp.sum(xw * xc, axis=0)
+            out["syy"] = jnp.sum((yc if wb is None else yc * wb[:, None]) * yc, axis=0)
+        return out
+
+    width = d + (0 if y is None else y.shape[1])
+    sums = psum(sum_over_row_blocks(block, x, y, w, rows=block_rows(width)), axis_name)
+    c = assemble_gram(sums["c"], d) if y is None else sums["c"]
+    return CenteredMoments(c, sums.get("sxx"), sums.get("syy"), wsum)
 
 
 def normalize_comoment(c: Array, sxx: Array, syy: Array, *, symmetric: bool) -> Array:

@@ -7,9 +7,11 @@ set to 0,
     N    = M^T M            (pair counts)          Sx  = X0^T M     Sy  = M^T Y0
     Sxy  = X0^T Y0          Sxx = (X0^2)^T M       Syy = M^T Y0^2
 
-and the pairwise-centred sums follow as ``Sxy - Sx Sy / N`` (and ``Sxx - Sx^2 / N``). The shift is, per column, the
-observed value near the column's centre (see ``_shift``), so the sums are of deviations of size ~spread (no float32
-cancellation when the mean is far larger than the spread, and integer-valued data stay exact).
+and the pairwise-centred sums follow as ``Sxy - Sx Sy / N`` (and ``Sxx - Sx^2 / N``). The products are accumulated
+over row blocks (``_centered.sum_over_row_blocks``), so the mask and the shifted copy are never materialised whole.
+The shift is, per column, an observed value near the column's centre (see ``_shift``), so the sums are of deviations
+of size ~spread (no float32 cancellation when the mean is far larger than the spread, and integer-valued data stay
+exact).
 """
 
 from __future__ import annotations
@@ -21,7 +23,16 @@ import jax.numpy as jnp
 from jax import lax
 
 from corrjax._checks import as_columns, check_ddof, check_same_n
-from corrjax.stats._centered import PRECISION, AxisName, axis_size, linear_index, psum, squeeze_1d
+from corrjax.stats._centered import (
+    PRECISION,
+    AxisName,
+    axis_size,
+    block_rows,
+    linear_index,
+    psum,
+    squeeze_1d,
+    sum_over_row_blocks,
+)
 
 Array = jax.Array
 
@@ -42,9 +53,9 @@ _HEAD_ROWS = 512
 def _shift(x: Array, mask: Array, axis_name: AxisName) -> Array:
     """Per column, an observed value near the column's centre, the same on every shard (0 for an empty column).
 
-    Preferably the observed value nearest the mean of the first ``_HEAD_ROWS`` rows (cheap, and robust to a leading
-    outlier); for a column with nothing observed there, its first observed value. Being an actual data value keeps
-    integer-valued data exact after the shift.
+    Preferably the observed value nearest the mean of the first ``_HEAD_ROWS`` rows of the first shard that has one
+    (cheap, and robust to a leading outlier); for a column with nothing observed in any head, its smallest observed
+    value (one fused min-reduction). Being an actual data value keeps integer-valued data exact after the shift.
     """
     if x.shape[0] == 0:
         return jnp.zeros(x.shape[1:], x.dtype)
@@ -54,52 +65,64 @@ def _shift(x: Array, mask: Array, axis_name: AxisName) -> Array:
     hmean = jnp.sum(hz, axis=0) / jnp.where(hcount > 0, hcount, 1.0)
     near = jnp.argmin(jnp.where(hmask, jnp.abs(head - hmean), jnp.inf), axis=0)
     head_value = jnp.take_along_axis(hz, near[None], axis=0)[0]
-    first = jnp.argmax(mask, axis=0)  # first observed row (0 if none)
-    first_value = jnp.take_along_axis(x, first[None], axis=0)[0]
-    any_obs = jnp.take_along_axis(mask, first[None], axis=0)[0]
-    value = jnp.where(hcount > 0, head_value, jnp.where(any_obs, first_value, jnp.zeros_like(first_value)))
+    has_head = hcount > 0
+    lowest = jnp.min(jnp.where(mask, x, jnp.inf), axis=0)
     if axis_name is not None:
-        # prefer a head value, then any observed value, then the lowest shard index
-        quality = jnp.where(hcount > 0, 0, jnp.where(any_obs, 1, 2)).astype(jnp.int32)
-        key = quality * axis_size(axis_name) + linear_index(axis_name)
-        chosen = key == lax.pmin(key, axis_name)
-        value = lax.psum(jnp.where(chosen, value, jnp.zeros_like(value)), axis_name)
-    return lax.stop_gradient(value)
+        lowest = lax.pmin(lowest, axis_name)
+        # the head value of the lowest-indexed shard that has one
+        key = jnp.where(has_head, linear_index(axis_name), axis_size(axis_name))
+        first = lax.pmin(key, axis_name)
+        head_value = lax.psum(jnp.where(key == first, head_value, jnp.zeros_like(head_value)), axis_name)
+        has_head = first < axis_size(axis_name)
+    fallback = jnp.where(jnp.isfinite(lowest), lowest, jnp.zeros_like(lowest))
+    return lax.stop_gradient(jnp.where(has_head, head_value, fallback))
 
 
-def _masked(x: Array, axis_name: AxisName) -> tuple[Array, Array]:
+def _masked(x: Array, shift: Array) -> tuple[Array, Array]:
+    """``(x0, m)``: the shifted data with missing entries 0, and the observed-mask as ``x``'s dtype."""
     mask = jnp.isfinite(x)
-    x0 = jnp.where(mask, x - _shift(x, mask, axis_name), jnp.zeros_like(x))
-    return x0, mask.astype(x.dtype)
+    return jnp.where(mask, x - shift, jnp.zeros_like(x)), mask.astype(x.dtype)
 
 
-def _mm(a: Array, b: Array, axis_name: AxisName) -> Array:
-    return psum(jnp.matmul(a.T, b, precision=PRECISION), axis_name)
+def _mm(a: Array, b: Array) -> Array:
+    return jnp.matmul(a.T, b, precision=PRECISION)
 
 
 def _pairwise_sums(x: Any, y: Any, axis_name: AxisName, need_var: bool):
     x2, x1 = as_columns(x, "x")
     if y is None:
-        y2, y1 = x2, x1
+        y2, y1 = None, x1
     else:
         y2, y1 = as_columns(y, "y")
         check_same_n(x2, y2)
-    dtype = jnp.result_type(x2.dtype, y2.dtype)
-    x0, mx = _masked(x2.astype(dtype), axis_name)
-    if y is None:
-        y0, my = x0, mx
-    else:
-        y0, my = _masked(y2.astype(dtype), axis_name)
-    n = _mm(mx, my, axis_name)
-    sx = _mm(x0, my, axis_name)
-    sy = sx.T if y is None else _mm(mx, y0, axis_name)
-    sxy = _mm(x0, y0, axis_name)
+    dtype = x2.dtype if y2 is None else jnp.result_type(x2.dtype, y2.dtype)
+    x2 = x2.astype(dtype)
+    y2 = None if y2 is None else y2.astype(dtype)
+    shift_x = _shift(x2, jnp.isfinite(x2), axis_name)
+    shift_y = None if y2 is None else _shift(y2, jnp.isfinite(y2), axis_name)
+
+    def block(xb: Array, yb: Array | None) -> dict[str, Array]:
+        x0, mx = _masked(xb, shift_x)
+        y0, my = (x0, mx) if yb is None else _masked(yb, shift_y)
+        sums = {"n": _mm(mx, my), "sx": _mm(x0, my), "sxy": _mm(x0, y0)}
+        if yb is not None:
+            sums["sy"] = _mm(mx, y0)
+        if need_var:
+            sums["sxx"] = _mm(x0 * x0, my)
+            if yb is not None:
+                sums["syy"] = _mm(mx, y0 * y0)
+        return sums
+
+    width = x2.shape[1] + (0 if y2 is None else y2.shape[1])
+    s = psum(sum_over_row_blocks(block, x2, y2, rows=block_rows(2 * width)), axis_name)
+    n, sx = s["n"], s["sx"]
+    sy = sx.T if y2 is None else s["sy"]
     safe_n = jnp.where(n > 0, n, 1.0)
-    cxy = sxy - sx * sy / safe_n
-    out = {"n": n, "cxy": cxy, "x1": x1, "y1": y1, "sym": y is None}
+    cxy = s["sxy"] - sx * sy / safe_n
+    out = {"n": n, "cxy": cxy, "x1": x1, "y1": y1, "sym": y2 is None}
     if need_var:
-        sxx = _mm(x0 * x0, my, axis_name)
-        syy = sxx.T if y is None else _mm(mx, y0 * y0, axis_name)
+        sxx = s["sxx"]
+        syy = sxx.T if y2 is None else s["syy"]
         vx = sxx - sx * sx / safe_n
         vy = syy - sy * sy / safe_n
         # Rounding leaves ~sqrt(n) eps * Sxx where the exact pairwise variance is 0 (a column constant on the rows

@@ -20,7 +20,7 @@ from corrjax._checks import as_columns, as_float_array, check_ddof, check_same_n
 from corrjax.stats._centered import (
     AxisName,
     centered,
-    comoment,
+    centered_comoment,
     global_n,
     normalize_comoment,
     psum,
@@ -109,13 +109,10 @@ def cov(
     check_ddof(ddof)
     x2, x1, y2, y1 = _prepare(x, y)
     w, aw = _weights(x2.shape[0], fweights, aweights, x2.dtype)
-    xc, _, wsum = centered(x2, w, axis_name)
+    m = centered_comoment(x2, y2, w, axis_name)
+    c, wsum = m.comoment, m.wsum
     if y2 is None:
-        c = comoment(xc, None, w, axis_name)
         c = 0.5 * (c + c.T)  # exactly symmetric
-    else:
-        yc, _, _ = centered(y2, w, axis_name)
-        c = comoment(xc, yc, w, axis_name)
     # numpy's normalisation: v1 - ddof, or v1 - ddof * sum(w * aweights) / v1 with observation weights.
     correction = 1.0 if aw is None or ddof == 0 else psum(jnp.sum(w * aw), axis_name) / wsum
     fact = wsum - ddof * correction
@@ -148,24 +145,14 @@ def corrcoef(
     """
     x2, x1, y2, y1 = _prepare(x, y)
     w, _ = _weights(x2.shape[0], fweights, aweights, x2.dtype)
-    xc, _, _ = centered(x2, w, axis_name)
+    m = centered_comoment(x2, y2, w, axis_name, sumsq=True)
     if y2 is None:
-        c = comoment(xc, None, w, axis_name)
-        c = 0.5 * (c + c.T)
+        c = 0.5 * (m.comoment + m.comoment.T)
         var = jnp.diagonal(c)
         r = normalize_comoment(c, var, var, symmetric=True)
     else:
-        yc, _, _ = centered(y2, w, axis_name)
-        c = comoment(xc, yc, w, axis_name)
-        sxx = _weighted_sumsq(xc, w, axis_name)
-        syy = _weighted_sumsq(yc, w, axis_name)
-        r = normalize_comoment(c, sxx, syy, symmetric=False)
+        r = normalize_comoment(m.comoment, m.sxx, m.syy, symmetric=False)
     return squeeze_1d(r, x1, y1)
-
-
-def _weighted_sumsq(xc: Array, w: Array | None, axis_name: AxisName) -> Array:
-    sq = xc * xc if w is None else xc * xc * w[:, None]
-    return psum(jnp.sum(sq, axis=0), axis_name)
 
 
 def _broadcast_pair(x: Any, y: Any, axis: int) -> tuple[Array, Array]:

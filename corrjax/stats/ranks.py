@@ -62,9 +62,22 @@ def _has_nan(a: Array, axis: int | None = None, keepdims: bool = False) -> Array
     return jnp.zeros(shape, bool)
 
 
+# From this many observations per slice on, slices are ranked one at a time (``lax.map``): a single slice's keys,
+# sorted keys and search state stay in cache (100000 uint32 keys are 400 KB), while ranking all slices at once makes
+# every binary-search round a cache-missing gather over the whole array. Measured on 100000 x 64: 0.63x the time.
+_MAP_SLICES_MIN_N = 4096
+
+
 def _ranks_last(keys: Array, method: str, dtype: Any) -> Array:
     """1-based ranks of unsigned ``keys`` along the last axis, as ``dtype``."""
     n = keys.shape[-1]
+    if keys.ndim > 1 and n >= _MAP_SLICES_MIN_N and math.prod(keys.shape[:-1]) > 1:
+        flat = keys.reshape(-1, n)
+        return lax.map(lambda k: _rank_slices(k, method, dtype), flat).reshape(keys.shape)
+    return _rank_slices(keys, method, dtype)
+
+
+def _rank_slices(keys: Array, method: str, dtype: Any) -> Array:
     # Materialise the keys once: otherwise XLA fuses the (transposing) key computation into every search round.
     keys = lax.optimization_barrier(keys)
     if method == "ordinal":
@@ -80,7 +93,6 @@ def _ranks_last(keys: Array, method: str, dtype: Any) -> Array:
     last = jnp.take_along_axis(end, r, axis=-1, mode="promise_in_bounds")
     if method == "max":
         return (last + 1).astype(dtype)
-    del n
     return ((r + last).astype(dtype) + 2) * jnp.asarray(0.5, dtype)
 
 

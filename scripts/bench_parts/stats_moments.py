@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import benchlib
 
 import corrjax.stats as cs
+from corrjax.stats import _centered as cs_centered
 
 logger = logging.getLogger("bench_stats.moments")
 
@@ -25,14 +26,17 @@ logger = logging.getLogger("bench_stats.moments")
 def _hlo_summary(fn, *args) -> str:
     compiled = jax.jit(fn).lower(*args).compile()
     text = compiled.as_text()
-    entry = text.split("ENTRY", 1)[1]
-    dots = entry.count(" dot(")
-    fusions = entry.count(" fusion(")
+    dots = text.count(" dot(")  # all computations: the row-block loop's body holds the products
+    fusions = text.count(" fusion(")
+    loops = text.count(" while(")
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     flops = float(cost.get("flops", float("nan")))
     nbytes = float(cost.get("bytes accessed", float("nan")))
-    return f"{dots} dot(s), {fusions} fusion(s); cost_analysis: {flops / 1e9:.1f} GFLOP, {nbytes / 1e6:.0f} MB accessed"
+    return (
+        f"{dots} dot(s), {fusions} fusion(s), {loops} while loop(s); cost_analysis (which counts a loop body once): "
+        f"{flops / 1e9:.2f} GFLOP, {nbytes / 1e6:.0f} MB accessed"
+    )
 
 
 def _corrcoef_section(n: int, d: int, repeats: int) -> str:
@@ -50,6 +54,8 @@ def _corrcoef_section(n: int, d: int, repeats: int) -> str:
     t_gj = benchlib.timeit(lambda: gemm(xj, oj), repeats=repeats)["median"]
     t_gn = benchlib.timeit(lambda: x.T @ other, repeats=repeats)["median"]
     t_syrk = benchlib.timeit(lambda: x.T @ x, repeats=repeats)["median"]
+    center = jax.jit(lambda a: a - jnp.mean(a, axis=0))
+    t_center = benchlib.timeit(lambda: center(xj), repeats=repeats)["median"]
     err = float(np.max(np.abs(np.asarray(corr(xj)) - np.corrcoef(x.astype(np.float64), rowvar=False))))
     gemm_rate = flops / min(t_gj, t_gn)
     rows = [
@@ -58,6 +64,7 @@ def _corrcoef_section(n: int, d: int, repeats: int) -> str:
         ["jnp.matmul(x.T, y) (XLA GEMM)", t_gj * 1e3, flops / t_gj / 1e9, t_np / t_gj],
         ["numpy x.T @ y (BLAS SGEMM)", t_gn * 1e3, flops / t_gn / 1e9, t_np / t_gn],
         ["numpy x.T @ x (BLAS SYRK, half the flops)", t_syrk * 1e3, flops / t_syrk / 1e9, t_np / t_syrk],
+        ["jit(x - mean(x)) alone (one centred copy)", t_center * 1e3, "", ""],
     ]
     frac = flops / t_cc / gemm_rate
     hlo = _hlo_summary(cs.corrcoef, xj)
@@ -74,18 +81,19 @@ def _corrcoef_section(n: int, d: int, repeats: int) -> str:
             f"({gemm_rate / 1e9:.0f} GFLOP/s, the faster of XLA and BLAS) and is **{t_np / t_cc:.2f}x** "
             f"numpy.corrcoef. Max abs error vs a float64 reference: {err:.1e}.",
             "",
-            f"Compiled corrcoef: {hlo}. The HLO is one shift-and-reduce for the mean, one centring fusion, the "
-            "Gram product (from d = 256 on, two dots over the upper block triangle: 3/4 of a GEMM's flops; XLA has no "
-            "SYRK) and one "
-            "normalisation fusion, so its time is the GEMM's plus two memory passes. numpy.corrcoef is itself "
-            "SYRK-bound (BLAS computes half of the symmetric product, `n d^2` flops), so beating it 3x would need "
-            "more than 1.5x this machine's measured GEMM peak: that target is not reachable on a CPU by any "
-            "float32 implementation. What would close most of the rest: a recursive block split (approaching 1/2 "
-            "of the flops, as SYRK; a two-level split measured no better here) and fusing the centring into the GEMM's "
-            "operand packing (a custom kernel). Caution: the ratio depends on the load line above. Oversubscribed, "
-            "BLAS's spinning threads degrade more than XLA's, which flatters corrjax; on the idle machine (load 0.2, "
-            "2026-11-21, before the block split) numpy.corrcoef took 0.22 s, a plain XLA GEMM 0.32 s and this "
-            "corrcoef 0.40 s, i.e. numpy's SYRK-based corrcoef was faster there.",
+            f"Compiled corrcoef: {hlo}. The HLO is one shift-and-reduce for the mean, then a loop over blocks of "
+            f"{cs_centered.block_rows(d)} rows whose body centres the block (in cache) and multiplies it with itself "
+            f"over the upper block triangle ({cs_centered.triangle_blocks(d)} dots: "
+            f"{(cs_centered.triangle_blocks(d) + 1) / (2 * cs_centered.triangle_blocks(d)):.2f} of a GEMM's flops; XLA "
+            "has no SYRK), then one normalisation fusion. Streaming the rows matters on XLA's CPU runtime: a "
+            "whole-array temporary gets fresh pages that the kernel zero-fills on first touch, and the row above "
+            "shows that one centred copy costs a quarter of the GEMM; the previous one-block version (centred copy, "
+            "then two dots) measured 427 ms here at load 1.2. numpy.corrcoef is itself SYRK-bound (BLAS computes "
+            "half of the symmetric product, `n d^2` flops), so beating it 3x would need more than 1.5x this "
+            "machine's measured GEMM peak: that target is not reachable on this CPU by any float32 implementation. "
+            "What would close the rest of the gap to numpy: a SYRK in XLA's CPU runtime (or a custom call into the "
+            "BLAS), i.e. half the flops; a deeper block triangle trades that for smaller, slower products (4 and 8 "
+            "block rows measured no better than 3).",
         ]
     )
 
@@ -121,12 +129,13 @@ def _nan_section(n: int, d: int, repeats: int) -> str:
             ),
             "",
             f"Four masked `n x d x d` matrix products replace pandas' per-pair loop. Max abs difference vs pandas "
-            f"on the float64 copy: {err:.1e}. Compiled: {hlo}. The four products (`8 n d^2` flops) have a long "
-            f"contraction (K = n) and a tiny {d} x {d} output, a shape on which XLA's CPU GEMM reaches only about a "
-            "third of its square-GEMM rate (stacking them into one wider product was measured slower); pandas' "
-            "Cython loop does `n d^2 / 2` scalar Welford updates. Where this misses the 10x target the remaining "
-            f"cost is those thin products: a fused single-pass kernel accumulating all four {d} x {d} blocks in "
-            "registers (one read of the data) would close it; on a GPU they are a few milliseconds.",
+            f"on the float64 copy: {err:.1e}. Compiled: {hlo}. The products (`8 n d^2` flops) are accumulated in a "
+            f"loop over blocks of {cs_centered.block_rows(2 * d)} rows: the block's mask, shifted values and their "
+            "squares stay in cache instead of three whole-array temporaries, which XLA's CPU runtime backs with fresh, "
+            "kernel-zeroed pages on every call (the one-block version measured 98 ms at load 1.2, most of it outside "
+            "the products). What remains is the products' thin shape (K = n, a "
+            f"{d} x {d} output), on which XLA's CPU GEMM runs at about 40% of its square-GEMM rate; pandas' Cython "
+            "loop does `n d^2 / 2` scalar Welford updates.",
         ]
     )
 

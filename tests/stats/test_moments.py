@@ -96,12 +96,15 @@ def test_corrcoef_weighted_equals_replicated_rows(x64):
     np.testing.assert_allclose(got, ref, rtol=1e-12)
 
 
-def test_wide_inputs_use_the_block_symmetric_product(x64):
-    """d >= 256 takes the two-product (upper block triangle) path; it must equal numpy exactly as well."""
-    from corrjax.stats._centered import SYMMETRIC_SPLIT_MIN_D
+@pytest.mark.parametrize("d", [255, 259, 515])
+def test_wide_inputs_use_the_block_symmetric_product(x64, d):
+    """From d = 256 on the Gram matrix is assembled from its upper block triangle (2, then 3 block rows); it must
+    equal numpy exactly as well."""
+    from corrjax.stats._centered import triangle_blocks
 
+    assert triangle_blocks(d) == (1 if d < 256 else 2 if d < 512 else 3)
     rng = np.random.default_rng(7)
-    x = rng.standard_normal((12, SYMMETRIC_SPLIT_MIN_D + 3)) + 3.0
+    x = rng.standard_normal((12, d)) + 3.0
     aw = rng.uniform(0.5, 2.0, 12)
     np.testing.assert_allclose(_cov(x, aweights=aw), np.cov(x, rowvar=False, aweights=aw), rtol=1e-10, atol=1e-12)
     got = np.asarray(_corrcoef(x))
@@ -109,6 +112,43 @@ def test_wide_inputs_use_the_block_symmetric_product(x64):
     np.testing.assert_array_equal(got, got.T)
     state = jax.jit(cs.cov_update)(cs.cov_init(x.shape[1], dtype=jnp.float64), x)
     np.testing.assert_allclose(cs.cov_finalize(state), np.cov(x, rowvar=False), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [2 * 600, 3 * 600 + 7])
+def test_row_blocks_equal_one_block(x64, monkeypatch, n):
+    """Long inputs are reduced in row blocks (a fori_loop plus a remainder block): same values, gradients and
+    weights handling as the one-block computation."""
+    from corrjax.stats import _centered
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((n, 5)) * [1, 2, 3, 4, 5] + 1e3
+    y = rng.standard_normal((n, 3)) + x[:, :3]
+    fw = rng.integers(1, 4, n)
+    aw = rng.uniform(0.5, 2.0, n)
+
+    def stats(x, y):
+        return (
+            cs.cov(x, aweights=aw, fweights=fw),
+            cs.corrcoef(x),
+            cs.corrcoef(x, y, aweights=aw),
+            cs.cov(x, y, ddof=0),
+            jax.grad(lambda x: cs.corrcoef(x, y).sum())(x),
+        )
+
+    monkeypatch.setattr(_centered, "block_rows", lambda width: 600)
+    blocked = jax.jit(stats)(x, y)
+    monkeypatch.setattr(_centered, "block_rows", lambda width: None)
+    whole = jax.jit(stats)(x, y)
+    for got, ref in zip(blocked, whole, strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(blocked[0], np.cov(x, rowvar=False, aweights=aw, fweights=fw), rtol=1e-10)
+    np.testing.assert_allclose(blocked[2], _ref_cross(x, y, aw), rtol=1e-10)
+
+
+def _ref_cross(x, y, aw):
+    c = np.cov(np.hstack([x, y]), rowvar=False, aweights=aw)
+    s = np.sqrt(np.diag(c))
+    return (c / np.outer(s, s))[: x.shape[1], x.shape[1] :]
 
 
 def test_one_dimensional_inputs_drop_axes():
