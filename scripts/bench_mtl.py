@@ -161,6 +161,18 @@ def jax_steps(arch: str, num_tasks: int, methods: dict[str, Callable[[], Any]], 
 
     steps["naive jacrev + pcgrad"] = (naive, naive_tx)
 
+    # PCGrad with all T pullbacks in one vmap (the accelerator default) instead of the CPU default of one at a time.
+    vtg_batched = mtl.value_and_task_grad(losses_fn, shared=SHARED, task_batch_size=num_tasks)
+    batched_tx = optax.chain(mtl.shared_only(mtl.pcgrad(), SHARED), sgd)
+
+    def batched(state, x, y):
+        params, opt = state
+        losses, grads = vtg_batched(params, x, y)
+        upd, opt = batched_tx.update(grads, opt, params, task_losses=losses)
+        return optax.apply_updates(params, upd), opt
+
+    steps["pcgrad, T-batched pullback"] = (batched, batched_tx)
+
     vrg = mtl.value_and_rep_grad(lambda tp, x, y: trunk(tp, x), lambda hp, z, x, y: heads_fn(hp, z, y))
     for name, factory in rep_methods.items():
         agg = factory()
@@ -484,13 +496,16 @@ With the machine oversubscribed, wall time mostly measures waiting for a core, s
 the process CPU time of one whole training step (forward, task gradients, aggregation, SGD update): the minimum over
 alternating blocks in which each row is timed next to its reference (the summed-loss step, or the JAX step of the same
 method for the peers); wall-clock minima are given alongside. Ratios are what matter. `bound` = (1 + 2T)/3, the FLOP
-cost of exact per-task gradients in summed-loss steps; `/bound` = (step / summed) / bound. JAX rows use
-`value_and_task_grad(shared=...)` + `shared_only(aggregator)` (heads outside the Jacobian) unless marked: `naive
-jacrev` differentiates everything with `jax.jacrev` and applies PCGrad; `rep-grad` aggregates the gradient w.r.t. the
-shared features (`value_and_rep_grad`) and pulls it back with one VJP, which is exact for the loss weightings. LibMTL
-rows run LibMTL 1.1.5's own weighting classes (T `backward(retain_graph=True)` passes, then the method) in a minimal
-harness in place of its Trainer; TorchJD rows use `mtl_backward` + `jac_to_grad`. TorchJD's CAGrad and Nash-MTL need
-cvxpy (not installed) and are absent, as is Nash-MTL in LibMTL 1.1.5.
+cost of exact per-task gradients in summed-loss steps (backward = 2 forward; the CNN's first layer needs no input
+gradient, so its true bound is lower); `/bound` = (step / summed) / bound. JAX rows use
+`value_and_task_grad(shared=...)` with its CPU default (the T one-hot pullbacks one after another in the same program)
++ `shared_only(aggregator)` (heads outside the Jacobian) unless marked: `T-batched pullback` pulls the T cotangents
+back in one `vmap` (`task_batch_size=T`, the accelerator default; XLA's CPU runtime runs the T-batched convolution
+backward slowly); `naive jacrev` differentiates everything with `jax.jacrev` and applies PCGrad; `rep-grad` aggregates
+the gradient w.r.t. the shared features (`value_and_rep_grad`) and pulls it back with one VJP, which is exact for the
+loss weightings. LibMTL rows run LibMTL 1.1.5's own weighting classes (T `backward(retain_graph=True)` passes, then
+the method) in a minimal harness in place of its Trainer; TorchJD rows use `mtl_backward` + `jac_to_grad`. TorchJD's
+CAGrad and Nash-MTL need cvxpy (not installed) and are absent, as is Nash-MTL in LibMTL 1.1.5.
 """
 
 HEADERS = [

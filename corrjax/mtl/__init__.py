@@ -1,8 +1,9 @@
 """corrjax.mtl: task-stacked gradients and multi-task aggregators as Optax transformations.
 
-Task gradients come from one forward pass and a ``T``-batched VJP (:func:`value_and_task_grad`); aggregators take the
-task-stacked pytree (every leaf ``(T, ...)``) and return one update, so ``optax.chain(pcgrad(), optax.adam(1e-3))``
-is a multi-task optimiser. Solvers (min-norm, dual-cone projection, Nash bargaining) are JAX code inside the step.
+Task gradients come from one forward pass and ``T`` VJPs in one program (:func:`value_and_task_grad`); aggregators
+take the task-stacked pytree (every leaf ``(T, ...)``) and return one update, so
+``optax.chain(pcgrad(), optax.adam(1e-3))`` is a multi-task optimiser. Solvers (min-norm, dual-cone projection, Nash
+bargaining) are JAX code inside the step.
 """
 
 # --- task gradients, aggregators and solvers (issue 4, gradient half) ---
