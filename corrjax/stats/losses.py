@@ -25,6 +25,7 @@ from jax import lax
 
 from corrjax._checks import as_columns
 from corrjax.stats._centered import PRECISION, AxisName, centered, psum
+from corrjax.stats._explicit import shard_rows
 from corrjax.stats.softsort import soft_rank
 
 Array = jax.Array
@@ -60,6 +61,7 @@ def _moments(x: Array, y: Array, axis_name: AxisName) -> tuple[Array, Array, Arr
     return mx, my, sxx, syy, sxy, n
 
 
+@shard_rows("pred", "target")
 def pearson_loss(pred: Any, target: Any, *, eps: float = 0.0, axis_name: AxisName = None) -> Array:
     """``1 - r``, with ``r`` Pearson's correlation between ``pred`` and ``target`` over the batch.
 
@@ -77,6 +79,7 @@ def pearson_loss(pred: Any, target: Any, *, eps: float = 0.0, axis_name: AxisNam
     return jnp.mean(1 - r)
 
 
+@shard_rows("pred", "target")
 def concordance_loss(pred: Any, target: Any, *, axis_name: AxisName = None) -> Array:
     """``1 - CCC``, Lin's concordance correlation coefficient (Lin, 1989) over the batch.
 
@@ -99,6 +102,7 @@ def _features(z: Any, name: str) -> Array:
     return arr
 
 
+@shard_rows("h")
 def decov_loss(h: Any, *, axis_name: AxisName = None) -> Array:
     """DeCov (Cogswell et al., 2016): ``½ (‖C‖_F² - ‖diag C‖²)`` for the batch covariance of activations.
 

@@ -33,6 +33,7 @@ from corrjax.stats._centered import (
     squeeze_1d,
     sum_over_row_blocks,
 )
+from corrjax.stats._explicit import shard_rows
 
 Array = jax.Array
 
@@ -133,6 +134,7 @@ def _pairwise_sums(x: Any, y: Any, axis_name: AxisName, need_var: bool):
     return out
 
 
+@shard_rows("x", "y")
 def nancov(x: Any, y: Any = None, *, ddof: int = 1, min_periods: int = 1, axis_name: AxisName = None) -> Array:
     """Pairwise-complete covariance, like ``pandas.DataFrame.cov(min_periods=..., ddof=...)``.
 
@@ -162,6 +164,7 @@ def nancov(x: Any, y: Any = None, *, ddof: int = 1, min_periods: int = 1, axis_n
     return squeeze_1d(c, s["x1"], s["y1"])
 
 
+@shard_rows("x", "y")
 def nancorrcoef(x: Any, y: Any = None, *, min_periods: int = 1, axis_name: AxisName = None) -> Array:
     """Pairwise-complete Pearson correlation, like ``pandas.DataFrame.corr(min_periods=...)``.
 

@@ -26,6 +26,7 @@ from corrjax.stats._centered import (
     psum,
     squeeze_1d,
 )
+from corrjax.stats._explicit import shard_rows
 
 Array = jax.Array
 
@@ -81,6 +82,7 @@ def _prepare(x: Any, y: Any) -> tuple[Array, bool, Array | None, bool]:
     return x2.astype(dtype), x1, y2.astype(dtype), y1
 
 
+@shard_rows("x", "y", "fweights", "aweights")
 def cov(
     x: Any,
     y: Any = None,
@@ -120,6 +122,7 @@ def cov(
     return squeeze_1d(c, x1, y1)
 
 
+@shard_rows("x", "y", "fweights", "aweights")
 def corrcoef(
     x: Any,
     y: Any = None,
@@ -181,6 +184,7 @@ def _broadcast_pair(x: Any, y: Any, axis: int) -> tuple[Array, Array]:
     return jnp.broadcast_to(xa, shape), jnp.broadcast_to(ya, shape)
 
 
+@shard_rows("x", "y")
 def pearsonr(x: Any, y: Any, *, axis: int = 0, axis_name: AxisName = None) -> PearsonRResult:
     """Pearson correlation of ``x`` and ``y`` along ``axis`` with its two-sided p-value, like ``scipy.stats.pearsonr``.
 
@@ -265,6 +269,7 @@ def fisher_z_ci(statistic: Any, n: Any, *, confidence_level: float = 0.95) -> Co
     return ConfidenceInterval(low, high)
 
 
+@shard_rows("x", "y")
 def concordance(x: Any, y: Any, *, axis_name: AxisName = None) -> Array:
     """Lin's concordance correlation coefficient of paired columns (Lin 1989, "A concordance correlation
     coefficient to evaluate reproducibility", Biometrics 45:255).
@@ -292,6 +297,7 @@ def concordance(x: Any, y: Any, *, axis_name: AxisName = None) -> Array:
     return out[0] if (x1 and y1) else out
 
 
+@shard_rows("x")
 def partial_corr(x: Any, *, axis_name: AxisName = None) -> Array:
     """Partial correlation matrix: the correlation of columns ``i`` and ``j`` given all the others.
 

@@ -24,6 +24,7 @@ from jax.scipy import special
 
 from corrjax._checks import as_array, as_columns, check_choice, check_same_n
 from corrjax.stats import _sorting
+from corrjax.stats._explicit import shard_rows
 
 Array = jax.Array
 AxisName = Any
@@ -163,6 +164,7 @@ def _t_pvalue(r: Array, dof: int) -> Array:
     return jnp.where(jnp.isnan(r), jnp.asarray(jnp.nan, r.dtype), jnp.clip(p, 0.0, 1.0))
 
 
+@shard_rows("x", "y")
 def spearmanr(x: Any, y: Any = None, *, axis_name: AxisName = None) -> SpearmanRResult:
     """Spearman rank correlation matrix of the columns of ``x`` (or the cross block with ``y``) and p-values.
 
@@ -242,6 +244,7 @@ def _kendall_exact_cdf(n: int) -> np.ndarray:
     return np.cumsum(dist)
 
 
+@shard_rows("x", "y")
 def kendalltau(x: Any, y: Any, *, variant: str = "b", axis_name: AxisName = None) -> KendallTauResult:
     """Kendall's tau-b or tau-c of two 1-D samples with its two-sided p-value, like ``scipy.stats.kendalltau``.
 

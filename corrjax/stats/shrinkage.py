@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from corrjax._checks import as_columns
 from corrjax.stats._centered import AxisName, centered, comoment, global_n, psum
+from corrjax.stats._explicit import shard_rows
 
 Array = jax.Array
 
@@ -42,6 +43,7 @@ def _shrink(s: Array, shrinkage: Array) -> Array:
     return (1.0 - shrinkage) * s + shrinkage * mu * jnp.eye(p, dtype=s.dtype)
 
 
+@shard_rows("x")
 def ledoit_wolf(x: Any, *, axis_name: AxisName = None) -> ShrunkCovariance:
     """Ledoit-Wolf shrunk covariance, as ``sklearn.covariance.LedoitWolf(assume_centered=False)``.
 
@@ -72,6 +74,7 @@ def ledoit_wolf(x: Any, *, axis_name: AxisName = None) -> ShrunkCovariance:
     return ShrunkCovariance(_shrink(s, shrinkage), shrinkage)
 
 
+@shard_rows("x")
 def oas(x: Any, *, axis_name: AxisName = None) -> ShrunkCovariance:
     """Oracle Approximating Shrinkage covariance, as ``sklearn.covariance.OAS(assume_centered=False)``.
 

@@ -30,6 +30,7 @@ from jax import lax
 
 from corrjax._checks import as_float_array, check_same_n
 from corrjax.stats._centered import PRECISION, AxisName, centered, psum
+from corrjax.stats._explicit import shard_rows
 
 Array = jax.Array
 
@@ -121,6 +122,7 @@ def _feature_space_terms(xc: Array, yc: Array, n: int, debiased: bool, axis_name
     return tr_kl - n / (n - 2) * ab + sa * sb / ((n - 1) * (n - 2))
 
 
+@shard_rows("x", "y")
 def linear_cka(x: Any, y: Any, *, debiased: bool = False, axis_name: AxisName = None) -> Array:
     """Linear CKA between ``x: (n, d1)`` and ``y: (n, d2)`` (Kornblith et al., 2019, Eq. 4); a scalar.
 
