@@ -1,19 +1,27 @@
 """The MMoE paper's synthetic study: shared-bottom vs OMoE vs MMoE as the task correlation falls.
 
-    python scripts/run_experiment_mmoe.py [--seeds 0 1] [--correlations 1.0 0.9 0.5 0.0] [--steps 1500]
+    python scripts/run_experiment_mmoe.py [--seeds 0 1 2 3 4] [--correlations 1.0 0.9 0.5 0.0] [--steps 3000]
     python scripts/run_experiment_mmoe.py --sweep-dir multirun/mmoe_synthetic/<stamp>   # re-tabulate only
 
 Runs one local Hydra multirun of ``experiment=mmoe_synthetic`` over models x correlations x seeds (one process,
-jobs in sequence), then writes ``mmoe_synthetic.md`` (test loss, the sum of the two tasks' MSE, mean +- std over
-seeds, per model and correlation) and ``mmoe_synthetic.png`` (loss against correlation, one line per model) into
-the sweep folder. Ma et al. (KDD 2018, Fig. 3-4) find that shared-bottom degrades as the correlation falls while
-MMoE is robust to it.
+jobs in sequence), then writes ``mmoe_synthetic.md`` and ``mmoe_synthetic.png`` into the sweep folder. Ma et al.
+(KDD 2018, Fig. 3-4) compare average loss curves: shared-bottom degrades as the correlation falls while MMoE is
+robust to it. Every run evaluates the test loss (the sum of the two tasks' MSE) every ``trainer.eval_every`` steps,
+so the tables report, per model and correlation, mean +- std over seeds of
+
+- the mean test loss over the run (the area under the loss curve divided by its length: how fast the model learns),
+- the test loss at the end of the run (and at ``--budgets`` steps, if given),
+
+plus the paired ratio ``loss(lowest correlation) / loss(correlation 1)`` over seeds (one seed draws the same sine
+constants and input directions at every correlation, so the ratio isolates the correlation's effect). The figure
+shows the mean test-loss curves, one panel per correlation, and the mean loss over the run against the correlation.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import subprocess
 import sys
@@ -28,48 +36,129 @@ from compare import fmt, load_runs
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("hps", "omoe", "mmoe")
 LABELS = {"hps": "shared-bottom", "omoe": "OMoE", "mmoe": "MMoE"}
+NOISE_FLOOR_NOTE = "(the noise floor, 2 noise_std^2, is 0.02 at the preset's noise_std = 0.1)"
+
+# {model: {correlation: {seed: (steps (k,), test losses (k,))}}}
+Curves = dict[str, dict[float, dict[int, tuple[np.ndarray, np.ndarray]]]]
 
 
-def tabulate(sweep: Path) -> tuple[str, dict]:
-    """Markdown table and ``{model: {correlation: [eval losses over seeds]}}`` of a finished sweep."""
-    losses: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+def load_curves(sweep: Path) -> Curves:
+    """The test-loss curve of every finished run of the sweep (from ``metrics.jsonl``, else the final summary)."""
+    curves: Curves = defaultdict(lambda: defaultdict(dict))
     for run in load_runs(sweep):
+        if run["summary"].get("eval/loss") is None:
+            continue
         model = run["overrides"].get("model", "hps")
         corr = float(run["overrides"].get("data.correlation", "nan"))
-        if run["summary"].get("eval/loss") is not None:
-            losses[model][corr].append(float(run["summary"]["eval/loss"]))
-    corrs = sorted({c for m in losses.values() for c in m}, reverse=True)
+        seed = int(run["overrides"].get("seed", 0))
+        points = {}
+        metrics = run["dir"] / "metrics.jsonl"
+        if metrics.exists():
+            for line in metrics.read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("eval/loss") is not None:
+                    points[int(rec["step"])] = float(rec["eval/loss"])
+        points.setdefault(int(run["summary"].get("step", 0)), float(run["summary"]["eval/loss"]))
+        steps = np.asarray(sorted(points))
+        curves[model][corr][seed] = (steps, np.asarray([points[s] for s in steps]))
+    return curves
+
+
+def _ordered(curves: Curves) -> list[str]:
+    return [m for m in MODELS if m in curves] + sorted(set(curves) - set(MODELS))
+
+
+def _at(step: int):
+    def value(steps: np.ndarray, loss: np.ndarray) -> float:
+        hit = np.nonzero(steps == step)[0]
+        return float(loss[hit[0]]) if hit.size else math.nan
+
+    return value
+
+
+def _table(curves: Curves, corrs: list[float], value) -> str:
+    """Rows: models; columns: correlations, then the paired ratio lowest / highest correlation."""
+    lo, hi = min(corrs), max(corrs)
     head = ["model", *[f"corr {c:g}" for c in corrs]]
+    if len(corrs) > 1:
+        head.append(f"corr {lo:g} / corr {hi:g}")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for model in [m for m in MODELS if m in losses] + sorted(set(losses) - set(MODELS)):
+    for model in _ordered(curves):
+        per = {c: {s: value(*curve) for s, curve in curves[model].get(c, {}).items()} for c in corrs}
         cells = []
         for c in corrs:
-            v = np.asarray(losses[model].get(c, []), float)
+            v = np.asarray([x for x in per[c].values() if not math.isnan(x)], float)
             cells.append(fmt(v.mean(), v.std(ddof=1) if v.size > 1 else math.nan) if v.size else "n/a")
+        if len(corrs) > 1:
+            seeds = sorted(set(per[lo]) & set(per[hi]))
+            r = np.asarray([per[lo][s] / per[hi][s] for s in seeds], float)
+            r = r[np.isfinite(r)]
+            cells.append((f"{r.mean():.2f}" + (f" ± {r.std(ddof=1):.2f}" if r.size > 1 else "")) if r.size else "n/a")
         lines.append(f"| {LABELS.get(model, model)} | " + " | ".join(cells) + " |")
-    seeds = max((len(v) for m in losses.values() for v in m.values()), default=0)
-    note = f"\nTest loss (sum of the two tasks' MSE; lower is better), mean ± std over {seeds} seeds.\n"
-    return "\n".join(lines) + "\n" + note, losses
+    return "\n".join(lines) + "\n"
 
 
-def plot(losses: dict, path: Path) -> None:
+def tabulate(sweep: Path, budgets: list[int] | None = None) -> tuple[str, Curves]:
+    """Markdown tables (mean loss over the run, final loss, loss at ``budgets``) and the curves of a finished sweep."""
+    curves = load_curves(sweep)
+    corrs = sorted({c for m in curves.values() for c in m}, reverse=True)
+    runs = [curve for m in curves.values() for by_seed in m.values() for curve in by_seed.values()]
+    seeds = max((len(by_seed) for m in curves.values() for by_seed in m.values()), default=0)
+    last = max((int(s[-1]) for s, _ in runs), default=0)
+    evals = sorted({int(x) for s, _ in runs for x in s})
+    sections = [
+        (
+            f"Mean test loss over the run (the {len(evals)} evaluations at steps {evals[0] if evals else 0}-{last}; "
+            "the area under the loss curve, lower is better)",
+            lambda steps, loss: float(np.mean(loss)),
+        ),
+        (f"Test loss at step {last} (the end of the run)", lambda steps, loss: float(loss[-1])),
+    ]
+    for b in sorted(set(budgets or []) - {last}):
+        sections.append((f"Test loss at step {b}", _at(b)))
+    parts = [
+        f"Test loss = the sum of the two tasks' MSE {NOISE_FLOOR_NOTE}; mean ± std over {seeds} seeds; the last "
+        "column is the paired ratio over seeds (same seed: same problem apart from the correlation).\n"
+    ]
+    for title, value in sections:
+        parts.append(f"{title}:\n\n{_table(curves, corrs, value)}")
+    return "\n".join(parts), curves
+
+
+def plot(curves: Curves, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for model, by_corr in losses.items():
-        cs = sorted(by_corr)
-        mean = [np.mean(by_corr[c]) for c in cs]
-        std = [np.std(by_corr[c], ddof=1) if len(by_corr[c]) > 1 else 0.0 for c in cs]
-        ax.errorbar(cs, mean, yerr=std, marker="o", capsize=3, label=LABELS.get(model, model))
-    ax.set_xlabel("task correlation")
-    ax.set_ylabel("test loss (sum of MSE)")
-    ax.set_title("MMoE synthetic study")
-    ax.invert_xaxis()
-    ax.legend()
-    ax.grid(alpha=0.3)
+    corrs = sorted({c for m in curves.values() for c in m}, reverse=True)
+    fig, axes = plt.subplots(1, len(corrs) + 1, figsize=(3.2 * (len(corrs) + 1), 3.2))
+    for ax in axes[1:-1]:
+        ax.sharey(axes[0])
+    for model in _ordered(curves):
+        label = LABELS.get(model, model)
+        for ax, c in zip(axes, corrs, strict=False):
+            by_seed = curves[model].get(c, {})
+            if not by_seed:
+                continue
+            steps = sorted(set.intersection(*(set(s.tolist()) for s, _ in by_seed.values())))
+            mean = [np.mean([loss[list(s).index(t)] for s, loss in by_seed.values()]) for t in steps]
+            ax.plot(steps, mean, label=label)
+            ax.set_title(f"correlation {c:g}")
+        cs = [c for c in corrs if curves[model].get(c)]
+        aucs = [[float(np.mean(loss)) for _, loss in curves[model][c].values()] for c in cs]
+        std = [np.std(a, ddof=1) if len(a) > 1 else 0.0 for a in aucs]
+        axes[-1].errorbar(cs, [np.mean(a) for a in aucs], yerr=std, marker="o", capsize=3, label=label)
+    for ax in axes[:-1]:
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("test loss (sum of MSE), mean over seeds")
+    axes[0].legend()
+    axes[-1].set_xlabel("task correlation")
+    axes[-1].set_title("mean test loss over the run")
+    axes[-1].invert_xaxis()
+    axes[-1].grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -77,10 +166,11 @@ def plot(losses: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--correlations", nargs="+", type=float, default=[1.0, 0.9, 0.5, 0.0])
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--steps", type=int, default=None, help="override trainer.max_steps")
+    p.add_argument("--budgets", nargs="+", type=int, default=[1000], help="also tabulate the test loss at these steps")
     p.add_argument("--sweep-dir", help="tabulate an existing sweep instead of running one")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = p.parse_args(argv)
@@ -96,9 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             cmd.append(f"trainer.max_steps={args.steps}")
         print("running:", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
-    md, losses = tabulate(sweep)
+    md, curves = tabulate(sweep, args.budgets)
     (sweep / "mmoe_synthetic.md").write_text(md)
-    plot(losses, sweep / "mmoe_synthetic.png")
+    plot(curves, sweep / "mmoe_synthetic.png")
     print(md)
     print(f"written to {sweep}/mmoe_synthetic.{{md,png}}")
     return 0
