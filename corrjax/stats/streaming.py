@@ -20,7 +20,13 @@ from flax import struct
 from jax import lax
 
 from corrjax._checks import as_columns, as_float_array, check_ddof, check_same_n
-from corrjax.stats._centered import PRECISION, AxisName, gram, linear_index, normalize_comoment
+from corrjax.stats._centered import (
+    AxisName,
+    centered_comoment,
+    centering,
+    linear_index,
+    normalize_comoment,
+)
 
 Array = jax.Array
 
@@ -83,32 +89,17 @@ def cov_init(d: int, e: int | None = None, dtype: Any = jnp.float32) -> CovState
     return CovState(z(), z(d), z(d), z(ee), z(ee), z(d, ee), z(d), z(ee), cross=e is not None)
 
 
-def _shifted_mean(x: Array, w: Array | None) -> tuple[Array, Array, Array, Array]:
-    """``(shift, dmean, xc, wsum)`` of one chunk: shift = first row, dmean = mean of ``x - shift``."""
-    shift = lax.stop_gradient(x[0])
-    d = x - shift
-    if w is None:
-        wsum = jnp.asarray(x.shape[0], x.dtype)
-        total = jnp.sum(d, axis=0)
-    else:
-        wsum = jnp.sum(w)
-        total = jnp.tensordot(w, d, axes=(0, 0), precision=PRECISION)
-    dmean = total / jnp.where(wsum != 0, wsum, jnp.ones_like(wsum))
-    return shift, dmean, d - dmean, wsum
-
-
 def _chunk_state(state: CovState, x: Array, y: Array | None, w: Array | None) -> CovState:
-    """Statistics of one chunk, two-pass and shifted."""
-    sx, mx, xc, wsum = _shifted_mean(x, w)
-    xw = xc if w is None else xc * w[:, None]
-    m2x = jnp.sum(xw * xc, axis=0)
+    """Statistics of one chunk, two-pass and shifted (the chunk's first row is the shift), in row blocks."""
+    sx, mx, _ = centering(x, w, None)
+    m = centered_comoment(x, y if state.cross else None, w, None, sumsq=state.cross)
     if state.cross:
-        sy, my, yc, _ = _shifted_mean(y, w)
-        m2y = jnp.sum((yc if w is None else yc * w[:, None]) * yc, axis=0)
+        sy, my, _ = centering(y, w, None)
+        m2x, m2y = m.sxx, m.syy
     else:
-        sy, my, yc, m2y = sx, mx, xc, m2x
-    c = jnp.matmul(xw.T, yc, precision=PRECISION) if state.cross else gram(xc, xw)
-    return CovState(wsum, sx, mx, sy, my, c, m2x, m2y, cross=state.cross)
+        sy, my = sx, mx
+        m2x = m2y = jnp.diagonal(m.comoment)
+    return CovState(m.wsum, sx, mx, sy, my, m.comoment, m2x, m2y, cross=state.cross)
 
 
 def cov_update(state: CovState, x: Any, y: Any = None, weights: Any = None) -> CovState:
