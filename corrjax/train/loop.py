@@ -74,12 +74,14 @@ def to_global(tree: Any, sharding: jax.sharding.Sharding) -> Any:
 
 class _Interrupt:
     """SIGINT (Ctrl-C) or SIGTERM (e.g. SLURM preemption) sets a flag the loop checks after each step, so the
-    step finishes, a checkpoint is saved and the run exits; a second Ctrl-C interrupts at once."""
+    step finishes, a checkpoint is saved and the run exits; a second Ctrl-C interrupts at once. ``signum`` is the
+    first signal received (the summary records it as ``stopped_by_signal``)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _Interrupt:
@@ -94,6 +96,7 @@ class _Interrupt:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = self.signum or signum
         log.warning("signal %d: finishing this step and saving a checkpoint (Ctrl-C again to abort)", signum)
 
     def __exit__(self, *exc) -> None:
@@ -260,6 +263,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "step": s,
         "completed": s >= tc.max_steps,
+        "stopped_by_signal": signal.Signals(interrupt.signum).name if interrupt.signum else None,
         "num_params": n_params,
         "nonfinite_total": int(train_state.nonfinite_total),
         "wall_time_s": time.perf_counter() - t_start,

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -108,10 +109,35 @@ def test_single_task_subset_and_bad_subset(compose_fn, tmp_path):
 def test_interrupt_flag():
     with loop._Interrupt() as interrupt:
         signal.raise_signal(signal.SIGINT)
-        assert interrupt.requested
+        assert interrupt.requested and interrupt.signum == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_stops_the_sweep(tmp_path):
+    """SIGTERM (preemption) during a local multirun: the running job saves a checkpoint and a summary marked
+    stopped_by_signal, then the process exits with 128 + SIGTERM instead of starting the sweep's next job."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "-m", *TINY, "trainer.eval_every=0"]
+    cmd += ["trainer.max_steps=1000000", "trainer.checkpoint_every=0", "seed=0,1", f"hydra.sweep.dir={sweep}"]
+    cmd += ["parallel.data=1"]
+    proc = subprocess.Popen(cmd, env=subprocess_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(sweep.glob("0/metrics.jsonl")) and time.monotonic() < deadline:  # training has started
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    summary = json.loads((sweep / "0" / "summary.json").read_text())
+    assert summary["stopped_by_signal"] == "SIGTERM" and not summary["completed"]
+    assert any((sweep / "0" / "checkpoints").iterdir())
+    assert not (sweep / "1").exists()
 
 
 @pytest.mark.slow
