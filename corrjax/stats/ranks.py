@@ -24,6 +24,7 @@ from jax.scipy import special
 
 from corrjax._checks import as_array, as_columns, check_choice, check_same_n
 from corrjax.stats import _sorting
+from corrjax.stats._centered import squeeze_1d
 from corrjax.stats._explicit import shard_rows
 
 Array = jax.Array
@@ -196,7 +197,7 @@ def spearmanr(x: Any, y: Any = None, *, axis_name: AxisName = None) -> SpearmanR
     cols = x2 if y2 is None else jnp.concatenate([x2.astype(dtype), y2.astype(dtype)], axis=1)
     if n < 2:
         nan = jnp.full((d, d if y2 is None else y2.shape[1]), jnp.nan, dtype)
-        return SpearmanRResult(_squeeze(nan, x1, y_1d), _squeeze(nan, x1, y_1d))
+        return SpearmanRResult(squeeze_1d(nan, x1, y_1d), squeeze_1d(nan, x1, y_1d))
     ranks = rankdata(cols.T, method="average", axis=1).astype(dtype)  # (variables, n), NaN rows for NaN columns
     # Centred ranks are exact (half-)integers; the power-of-two scale is exact too and keeps the products of sums of
     # squares below float32 overflow, so sqrt(s * s) == s and identical/reversed rankings give exactly +-1.
@@ -212,17 +213,7 @@ def spearmanr(x: Any, y: Any = None, *, axis_name: AxisName = None) -> SpearmanR
         eye = jnp.eye(d, dtype=bool)
         rho = jnp.where(eye & ~jnp.isnan(rho), jnp.ones_like(rho), rho)
     p = jnp.full_like(rho, jnp.nan) if n == 2 else _t_pvalue(rho, n - 2)
-    return SpearmanRResult(_squeeze(rho, x1, y_1d), _squeeze(p, x1, y_1d))
-
-
-def _squeeze(r: Array, x_1d: bool, y_1d: bool) -> Array:
-    if x_1d and y_1d:
-        return r[0, 0]
-    if x_1d:
-        return r[0]
-    if y_1d:
-        return r[:, 0]
-    return r
+    return SpearmanRResult(squeeze_1d(rho, x1, y_1d), squeeze_1d(p, x1, y_1d))
 
 
 def _run_sizes(is_first: Array) -> Array:
