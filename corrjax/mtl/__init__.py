@@ -4,9 +4,17 @@ Task gradients come from one forward pass and ``T`` VJPs in one program (:func:`
 take the task-stacked pytree (every leaf ``(T, ...)``) and return one update, so
 ``optax.chain(pcgrad(), optax.adam(1e-3))`` is a multi-task optimiser. Solvers (min-norm, dual-cone projection, Nash
 bargaining) are JAX code inside the step.
+
+- Task gradients: :func:`value_and_task_grad`, :func:`value_and_rep_grad` (rep-grad mode), :func:`shared_only`.
+- Gradient aggregators (task-stacked gradients in, one update out): ``mean``, ``sum``, ``weighted``, ``rlw``,
+  ``pcgrad``, ``gradvac``, ``cagrad``, ``mgda``, ``imtl_g``, ``nash_mtl``, ``aligned_mtl``, ``upgrad``, ``dualproj``,
+  ``graddrop``; :func:`from_weighting` builds one from a Gramian weighting.
+- Loss weightings (extra argument ``task_losses``): ``uncertainty_weighting``, ``dwa``, ``gradnorm``, ``famo``,
+  ``geometric_mean``.
+- Diagnostics returning arrays for a training loop to log: ``task_gradient_cosine``, ``conflict_fraction``,
+  ``gradient_norm_ratios``, ``gradient_magnitude_similarity``, ``tag_affinity``, ``gradient_diagnostics``.
 """
 
-# --- task gradients, aggregators and solvers (issue 4, gradient half) ---
 from corrjax.mtl import solvers
 from corrjax.mtl._gramian import combine as combine_tasks
 from corrjax.mtl._gramian import gramian as task_gramian
@@ -20,7 +28,17 @@ from corrjax.mtl.aggregators.imtl import imtl_g
 from corrjax.mtl.aggregators.mgda import mgda
 from corrjax.mtl.aggregators.nash import nash_mtl
 from corrjax.mtl.aggregators.projection import gradvac, pcgrad
+from corrjax.mtl.diagnostics import (
+    conflict_fraction,
+    gradient_diagnostics,
+    gradient_magnitude_similarity,
+    gradient_norm_ratios,
+    tag_affinity,
+    task_gradient_cosine,
+    task_gradient_norms,
+)
 from corrjax.mtl.task_grad import RepGrads, shared_only, value_and_rep_grad, value_and_task_grad
+from corrjax.mtl.weighting import dwa, famo, geometric_mean, gradnorm, uncertainty_weighting
 
 __all__ = [
     "GramianWeighting",
@@ -28,9 +46,17 @@ __all__ = [
     "aligned_mtl",
     "cagrad",
     "combine_tasks",
+    "conflict_fraction",
     "dualproj",
+    "dwa",
+    "famo",
     "from_weighting",
+    "geometric_mean",
     "graddrop",
+    "gradient_diagnostics",
+    "gradient_magnitude_similarity",
+    "gradient_norm_ratios",
+    "gradnorm",
     "gradvac",
     "imtl_g",
     "mean",
@@ -41,35 +67,13 @@ __all__ = [
     "shared_only",
     "solvers",
     "sum",
+    "tag_affinity",
+    "task_gradient_cosine",
+    "task_gradient_norms",
     "task_gramian",
+    "uncertainty_weighting",
     "upgrad",
     "value_and_rep_grad",
     "value_and_task_grad",
     "weighted",
-]
-# --- loss weightings and diagnostics: add imports below and extend __all__ (`__all__ += [...]`) ---
-from corrjax.mtl.diagnostics import (
-    conflict_fraction,
-    gradient_diagnostics,
-    gradient_magnitude_similarity,
-    gradient_norm_ratios,
-    tag_affinity,
-    task_gradient_cosine,
-    task_gradient_norms,
-)
-from corrjax.mtl.weighting import dwa, famo, geometric_mean, gradnorm, uncertainty_weighting
-
-__all__ += [
-    "conflict_fraction",
-    "dwa",
-    "famo",
-    "geometric_mean",
-    "gradient_diagnostics",
-    "gradient_magnitude_similarity",
-    "gradient_norm_ratios",
-    "gradnorm",
-    "tag_affinity",
-    "task_gradient_cosine",
-    "task_gradient_norms",
-    "uncertainty_weighting",
 ]
