@@ -310,6 +310,33 @@ def torchjd_step(arch, num_tasks, aggregator):
     return step
 
 
+def torchjd_autogram_step(arch, num_tasks, weighting):
+    """TorchJD's Gramian engine: the trunk's Gramian without its Jacobian, weights, then one weighted backward.
+
+    The losses are per task (means over the batch), so the engine runs with ``batch_dim=None``. The weighted backward
+    also scales each head's gradient by its weight; the heads then get their own task gradient from a second, head-only
+    backward on the detached features (a few small matmuls), as ``mtl_backward`` gives them.
+    """
+    import torch
+    from torchjd.autogram import Engine
+
+    trunk, heads = torch_model(arch, num_tasks)
+    opt = torch.optim.SGD([*trunk.parameters(), *heads.parameters()], lr=LR)
+    x, y = torch_data(arch, num_tasks)
+    engine = Engine(trunk, batch_dim=None)
+
+    def step():
+        opt.zero_grad()
+        z, losses = _torch_losses(trunk, heads, x, y)
+        losses = torch.stack(losses)
+        losses.backward(weighting(engine.compute_gramian(losses)))
+        heads.zero_grad()
+        torch.stack(_torch_losses(lambda z: z, heads, z.detach(), y)[1]).sum().backward()
+        opt.step()
+
+    return step
+
+
 def load_libmtl_weighting() -> types.ModuleType | None:
     """``LibMTL.weighting`` without running ``LibMTL/__init__`` (which imports torchvision); None if not installed."""
     spec = importlib.util.find_spec("LibMTL") if "LibMTL" not in sys.modules else None
@@ -415,6 +442,13 @@ def torch_peers(num_tasks: int, full: bool) -> dict[str, tuple[str, Callable[[st
             jd["gradvac"] = A.GradVac
         for name, cls in jd.items():
             peers[f"TorchJD {name}"] = (name, lambda arch, t, cls=cls: torchjd_step(arch, t, cls()))
+        if full:  # TorchJD's other engine, for the Gramian-based methods of the T sweep
+            gram = {"pcgrad": A.PCGradWeighting, "mgda": A.MGDAWeighting, "upgrad": A.UPGradWeighting}
+            for name, cls in gram.items():
+                peers[f"TorchJD autogram {name}"] = (
+                    name,
+                    lambda arch, t, cls=cls: torchjd_autogram_step(arch, t, cls()),
+                )
     except ImportError as e:  # pragma: no cover
         logger.warning("torchjd unavailable: %s", e)
     w = load_libmtl_weighting()
@@ -505,7 +539,9 @@ backward slowly); `naive jacrev` differentiates everything with `jax.jacrev` and
 the gradient w.r.t. the shared features (`value_and_rep_grad`) and pulls it back with one VJP, which is exact for the
 loss weightings. LibMTL rows run LibMTL 1.1.5's own weighting classes (T `backward(retain_graph=True)` passes, then
 the method) in a minimal harness in place of its Trainer; TorchJD rows use `mtl_backward` + `jac_to_grad`. TorchJD's
-CAGrad and Nash-MTL need cvxpy (not installed) and are absent, as is Nash-MTL in LibMTL 1.1.5.
+CAGrad and Nash-MTL need cvxpy (not installed) and are absent, as is Nash-MTL in LibMTL 1.1.5. Both runtimes allocate
+from a heap that glibc is told to keep (`benchlib.keep_freed_memory`): in a fresh process TorchJD's CNN step at T = 8
+otherwise takes 55-60 ms instead of 36 ms, its Jacobian buffers taking ~11k page faults per step.
 """
 
 HEADERS = [
@@ -544,17 +580,18 @@ FLOOR_HEADERS = [
     "step MFLOP",
     "floor at peak (ms)",
     "JAX ms",
-    "JAX GFLOP/s",
+    "JAX % of peak",
     "TorchJD ms",
+    "TorchJD % of peak",
     "2x TorchJD needs (ms)",
-    "reachable",
+    "2x needs % of peak",
 ]
 
 
 def flop_floor(results, torch_results, archs, t: int = 8) -> str:
     """How fast a PCGrad step could be at this core's GEMM peak, next to the 2x-TorchJD target."""
     peak = core_peak_gflops()
-    rows = []
+    rows, needs = [], {}
     for arch in archs:
         step, tx = jax_steps(arch, t, {"pcgrad": mtl.pcgrad}, {})["pcgrad"]
         params = init_params(arch, t)
@@ -567,28 +604,77 @@ def flop_floor(results, torch_results, archs, t: int = 8) -> str:
         if not ours or not peer:
             continue
         floor = flops / (peak * 1e9)
+        needs[arch] = floor / (peer[0] / 2)
         rows.append(
             [arch.upper(), t, f"{flops / 1e6:.0f}", f"{floor * 1e3:.2f}", f"{ours[0] * 1e3:.2f}",
-             f"{flops / ours[0] / 1e9:.0f}", f"{peer[0] * 1e3:.2f}", f"{peer[0] / 2 * 1e3:.2f}",
-             "yes" if peer[0] / 2 >= floor else "no (faster than the core's peak)"]
+             f"{floor / ours[0]:.0%}", f"{peer[0] * 1e3:.2f}", f"{floor / peer[0]:.0%}", f"{peer[0] / 2 * 1e3:.2f}",
+             f"{needs[arch]:.0%}"]
         )  # fmt: skip
+    verdicts = []
+    for arch, need in needs.items():
+        if need >= 0.9:
+            verdicts.append(
+                f"on the {arch.upper()} a 2x step would have to run at {need:.0%} of the core's GEMM peak from start "
+                "to end, memory-bound work (activations, masks, the stacking of the task gradients) included, which no "
+                "exact implementation does on this CPU"
+            )
+        else:
+            verdicts.append(f"on the {arch.upper()} it needs {need:.0%} of the peak")
+    rep = [s / js for _, _, r, _, s, js in torch_results if r.startswith("LibMTL rep-grad")]
     return "\n".join(
         [
             f"### What a 2x-faster-than-TorchJD step would need (T = {t}, PCGrad)",
             "",
             f"This core's float32 GEMM peak, measured in the same run (single-threaded XLA and torch, the faster): "
             f"{peak:.0f} GFLOP/s. Step FLOPs from XLA's `cost_analysis` of the compiled JAX step (forward, T "
-            "pullbacks, aggregation, update).",
+            "pullbacks, aggregation, update); `% of peak` = the time those FLOPs take at the peak / the step time.",
             "",
             benchlib.table(FLOOR_HEADERS, rows),
             "",
-            "Exact per-task gradients cost one forward and T backward passes whatever the framework, so the step "
-            "cannot run faster than its FLOPs at the core's peak. Where the 2x target lies below that floor (the "
-            "MLP), no exact implementation reaches it on this CPU: TorchJD's step already runs at half the peak, "
-            "ours at about 70%. Where it lies above (the CNN), the limit is XLA's CPU convolution kernels, which run "
-            "well below the GEMM peak (PyTorch's oneDNN summed-loss step is about as fast as XLA's; XLA's oneDNN "
-            "and XNNPACK flags measured no faster); the aggregation itself adds little (compare the `/bound` "
-            "column). Rep-grad mode, which needs one backward pass, is 1.1-1.6x LibMTL's rep-grad steps.",
+            "Exact per-task gradients cost one forward and T backward passes whatever the framework, so no step runs "
+            "faster than its FLOPs at the core's peak: " + "; ".join(verdicts) + ". On the CNN the limit is XLA's "
+            "CPU convolution kernels, which run well below the GEMM peak (PyTorch's oneDNN summed-loss step is about "
+            "as fast as XLA's; XLA's oneDNN, XNNPACK and YNNPACK flags measured no faster); the aggregation itself "
+            "adds little (compare the `/bound` column). A profile of the T = 8 PCGrad steps (jax.profiler read with "
+            "xprof, 2026-11-21) puts ~80% of the MLP step in matmuls at ~90 GFLOP/s and the rest in layout copies of "
+            "the cotangents and the stacking of the task gradients; in the CNN step, a third of the time goes to the "
+            "stride-2 layers' input gradients, which XLA runs as lhs-dilated convolutions (~48 GFLOP/s), 13% to "
+            "layout transposes before the weight-gradient convolutions and 5% to the 3-channel first convolution "
+            "(~10 GFLOP/s)."
+            + (
+                f" Rep-grad mode, which needs one backward pass, is {min(rep):.1f}-{max(rep):.1f}x LibMTL's rep-grad "
+                "steps."
+                if rep
+                else ""
+            ),
+            "",
+        ]
+    )
+
+
+def autogram_table(torch_results) -> str:
+    """TorchJD's two engines side by side (the main tables' TorchJD column is ``autojac``); '' if not measured."""
+    rows = []
+    for arch, t, row, method, sec, jax_sec in torch_results:
+        if not row.startswith("TorchJD autogram"):
+            continue
+        jac = [s for a, tt, r, m, s, _ in torch_results if (a, tt, r) == (arch, t, f"TorchJD {method}")]
+        rows.append(
+            [arch.upper(), t, method, f"{jac[0] * 1e3:.2f}" if jac else "", f"{sec * 1e3:.2f}",
+             f"{sec / jac[0]:.2f}" if jac else "", f"{jax_sec * 1e3:.2f}", f"{sec / jax_sec:.1f}x"]
+        )  # fmt: skip
+    if not rows:
+        return ""
+    headers = ["trunk", "T", "method", "autojac ms", "autogram ms", "autogram / autojac", "JAX ms", "JAX speed-up"]
+    return "\n".join(
+        [
+            "### TorchJD's engines: autojac (the Jacobian) and autogram (its Gramian only)",
+            "",
+            "`autogram.Engine(trunk, batch_dim=None)` (the losses are per task, not per example) computes the trunk's "
+            "Gramian layer by layer without storing the Jacobian, then `losses.backward(weights)`; "
+            "`JAX speed-up` = autogram step / the JAX step timed alongside. The tables above use autojac.",
+            "",
+            benchlib.table(headers, rows),
             "",
         ]
     )
@@ -600,7 +686,7 @@ def render(results, torch_results, full_at, load: str) -> str:
         "",
         benchlib.machine_line(["optax", "torch", "torchjd", "LibMTL"]),
         "",
-        f"Load during the run (other engineers share the 2 cores): {load}. " + " ".join(NOTES.split()),
+        f"Load during the run (the 2 cores are shared): {load}. " + " ".join(NOTES.split()),
         "",
     ]
     for arch in dict.fromkeys(a for a, *_ in results):
@@ -614,7 +700,8 @@ def render(results, torch_results, full_at, load: str) -> str:
                 peer_cells = []
                 for lib in ("TorchJD", "LibMTL"):
                     match = [(r, s, js) for a2, t2, r, m, s, js in torch_results
-                             if a2 == arch and t2 == t and r.startswith(lib) and m == name]  # fmt: skip
+                             if a2 == arch and t2 == t and r.startswith(lib) and m == name
+                             and not r.startswith("TorchJD autogram")]  # fmt: skip
                     if not match:
                         peer_cells.append("")
                     else:
@@ -644,6 +731,7 @@ def render(results, torch_results, full_at, load: str) -> str:
             benchlib.table(HEADERS, rows),
             "",
         ]
+    out.append(autogram_table(torch_results))
     out.append(flop_floor(results, torch_results, list(dict.fromkeys(a for a, *_ in results)), full_at))
     out.append(
         "Speed-up = peer step time / JAX step time for the same method, architecture, batch and T (summed-loss row: "
@@ -671,7 +759,7 @@ def parse_log(text: str) -> tuple[list[tuple], list[tuple]]:
             arch, t, row, sec, ratio = m.group(1), int(m.group(2)), m.group(3), float(m.group(4)), float(m.group(5))
             if row == "LibMTL mean":  # logs of older runs timed LibMTL's EW (one backward) against the Jacobian step
                 continue
-            method = "summed loss" if row.startswith("PyTorch") else row.split(" ", 1)[1]
+            method = "summed loss" if row.startswith("PyTorch") else row.split(" ", 1)[1].removeprefix("autogram ")
             torch_results.append((arch, t, row, method, sec / 1e3, sec / 1e3 / ratio))
     for (arch, t), b in bases.items():
         first = next(i for i, r in enumerate(results) if r[0] == arch and r[1] == t)
@@ -684,6 +772,8 @@ def main() -> None:
     # to one core so that no runtime gets more cores than the other.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not benchlib.keep_freed_memory():
+        logger.warning("not glibc: freed memory may go back to the kernel between steps (page faults in the timings)")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="T=8 on the MLP only, 5 repeats, do not write BENCHMARKS.md")
     ap.add_argument("--archs", default="mlp,cnn")
