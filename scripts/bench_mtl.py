@@ -331,7 +331,7 @@ def torchjd_autogram_step(arch, num_tasks, weighting):
         losses = torch.stack(losses)
         losses.backward(weighting(engine.compute_gramian(losses)))
         heads.zero_grad()
-        torch.stack(_torch_losses(lambda z: z, heads, z.detach(), y)[1]).sum().backward()
+        torch.stack(_torch_losses(torch.nn.Identity(), heads, z.detach(), y)[1]).sum().backward()
         opt.step()
 
     return step
