@@ -1,10 +1,12 @@
 """The MMoE paper's synthetic study: shared-bottom vs OMoE vs MMoE as the task correlation falls.
 
-    python scripts/run_experiment_mmoe.py [--seeds 0 1 2 3 4] [--correlations 1.0 0.9 0.5 0.0] [--steps 3000]
-    python scripts/run_experiment_mmoe.py --sweep-dir multirun/mmoe_synthetic/<stamp>   # re-tabulate only
+    python scripts/run_experiment_mmoe.py [--seeds 0 1 2 3 4] [--correlations 1.0 0.9 0.5 0.0] [--steps 3000] \
+        [--workers 2] [-- <hydra overrides>]
+    python scripts/run_experiment_mmoe.py --sweep-dir multirun/mmoe_synthetic/<stamp> [<stamp2> ...]  # tabulate only
 
 Runs one local Hydra multirun of ``experiment=mmoe_synthetic`` over models x correlations x seeds (one process,
-jobs in sequence), then writes ``mmoe_synthetic.md`` and ``mmoe_synthetic.png`` into the sweep folder. Ma et al.
+jobs in sequence; ``--workers N`` splits the seeds over N multiruns at once, one sweep folder each), then writes
+``mmoe_synthetic.md`` and ``mmoe_synthetic.png`` into the (first) sweep folder. Ma et al.
 (KDD 2018, Fig. 3-4) compare average loss curves: shared-bottom degrades as the correlation falls while MMoE is
 robust to it. Every run evaluates the test loss (the sum of the two tasks' MSE) every ``trainer.eval_every`` steps,
 so the tables report, per model and correlation, mean +- std over seeds of
@@ -13,8 +15,11 @@ so the tables report, per model and correlation, mean +- std over seeds of
 - the test loss at the end of the run (and at ``--budgets`` steps, if given),
 
 plus the paired ratio ``loss(lowest correlation) / loss(correlation 1)`` over seeds (one seed draws the same sine
-constants and input directions at every correlation, so the ratio isolates the correlation's effect). The figure
-shows the mean test-loss curves, one panel per correlation, and the mean loss over the run against the correlation.
+constants and input directions at every correlation, so the ratio isolates the correlation's effect). A last section
+gives the correlation's effect with 95% bootstrap intervals over seeds: per model the paired difference and ratio,
+and between models the difference of their effects (one seed draws the same problem for every model). Several sweep
+folders (say, seeds run in parallel on two cores) are tabulated together. The figure shows the mean test-loss curves,
+one panel per correlation, and the mean loss over the run against the correlation.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ import argparse
 import datetime
 import json
 import math
+import os
 import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,15 +49,25 @@ NOISE_FLOOR_NOTE = "(the noise floor, 2 noise_std^2, is 0.02 at the preset's noi
 Curves = dict[str, dict[float, dict[int, tuple[np.ndarray, np.ndarray]]]]
 
 
-def load_curves(sweep: Path) -> Curves:
-    """The test-loss curve of every finished run of the sweep (from ``metrics.jsonl``, else the final summary)."""
+def load_curves(*sweeps: Path) -> Curves:
+    """The test-loss curve of every finished run of the sweeps (from ``metrics.jsonl``, else the final summary).
+
+    Raises ``ValueError`` when two runs share a model, correlation and seed (the sweeps overlap).
+    """
     curves: Curves = defaultdict(lambda: defaultdict(dict))
-    for run in load_runs(sweep):
+    origin: dict[tuple[str, float, int], Path] = {}
+    for run in (run for sweep in sweeps for run in load_runs(sweep)):
         if run["summary"].get("eval/loss") is None:
             continue
         model = run["overrides"].get("model", "hps")
         corr = float(run["overrides"].get("data.correlation", "nan"))
         seed = int(run["overrides"].get("seed", 0))
+        if (model, corr, seed) in origin:
+            raise ValueError(
+                f"model={model} data.correlation={corr:g} seed={seed} appears twice: {origin[model, corr, seed]} "
+                f"and {run['dir']}; tabulate sweeps with disjoint seeds"
+            )
+        origin[model, corr, seed] = run["dir"]
         points = {}
         metrics = run["dir"] / "metrics.jsonl"
         if metrics.exists():
@@ -98,9 +115,75 @@ def _table(curves: Curves, corrs: list[float], value) -> str:
     return "\n".join(lines) + "\n"
 
 
-def tabulate(sweep: Path, budgets: list[int] | None = None) -> tuple[str, Curves]:
-    """Markdown tables (mean loss over the run, final loss, loss at ``budgets``) and the curves of a finished sweep."""
-    curves = load_curves(sweep)
+def bootstrap_ci(x: np.ndarray, stat=np.mean, level: float = 0.95, resamples: int = 10_000) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``stat`` over the rows of ``x`` (seeded: the same input gives the same CI)."""
+    x = np.asarray(x, float)
+    if x.shape[0] < 2:
+        return math.nan, math.nan
+    rng = np.random.default_rng(0)
+    draws = stat(x[rng.integers(0, x.shape[0], (resamples, x.shape[0]))], axis=1)
+    tail = (1.0 - level) / 2.0
+    return float(np.quantile(draws, tail)), float(np.quantile(draws, 1.0 - tail))
+
+
+def _per_seed(curves: Curves, model: str, corr: float, value) -> dict[int, float]:
+    return {s: value(*curve) for s, curve in curves[model].get(corr, {}).items()}
+
+
+def correlation_effect(curves: Curves, lo: float, hi: float, value) -> dict[str, dict[int, float]]:
+    """Per model, ``{seed: loss(lo) - loss(hi)}`` over the seeds run at both correlations."""
+    out = {}
+    for model in _ordered(curves):
+        a, b = _per_seed(curves, model, lo, value), _per_seed(curves, model, hi, value)
+        out[model] = {s: a[s] - b[s] for s in sorted(set(a) & set(b)) if math.isfinite(a[s] - b[s])}
+    return out
+
+
+def _interval(x: np.ndarray, digits: int, sign: str = "+") -> str:
+    """``mean [lo, hi]`` with the 95% bootstrap interval; ``sign="+"`` prints signed differences."""
+    lo, hi = bootstrap_ci(x)
+    f = f"{sign}.{digits}f"
+    return f"{x.mean():{f}} [{lo:{f}}, {hi:{f}}]" if x.size > 1 else "n/a"
+
+
+def _effect_tables(curves: Curves, corrs: list[float], sections: list[tuple[str, Any]]) -> str:
+    """The correlation's effect per model and its difference between models, with 95% bootstrap intervals."""
+    lo, hi = min(corrs), max(corrs)
+    names = [title.split(" (")[0].lower() for title, _ in sections]
+    head = ["model", "seeds"]
+    for name in names:
+        head += [f"{name}: difference", f"{name}: ratio", f"{name}: seeds worse"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    effects = [correlation_effect(curves, lo, hi, value) for _, value in sections]
+    for model in _ordered(curves):
+        row = [LABELS.get(model, model), str(len(effects[0][model]))]
+        for (_, value), effect in zip(sections, effects, strict=True):
+            d = np.asarray(list(effect[model].values()))
+            a, b = _per_seed(curves, model, lo, value), _per_seed(curves, model, hi, value)
+            r = np.asarray([a[s] / b[s] for s in effect[model]])
+            row += [_interval(d, 4), _interval(r, 2, sign=""), f"{int((d > 0).sum())}/{d.size}"]
+        lines.append("| " + " | ".join(row) + " |")
+    text = "\n".join(lines) + "\n"
+    ref = "mmoe" if "mmoe" in curves else None
+    others = [m for m in _ordered(curves) if m != ref]
+    if ref and others:
+        head = ["effect minus MMoE's", "seeds", *[f"{name}: difference" for name in names]]
+        rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for model in others:
+            paired = [sorted(set(effect[model]) & set(effect[ref])) for effect in effects]
+            cells = [
+                _interval(np.asarray([effect[model][s] - effect[ref][s] for s in seeds]), 4)
+                for effect, seeds in zip(effects, paired, strict=True)
+            ]
+            rows.append(f"| {LABELS.get(model, model)} | {len(paired[0])} | " + " | ".join(cells) + " |")
+        text += "\n" + "\n".join(rows) + "\n"
+    return text
+
+
+def tabulate(*sweeps: Path, budgets: list[int] | None = None) -> tuple[str, Curves]:
+    """Markdown tables (mean loss over the run, final loss, loss at ``budgets``, the correlation's effect with
+    bootstrap intervals) and the curves of finished sweeps."""
+    curves = load_curves(*sweeps)
     corrs = sorted({c for m in curves.values() for c in m}, reverse=True)
     runs = [curve for m in curves.values() for by_seed in m.values() for curve in by_seed.values()]
     seeds = max((len(by_seed) for m in curves.values() for by_seed in m.values()), default=0)
@@ -122,6 +205,14 @@ def tabulate(sweep: Path, budgets: list[int] | None = None) -> tuple[str, Curves
     ]
     for title, value in sections:
         parts.append(f"{title}:\n\n{_table(curves, corrs, value)}")
+    if len(corrs) > 1:
+        lo, hi = min(corrs), max(corrs)
+        parts.append(
+            f"The correlation's effect, paired by seed: loss at corr {lo:g} minus loss at corr {hi:g} (positive: the "
+            f"model degrades), their ratio, and how many seeds degrade; mean [95% bootstrap interval] over seeds. "
+            f"Below, each model's effect minus MMoE's on the same seeds (positive: the model degrades more than "
+            f"MMoE).\n\n{_effect_tables(curves, corrs, sections[:2])}"
+        )
     return "\n".join(parts), curves
 
 
@@ -164,6 +255,51 @@ def plot(curves: Curves, path: Path) -> None:
     plt.close(fig)
 
 
+def new_sweep_dir(parent: Path) -> Path:
+    """A fresh time-stamped folder under ``parent``; two studies started in the same second get ``_1``, ``_2``."""
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    parent.mkdir(parents=True, exist_ok=True)
+    for k in range(1000):
+        path = parent / (stamp if k == 0 else f"{stamp}_{k}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free sweep folder for {stamp} under {parent}")
+
+
+def _sweep_command(sweep: Path, seeds: list[int], args: argparse.Namespace) -> list[str]:
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "-m", "experiment=mmoe_synthetic"]
+    cmd += [f"model={','.join(args.models)}", f"data.correlation={','.join(map(str, args.correlations))}"]
+    cmd += [f"seed={','.join(map(str, seeds))}", f"hydra.sweep.dir={sweep}", *args.overrides]
+    if args.steps is not None:
+        cmd.append(f"trainer.max_steps={args.steps}")
+    return cmd
+
+
+def run_sweeps(sweeps: list[Path], groups: list[list[int]], args: argparse.Namespace) -> None:
+    """One Hydra multirun per seed group. Several run at once, each pinned to its share of this process's CPUs
+    (where the OS allows) and logging to ``<sweep>/study.log``; one runs in the foreground."""
+    if len(sweeps) == 1:
+        cmd = _sweep_command(sweeps[0], groups[0], args)
+        print("running:", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        return
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    procs = []
+    for k, (sweep, seeds) in enumerate(zip(sweeps, groups, strict=True)):
+        share = set(cpus[k :: len(sweeps)])
+        pin = (lambda share=share: os.sched_setaffinity(0, share)) if share else None
+        cmd = _sweep_command(sweep, seeds, args)
+        print(f"worker {k} (CPUs {sorted(share) or 'any'}), log {sweep / 'study.log'}:", " ".join(cmd), flush=True)
+        with open(sweep / "study.log", "w") as log:
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin))
+    failed = [str(sweep / "study.log") for sweep, proc in zip(sweeps, procs, strict=True) if proc.wait() != 0]
+    if failed:
+        raise SystemExit(f"a sweep failed; see {', '.join(failed)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
@@ -171,26 +307,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--steps", type=int, default=None, help="override trainer.max_steps")
     p.add_argument("--budgets", nargs="+", type=int, default=[1000], help="also tabulate the test loss at these steps")
-    p.add_argument("--sweep-dir", help="tabulate an existing sweep instead of running one")
+    p.add_argument(
+        "--workers", type=int, default=1, help="split the seeds over this many multiruns run at once, one per CPU share"
+    )
+    p.add_argument("--out", default=str(ROOT / "multirun" / "mmoe_synthetic"), help="parent of new sweep folders")
+    p.add_argument("--sweep-dir", nargs="+", help="tabulate existing sweeps (together) instead of running one")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = p.parse_args(argv)
     if args.sweep_dir:
-        sweep = Path(args.sweep_dir)
+        sweeps = [Path(d) for d in args.sweep_dir]
+        missing = [str(d) for d in sweeps if not d.is_dir()]
+        if missing:
+            p.error(f"--sweep-dir: no such folder: {', '.join(missing)}")
     else:
-        stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-        sweep = ROOT / "multirun" / "mmoe_synthetic" / stamp
-        cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "-m", "experiment=mmoe_synthetic"]
-        cmd += [f"model={','.join(args.models)}", f"data.correlation={','.join(map(str, args.correlations))}"]
-        cmd += [f"seed={','.join(map(str, args.seeds))}", f"hydra.sweep.dir={sweep}", *args.overrides]
-        if args.steps is not None:
-            cmd.append(f"trainer.max_steps={args.steps}")
-        print("running:", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, cwd=ROOT)
-    md, curves = tabulate(sweep, args.budgets)
-    (sweep / "mmoe_synthetic.md").write_text(md)
-    plot(curves, sweep / "mmoe_synthetic.png")
+        if args.workers < 1:
+            p.error(f"--workers must be positive, got {args.workers}")
+        groups = [g for g in (args.seeds[k :: args.workers] for k in range(args.workers)) if g]
+        sweeps = [new_sweep_dir(Path(args.out)) for _ in groups]
+        run_sweeps(sweeps, groups, args)
+    md, curves = tabulate(*sweeps, budgets=args.budgets)
+    out = sweeps[0]
+    (out / "mmoe_synthetic.md").write_text(md)
+    plot(curves, out / "mmoe_synthetic.png")
     print(md)
-    print(f"written to {sweep}/mmoe_synthetic.{{md,png}}")
+    print(f"written to {out}/mmoe_synthetic.{{md,png}}")
     return 0
 
 
