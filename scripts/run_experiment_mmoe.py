@@ -279,8 +279,8 @@ def _sweep_command(sweep: Path, seeds: list[int], args: argparse.Namespace) -> l
 
 
 def run_sweeps(sweeps: list[Path], groups: list[list[int]], args: argparse.Namespace) -> None:
-    """One Hydra multirun per seed group. Several run at once, each pinned to its share of this process's CPUs
-    (where the OS allows) and logging to ``<sweep>/study.log``; one runs in the foreground."""
+    """One Hydra multirun per seed group. A single group runs in the foreground; several run at once, each pinned to
+    its share of this process's CPUs (where the OS allows) and logging to ``<sweep>/study.log``."""
     if len(sweeps) == 1:
         cmd = _sweep_command(sweeps[0], groups[0], args)
         print("running:", " ".join(cmd), flush=True)
