@@ -42,26 +42,20 @@ def gramian(t: int, kind: str, seed: int = 0) -> np.ndarray:
 
 
 def jax_weights(method: str):
-    """``(mgda, dualproj, upgrad)`` jitted ``G -> w`` with ``nonneg_qp(method=...)``, mirroring the aggregators."""
-
-    def project(g, u):
-        tr = jnp.trace(g)
-        gn = (g + g.T) / (2 * tr) + 1e-4 * jnp.eye(g.shape[0], dtype=g.dtype)
-        return u + solvers.nonneg_qp(gn, gn @ u, method=method)
-
-    def mgda(g):
-        gn = g / jnp.trace(g) + 1e-6 * jnp.eye(g.shape[0], dtype=g.dtype)
-        v = solvers.nonneg_qp(gn, -jnp.ones(g.shape[0], g.dtype), method=method)
-        return v / jnp.sum(v)
+    """``(mgda, dualproj, upgrad)`` jitted ``G -> w``: the library's solvers with ``nonneg_qp(method=...)``."""
 
     def dualproj(g):
-        return project(g, jnp.full(g.shape[0], 1.0 / g.shape[0], g.dtype))
+        return solvers.project_dual_cone(g, jnp.full(g.shape[0], 1.0 / g.shape[0], g.dtype), qp_method=method)
 
-    def upgrad(g):
-        t = g.shape[0]
-        return jnp.sum(jax.vmap(lambda u: project(g, u))(jnp.eye(t, dtype=g.dtype) / t), axis=0)
+    def upgrad(g):  # as aggregators.dual_cone.upgrad_weighting: the mean of the T rows' projections
+        rows = jnp.eye(g.shape[0], dtype=g.dtype) / g.shape[0]
+        return jnp.sum(jax.vmap(lambda u: solvers.project_dual_cone(g, u, qp_method=method))(rows), axis=0)
 
-    return {"mgda": jax.jit(mgda), "dualproj": jax.jit(dualproj), "upgrad": jax.jit(upgrad)}
+    return {
+        "mgda": jax.jit(lambda g: solvers.min_norm_simplex(g, qp_method=method)),
+        "dualproj": jax.jit(dualproj),
+        "upgrad": jax.jit(upgrad),
+    }
 
 
 def quadprog_weights():
@@ -79,8 +73,10 @@ def quadprog_weights():
         gn = (g + g.T) / (2 * np.trace(g)) + 1e-4 * np.eye(len(g))
         return u + nonneg(gn, gn @ u)
 
-    def mgda(g):
-        v = nonneg(g / np.trace(g) + 1e-6 * np.eye(len(g)), -np.ones(len(g)))
+    def mgda(g):  # min_norm_simplex's problem: G / (trace / T) + ridge, the ridge floored at 64 float32 epsilons
+        t = len(g)
+        ridge = max(1e-6, 64 * float(np.finfo(np.float32).eps))
+        v = nonneg(g / (np.trace(g) / t) + ridge * np.eye(t), -np.ones(t))
         return v / v.sum()
 
     def dualproj(g):

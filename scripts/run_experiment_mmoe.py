@@ -25,7 +25,6 @@ one panel per correlation, and the mean loss over the run against the correlatio
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -39,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import fmt, load_runs
+from sweep_dirs import new_sweep_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("hps", "omoe", "mmoe")
@@ -93,6 +93,11 @@ def _at(step: int):
     return value
 
 
+def _per_seed(curves: Curves, model: str, corr: float, value) -> dict[int, float]:
+    """``{seed: value(steps, losses)}`` of one model at one correlation."""
+    return {s: value(*curve) for s, curve in curves[model].get(corr, {}).items()}
+
+
 def _table(curves: Curves, corrs: list[float], value) -> str:
     """Rows: models; columns: correlations, then the paired ratio lowest / highest correlation."""
     lo, hi = min(corrs), max(corrs)
@@ -101,7 +106,7 @@ def _table(curves: Curves, corrs: list[float], value) -> str:
         head.append(f"corr {lo:g} / corr {hi:g}")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for model in _ordered(curves):
-        per = {c: {s: value(*curve) for s, curve in curves[model].get(c, {}).items()} for c in corrs}
+        per = {c: _per_seed(curves, model, c, value) for c in corrs}
         cells = []
         for c in corrs:
             v = np.asarray([x for x in per[c].values() if not math.isnan(x)], float)
@@ -124,10 +129,6 @@ def bootstrap_ci(x: np.ndarray, stat=np.mean, level: float = 0.95, resamples: in
     draws = stat(x[rng.integers(0, x.shape[0], (resamples, x.shape[0]))], axis=1)
     tail = (1.0 - level) / 2.0
     return float(np.quantile(draws, tail)), float(np.quantile(draws, 1.0 - tail))
-
-
-def _per_seed(curves: Curves, model: str, corr: float, value) -> dict[int, float]:
-    return {s: value(*curve) for s, curve in curves[model].get(corr, {}).items()}
 
 
 def correlation_effect(curves: Curves, lo: float, hi: float, value) -> dict[str, dict[int, float]]:
@@ -253,20 +254,6 @@ def plot(curves: Curves, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def new_sweep_dir(parent: Path) -> Path:
-    """A fresh time-stamped folder under ``parent``; two studies started in the same second get ``_1``, ``_2``."""
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    parent.mkdir(parents=True, exist_ok=True)
-    for k in range(1000):
-        path = parent / (stamp if k == 0 else f"{stamp}_{k}")
-        try:
-            path.mkdir()
-        except FileExistsError:
-            continue
-        return path
-    raise FileExistsError(f"no free sweep folder for {stamp} under {parent}")
 
 
 def _sweep_command(sweep: Path, seeds: list[int], args: argparse.Namespace) -> list[str]:

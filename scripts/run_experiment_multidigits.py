@@ -11,10 +11,12 @@ aggregator sweep's folder.
 from __future__ import annotations
 
 import argparse
-import datetime
 import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sweep_dirs import new_sweep_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,8 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    base = ROOT / "multirun" / "multidigits_mtl" / stamp
+    base = new_sweep_dir(ROOT / "multirun" / "multidigits_mtl")
     seeds = f"seed={','.join(map(str, args.seeds))}"
     extra = [*args.overrides] + ([f"trainer.max_steps={args.steps}"] if args.steps else [])
     train = [sys.executable, str(ROOT / "scripts" / "train.py"), "-m", "experiment=multidigits_mtl"]

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from corrjax._checks import check_choice
 
 Array = jax.Array
+QP_METHODS = ("block_pivoting", "active_set")  # nonneg_qp's exact methods
 
 
 def _check_square(g: Array, name: str = "gramian") -> Array:
@@ -105,7 +106,7 @@ def nonneg_qp(
       ``v`` of shape ``(T,)``, ``v >= 0``.
     """
     q_mat = _check_square(q_mat, "q_mat")
-    check_choice(method, "method", ("block_pivoting", "active_set"))
+    check_choice(method, "method", QP_METHODS)
     t = q_mat.shape[0]
     q_vec = jnp.asarray(q_vec, q_mat.dtype)
     if q_vec.shape != (t,):
@@ -196,6 +197,7 @@ def min_norm_simplex(
     max_iter: int | None = None,
     tol: float = 1e-6,
     reg_eps: float = 1e-6,
+    qp_method: str = "block_pivoting",
 ) -> Array:
     """Weights ``w`` on the simplex minimising ``w^T G w``: the min-norm point ``J^T w`` of the convex hull.
 
@@ -212,6 +214,7 @@ def min_norm_simplex(
       max_iter: iteration cap.
       tol: relative tolerance.
       reg_eps: ridge added to the trace-normalised Gramian (``"active_set"`` only).
+      qp_method: :func:`nonneg_qp`'s method (``"active_set"`` only).
 
     Returns:
       ``(T,)`` weights, non-negative, summing to 1 (NaN if the Gramian is not finite).
@@ -221,10 +224,11 @@ def min_norm_simplex(
     """
     g = _check_square(gramian)
     check_choice(method, "method", ("active_set", "frank_wolfe"))
+    check_choice(qp_method, "qp_method", QP_METHODS)
     t = g.shape[0]
     if method == "active_set":
         gn, _ = _normalized(g, reg_eps)
-        v = nonneg_qp(gn, -jnp.ones((t,), g.dtype), max_iter=max_iter, tol=tol)
+        v = nonneg_qp(gn, -jnp.ones((t,), g.dtype), method=qp_method, max_iter=max_iter, tol=tol)
         return v / jnp.sum(v)
     gn, _ = _normalized(g, 0.0)
     max_iter = 250 if max_iter is None else int(max_iter)
@@ -252,6 +256,7 @@ def project_dual_cone(
     max_iter: int | None = None,
     tol: float = 1e-6,
     reg_eps: float = 1e-4,
+    qp_method: str = "block_pivoting",
 ) -> Array:
     """Weights ``v`` with ``J^T v`` the projection of ``J^T u`` onto the dual cone ``{x : J x >= 0}``.
 
@@ -265,18 +270,20 @@ def project_dual_cone(
       u: ``(T,)`` weights of the vector to project.
       max_iter, tol: iteration cap and tolerance of :func:`nonneg_qp`.
       reg_eps: ridge on the normalised Gramian.
+      qp_method: :func:`nonneg_qp`'s method.
 
     Returns:
       ``(T,)`` weights ``v >= u``.
     """
     g = _check_square(gramian)
+    check_choice(qp_method, "qp_method", QP_METHODS)
     t = g.shape[0]
     u = jnp.asarray(u, g.dtype)
     if u.shape != (t,):
         raise ValueError(f"`u` must have shape (T,) = ({t},) to match `gramian` {tuple(g.shape)}")
     tr = jnp.trace(g)
     gn = (g + g.T) / (2 * jnp.where(tr > 0, tr, 1.0)) + reg_eps * jnp.eye(t, dtype=g.dtype)
-    z = nonneg_qp(gn, gn @ u, max_iter=max_iter, tol=tol)
+    z = nonneg_qp(gn, gn @ u, method=qp_method, max_iter=max_iter, tol=tol)
     return u + z
 
 

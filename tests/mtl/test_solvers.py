@@ -249,3 +249,7 @@ def test_bad_shapes_raise():
         solvers.nonneg_qp(jnp.eye(3), jnp.ones(4))
     with pytest.raises(ValueError, match="method"):
         solvers.nonneg_qp(jnp.eye(3), jnp.ones(3), method="quadprog")
+    with pytest.raises(ValueError, match="qp_method"):
+        solvers.project_dual_cone(jnp.eye(3), jnp.ones(3), qp_method="quadprog")
+    with pytest.raises(ValueError, match="qp_method"):
+        solvers.min_norm_simplex(jnp.eye(3), qp_method="cvxpy")
