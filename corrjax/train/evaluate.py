@@ -10,7 +10,6 @@ which are gathered on the host and scored by one jitted function. Besides each t
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,8 +42,12 @@ def iterate_in_order(dataset: Any, batch_size: int, multiple: int):
         yield batch, mask
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _score(tasks: tuple[TaskSpec, ...], outputs: dict, labels: dict, mask: jax.Array) -> dict[str, jax.Array]:
+def score_outputs(
+    tasks: Sequence[TaskSpec], outputs: dict, labels: dict, mask: jax.Array
+) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
+    """``(metrics, scores (n, T), errors (n, T))`` of a split's outputs: each task's masked metrics under
+    ``eval/<task>/<metric>`` and their summed ``eval/loss``, with the per-example prediction scores and losses that
+    the correlation matrices are computed from. Pure; ``tasks`` is static under ``jit``."""
     metrics: dict[str, jax.Array] = {}
     total = jnp.zeros(())
     scores, errors = [], []
@@ -56,6 +59,9 @@ def _score(tasks: tuple[TaskSpec, ...], outputs: dict, labels: dict, mask: jax.A
         errors.append(L.per_example_loss(t, outputs[t.name], labels[t.name]))
     metrics["eval/loss"] = total
     return metrics, jnp.stack(scores, 1), jnp.stack(errors, 1)
+
+
+_score = jax.jit(score_outputs, static_argnums=0)
 
 
 def evaluate(
