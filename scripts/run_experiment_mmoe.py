@@ -2,15 +2,16 @@
 
     python scripts/run_experiment_mmoe.py [--seeds 0 1 2 3 4] [--correlations 1.0 0.9 0.5 0.0] [--steps 3000] \
         [--workers 2] [-- <hydra overrides>]
-    python scripts/run_experiment_mmoe.py --ensemble 50 --workers 2 --seeds $(seq 0 199)  # seeds vmapped
+    python scripts/run_experiment_mmoe.py --ensemble 50 --workers 2 --seeds $(seq 0 199)  # 50 seeds per program
     python scripts/run_experiment_mmoe.py --sweep-dir multirun/mmoe_synthetic/<stamp> [<stamp2> ...]  # tabulate only
 
 Runs one local Hydra multirun of ``experiment=mmoe_synthetic`` over models x correlations x seeds (one process,
 jobs in sequence; ``--workers N`` splits the seeds over N multiruns at once, one sweep folder each), then writes
 ``mmoe_synthetic.md`` and ``mmoe_synthetic.png`` into the (first) sweep folder. ``--ensemble K`` trains K seeds of
-one model and correlation at once instead (:func:`corrjax.train.ensemble.train_seeds`: the same train step, vmapped
-over seeds, each seed reading its own data in its own order, so seed ``s`` follows the Hydra run with ``seed=s``); a
-200-seed study then takes under an hour on two cores instead of most of a day. Its runs go to
+one model and correlation at once instead (:func:`corrjax.train.ensemble.train_seeds`: the same train step for
+every seed inside one compiled program, each seed reading its own data in its own order, so seed ``s`` computes what
+the Hydra run with ``seed=s`` computes, up to rounding); a 200-seed study then takes about an hour on two cores
+instead of three and a half. Its runs go to
 ``<sweep>/<model>/corr<c>/seed<s>`` with the same files, and re-running with ``--sweep-into`` that folder skips the
 runs that finished. Ma et al.
 (KDD 2018, Fig. 3-4) compare average loss curves: shared-bottom degrades as the correlation falls while MMoE is
@@ -275,7 +276,7 @@ def _sweep_command(sweep: Path, seeds: list[int], args: argparse.Namespace) -> l
 def run_sweeps(sweeps: list[Path], groups: list[list[int]], args: argparse.Namespace) -> None:
     """One Hydra multirun (or, with ``--ensemble``, one ensemble worker) per seed group. A single group runs in the
     foreground; several run at once, each pinned to its share of this process's CPUs (where the OS allows) and
-    logging to ``<sweep>/study.log``."""
+    logging to ``<sweep>/study.log`` (ensemble workers share one sweep folder: ``study-<k>.log``)."""
     command = _ensemble_command if args.ensemble else _sweep_command
     if len(sweeps) == 1 and args.ensemble:
         run_ensembles(sweeps[0], groups[0], args)

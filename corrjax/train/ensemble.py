@@ -14,9 +14,9 @@ a Hydra sweep statistically, not bit for bit.
 
 On CPU, running the seeds one after another inside the program (``seed_batch=1``) is the fastest choice measured
 for the MMoE study's models: 50 seeds take 14 ms per step for the shared-bottom model (25 ms vectorised with
-``jax.vmap``) and 21 ms for MMoE (20 ms vectorised; 18 ms ten at a time), against ~1.7 ms per step for one seed in
-the loop; evaluation is 3.5x faster seed by seed than vectorised, where XLA turns the seeds' products into a
-batched product with small matrices.
+``jax.vmap``) and 21 ms for MMoE (20 ms vectorised; 18 ms ten at a time), against 1.0 ms per step for one
+shared-bottom seed in the loop (so 3.5x per seed). Evaluation is 3.5x faster seed by seed than vectorised, where
+XLA turns the seeds' products into one batched product of small matrices.
 
 Every seed gets a run directory in the loop's layout (``metrics.jsonl`` with the train metrics every
 ``trainer.log_every`` steps and the evaluation every ``trainer.eval_every``; ``summary.json``; ``.hydra/config.yaml``
