@@ -55,6 +55,8 @@ def _check(cfg: DictConfig, seeds: Sequence[int], run_dirs: Sequence[str | Path]
         raise ValueError("`seeds` is empty")
     if isinstance(seed_batch, bool) or not isinstance(seed_batch, int) or seed_batch < 1:
         raise ValueError(f"`seed_batch` must be a positive int, got {seed_batch!r}")
+    if any(not -(2**31) <= s < 2**31 for s in seeds):
+        raise ValueError(f"`seeds` must fit in int32 (the PRNG keys are built from them), got {list(seeds)}")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"`seeds` has duplicates: {list(seeds)}")
     if len(run_dirs) != len(seeds):
@@ -205,7 +207,7 @@ def train_seeds(
     params, rest = _stack([p for _, p, _ in splits]), _stack([r for _, _, r in splits])
     del models, splits
     init = jax.jit(jax.vmap(lambda p, r, s: state.create_state(p, r, tx, s)))
-    states = init(params, rest, jnp.asarray(seeds, jnp.uint32))
+    states = init(params, rest, jnp.asarray(seeds, jnp.int32))
     n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params)) // len(seeds)
     log.info("ensemble of %d seeds: model %s, %d parameters each; tasks %s", len(seeds), model_name, n_params, names)
     del params, rest
