@@ -264,13 +264,19 @@ def plot(curves: Curves, path: Path) -> None:
     plt.close(fig)
 
 
-def _sweep_command(sweep: Path, seeds: list[int], args: argparse.Namespace) -> list[str]:
-    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "-m", "experiment=mmoe_synthetic"]
-    cmd += [f"model={','.join(args.models)}", f"data.correlation={','.join(map(str, args.correlations))}"]
-    cmd += [f"seed={','.join(map(str, seeds))}", f"hydra.sweep.dir={sweep}", *args.overrides]
+def study_overrides(models: list[str], corrs: list[float], seeds: list[int], args: argparse.Namespace) -> list[str]:
+    """The study's Hydra overrides: with several values a key is swept (a multirun's command line); with one value
+    each, they are what that run's job records in ``.hydra/overrides.yaml``."""
+    out = ["experiment=mmoe_synthetic", f"model={','.join(models)}", f"data.correlation={','.join(map(str, corrs))}"]
+    out += [f"seed={','.join(map(str, seeds))}", *args.overrides]
     if args.steps is not None:
-        cmd.append(f"trainer.max_steps={args.steps}")
-    return cmd
+        out.append(f"trainer.max_steps={args.steps}")
+    return out
+
+
+def _sweep_command(sweep: Path, seeds: list[int], args: argparse.Namespace) -> list[str]:
+    overrides = study_overrides(args.models, args.correlations, seeds, args)
+    return [sys.executable, str(ROOT / "scripts" / "train.py"), "-m", *overrides, f"hydra.sweep.dir={sweep}"]
 
 
 def run_sweeps(sweeps: list[Path], groups: list[list[int]], args: argparse.Namespace) -> None:
@@ -302,14 +308,6 @@ def run_sweeps(sweeps: list[Path], groups: list[list[int]], args: argparse.Names
         raise SystemExit(f"a sweep failed; see {', '.join(failed)}")
 
 
-def ensemble_overrides(model: str, corr: float, seed: int, args: argparse.Namespace) -> list[str]:
-    """The overrides of one ensemble run, as a Hydra multirun job would record them."""
-    out = ["experiment=mmoe_synthetic", f"model={model}", f"data.correlation={corr}", f"seed={seed}", *args.overrides]
-    if args.steps is not None:
-        out.append(f"trainer.max_steps={args.steps}")
-    return out
-
-
 def _finished(run: Path) -> bool:
     summary = run / "summary.json"
     return summary.exists() and bool(json.loads(summary.read_text()).get("completed"))
@@ -332,7 +330,7 @@ def run_ensembles(sweep: Path, seeds: list[int], args: argparse.Namespace) -> No
                 todo = [s for s in seeds if not _finished(sweep / model / f"corr{corr:g}" / f"seed{s}")]
                 for k in range(0, len(todo), args.ensemble):
                     chunk = todo[k : k + args.ensemble]
-                    overrides = [ensemble_overrides(model, corr, s, args) for s in chunk]
+                    overrides = [study_overrides([model], [corr], [s], args) for s in chunk]
                     cfg = compose(config_name="train", overrides=overrides[0])
                     dirs = [sweep / model / f"corr{corr:g}" / f"seed{s}" for s in chunk]
                     t0 = time.perf_counter()

@@ -14,16 +14,13 @@ import yaml
 
 from corrjax.train import loop
 from corrjax.train.ensemble import train_seeds
+from corrjax.train.writers import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["trainer=tiny", "logger=minimal", "data.num_examples=256", "trainer.max_steps=6", "trainer.eval_every=3"]
 # Keys the loop writes that the ensemble leaves out: representation diagnostics and the gradient noise scale.
 LOOP_ONLY = ("eval/gate_usage", "eval/task_rep_cka", "eval/expert_cka", "train/noise_scale")
 LOOP_ONLY += ("train/grad_sq_norm", "train/trace_cov")
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
 
 
 @pytest.mark.parametrize("model, mtl", [("mmoe", "ew"), ("hps", "pcgrad")])
