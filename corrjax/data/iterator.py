@@ -16,7 +16,6 @@ converting and transferring them); the position reported is that of the batches 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import queue
@@ -35,8 +34,26 @@ logger = logging.getLogger(__name__)
 _DONE = object()
 
 
+MAX_SEED = 2**31
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """Returns ``seed`` as an int after checking it is an int in ``[0, 2**31)``, else raises ``ValueError`` naming it.
+
+    corrjax seeds feed NumPy's ``default_rng([seed, ...])`` (batch orders, multidigits), which takes no negative
+    entropy, and ``jax.random.key(seed)``, whose 32-bit keys (without x64) would give ``2**32 + s`` the key of ``s``;
+    the seed ensemble stacks them as int32. One range serves them all.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < MAX_SEED:
+        raise ValueError(f"`{name}` must be an int in [0, 2**31), got {seed!r}")
+    return int(seed)
+
+
 def epoch_order(num_examples: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
-    """The example order of one epoch: a seeded permutation (or ``arange`` without shuffling)."""
+    """The example order of one epoch: a seeded permutation (or ``arange`` without shuffling).
+
+    ``seed`` is an int in ``[0, 2**31)`` (see :func:`check_seed`); ``ValueError`` otherwise."""
+    seed = check_seed(seed)
     if not shuffle:
         return np.arange(num_examples)
     return np.random.default_rng([int(seed), int(epoch)]).permutation(num_examples)
@@ -69,7 +86,7 @@ class BatchIterator(Iterator[dict[str, Any]]):
     Args:
       source: a :class:`~corrjax.data.source.DataSource` (``len``, ``get_batch(indices)``, ``tasks``).
       batch_size: the global batch size ``B`` (over all processes).
-      seed: shuffling seed; the order of epoch ``e`` depends only on ``(seed, e)``.
+      seed: shuffling seed, an int in ``[0, 2**31)``; the order of epoch ``e`` depends only on ``(seed, e)``.
       shuffle: reshuffle every epoch (False: source order).
       num_epochs: stop after this many epochs (None: forever).
       drop_remainder: drop the last incomplete batch of each epoch. If False the last batch is padded to ``B``
@@ -112,7 +129,7 @@ class BatchIterator(Iterator[dict[str, Any]]):
         self.tasks = tuple(getattr(source, "tasks", ()))
         self.num_examples = len(source)
         self.batch_size = int(batch_size)
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self.shuffle = bool(shuffle)
         self.num_epochs = num_epochs
         self.drop_remainder = bool(drop_remainder)
@@ -127,6 +144,13 @@ class BatchIterator(Iterator[dict[str, Any]]):
         # its rows to `make_array_from_process_local_data`.
         self._single_transfer = sharding is not None and sharding.is_fully_addressable
         if sharding is not None:
+            try:
+                sharding.shard_shape((self.batch_size,))
+            except ValueError as e:  # jax's IndivisibleError
+                raise ValueError(
+                    f"`batch_size`={batch_size} does not split evenly over the batch axis of the sharding "
+                    f"({sharding.num_devices} devices): {e}"
+                ) from e
             self._rows = _local_rows(sharding, self.batch_size)
         else:
             local = self.batch_size // self.process_count
@@ -266,5 +290,8 @@ class BatchIterator(Iterator[dict[str, Any]]):
         self._shutdown()
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # interpreter shutdown
+        # No `contextlib.suppress` here: at interpreter exit module globals may already be None.
+        try:  # noqa: SIM105
             self._shutdown()
+        except Exception:
+            pass

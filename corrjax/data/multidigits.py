@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from corrjax.data.iterator import check_seed
 from corrjax.data.source import ArrayDataset
 from corrjax.data.spec import TaskSpec
 
@@ -40,7 +41,7 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
 
 def source_pools(seed: int = 0, num_sources: int = 1797) -> dict[str, np.ndarray]:
     """Disjoint index sets into ``load_digits()`` for each split (a seeded permutation cut 70/10/20)."""
-    perm = np.random.default_rng([seed, 0x5EED]).permutation(num_sources)
+    perm = np.random.default_rng([check_seed(seed), 0x5EED]).permutation(num_sources)
     return {s: np.sort(perm[int(a * num_sources) : int(b * num_sources)]) for s, (a, b) in POOL_FRACTIONS.items()}
 
 
@@ -75,7 +76,7 @@ def multidigits(
       split: ``"train"``, ``"val"`` or ``"test"``; each uses its own disjoint pool of source digits.
       num_examples: pairs to draw (defaults 20000 / 2000 / 4000). Pairs are drawn with replacement from the pool
         (the pool of a split has ``p`` images, hence ``p^2`` distinct pairs before offsets).
-      seed: fixes the pools, the pairs and the offsets.
+      seed: fixes the pools, the pairs and the offsets (an int in ``[0, 2**31)``).
       extra_tasks: any of ``"sum"`` (19 classes) and ``"same"`` (binary).
 
     ``info["source_index"] (n, 2)`` gives the ``load_digits`` indices of the left and right digit; ``info["offsets"]``
@@ -83,6 +84,7 @@ def multidigits(
     """
     if split not in POOL_FRACTIONS:
         raise ValueError(f"unknown `split`={split!r}; expected one of {', '.join(map(repr, POOL_FRACTIONS))}")
+    seed = check_seed(seed)
     unknown = [t for t in extra_tasks if t not in DERIVED_TASKS]
     if unknown:
         raise ValueError(f"unknown `extra_tasks` {unknown}; expected any of {sorted(DERIVED_TASKS)}")

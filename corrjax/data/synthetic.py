@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from corrjax.data.iterator import check_seed
 from corrjax.data.source import ArrayDataset
 from corrjax.data.spec import TaskSpec
 
@@ -126,11 +127,12 @@ def synthetic(
     """The MMoE synthetic dataset as an in-memory :class:`ArrayDataset`.
 
     Tasks are regressions named ``task0 .. task{T-1}``; ``x`` is float32 ``(n, num_features)``. All splits of one
-    ``seed`` share the problem (weights, sine constants) and draw independent examples. ``info`` holds the problem,
-    the target correlation and the realised label correlation.
+    ``seed`` (an int in ``[0, 2**31)``) share the problem (weights, sine constants) and draw independent examples.
+    ``info`` holds the problem, the target correlation and the realised label correlation.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown `split`={split!r}; expected one of {', '.join(map(repr, SPLITS))}")
+    seed = check_seed(seed)
     n = DEFAULT_SIZES[split] if num_examples is None else int(num_examples)
     if n < 1:
         raise ValueError(f"`num_examples` must be positive, got {n}")

@@ -6,13 +6,15 @@
 - :func:`cifar10`: TFDS ``cifar10`` with tasks ``label`` (10 classes) and ``animal`` (binary).
 
 Reading needs the prepared dataset under ``data_dir`` (default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
-Its presence is checked on the file system before TFDS is touched, so a missing dataset fails at once with
+Its presence (in array_record, the random-access format ``tfds.data_source`` needs: ``tfds build --file_format=
+array_record``) is checked on the file system before TFDS is touched, so a missing dataset fails at once with
 :class:`DatasetNotPreparedError` saying how to prepare it; no download is ever attempted (``download=False``).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -21,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from corrjax.data.iterator import check_seed
 from corrjax.data.multidigits import compose
 from corrjax.data.source import Batch, RecordDataset, _check_indices
 from corrjax.data.spec import TaskSpec, check_tasks
@@ -43,6 +46,8 @@ CELEBA_FILES = (
     "identity_CelebA.txt",
 )
 CIFAR10_ANIMALS = (2, 3, 4, 5, 6, 7)  # bird, cat, deer, dog, frog, horse
+# File formats tfds.data_source can read (random access). `tfds build` writes tfrecord unless given --file_format.
+RANDOM_ACCESS_FORMATS = ("array_record", "parquet")
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -54,8 +59,21 @@ def default_data_dir() -> str:
     return os.environ.get("TFDS_DATA_DIR", os.path.join("~", "tensorflow_datasets"))
 
 
+def _file_formats(info_path: Path) -> list[str]:
+    """The record formats a prepared dataset holds, from its ``dataset_info.json`` (TFDS writes ``fileFormat`` and
+    ``alternativeFileFormats``; no ``fileFormat`` means tfrecord, TFDS's default). Unreadable JSON: unknown, []."""
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(info, dict):
+        return []
+    return [info.get("fileFormat") or "tfrecord", *info.get("alternativeFileFormats", [])]
+
+
 def check_prepared(name: str, data_dir: str | os.PathLike | None = None, version: str | None = None) -> Path:
-    """Returns ``<data_dir>/<name>/<version>`` if it holds a prepared dataset, else raises DatasetNotPreparedError.
+    """Returns ``<data_dir>/<name>/<version>`` if it holds a prepared dataset in a format ``tfds.data_source`` reads
+    (array_record or parquet), else raises DatasetNotPreparedError saying how to prepare it.
 
     Only the file system is consulted (milliseconds): TFDS is not imported and nothing is downloaded.
     """
@@ -64,15 +82,30 @@ def check_prepared(name: str, data_dir: str | os.PathLike | None = None, version
     if version is None:
         raise ValueError(f"unknown TFDS dataset {name!r}: pass `version=` explicitly")
     path = root / name / version
+    build = [
+        "    pip install 'corrjax[tfds-prepare]'   # tensorflow-cpu, needed only to build",
+        f"    tfds build {name} --data_dir {root} --file_format=array_record",
+    ]
     if (path / "dataset_info.json").is_file():
-        return path
+        formats = _file_formats(path / "dataset_info.json")
+        if not formats or any(f in RANDOM_ACCESS_FORMATS for f in formats):
+            return path  # unknown formats: let TFDS decide
+        raise DatasetNotPreparedError(
+            "\n".join(
+                [
+                    f"TFDS dataset {name!r} version {version} in {path} is prepared as {', '.join(formats)}, which "
+                    f"tfds.data_source cannot read (it needs one of {', '.join(RANDOM_ACCESS_FORMATS)}). Rebuild it "
+                    "(after moving the old version away) with:",
+                    *build,
+                ]
+            )
+        )
     found = sorted(p.name for p in (root / name).iterdir() if p.is_dir()) if (root / name).is_dir() else []
     lines = [
         f"TFDS dataset {name!r} version {version} is not prepared: {path / 'dataset_info.json'} does not exist"
         + (f" (found versions: {', '.join(found)})." if found else "."),
         "corrjax reads TFDS data without TensorFlow and never downloads it. Prepare it once with:",
-        "    pip install 'corrjax[tfds-prepare]'   # tensorflow-cpu, needed only to build",
-        f"    tfds build {name} --data_dir {root}",
+        *build,
         "or point `data_dir` (or $TFDS_DATA_DIR) at the directory where it is prepared.",
     ]
     if name == "celeb_a":
@@ -159,8 +192,9 @@ def multimnist(
     last 10 %, test: MNIST test, so splits share no source image), the left one shifted 0..4 px from the top-left
     corner, the right one from the bottom-right; overlaps take the maximum. Sener & Koltun then resize to 28x28;
     we keep the 36x36 canvas. Pairs and offsets are fixed by ``seed``; ``num_examples`` defaults to the size of
-    the source split.
+    the source split; ``seed`` is an int in ``[0, 2**31)``.
     """
+    seed = check_seed(seed)
     records = open_source("mnist", _split("mnist", split), data_dir)
     m = len(records)
     n = m if num_examples is None else int(num_examples)

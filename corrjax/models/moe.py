@@ -7,8 +7,9 @@
 - **PLE** (Progressive Layered Extraction): ``L`` stacked CGC levels. Below the top, every task and the shared
   branch carry their own representation; a shared gate mixes all experts to form the next shared input.
 
-``features(x)`` returns the top-level expert outputs stacked as ``(n, E_total, h)`` (for CGC/PLE ordered: shared
-experts, then each task's experts in task order); ``from_features(z, x)`` applies the gates, towers and heads.
+``features(x)`` returns the expert outputs stacked as ``(n, E, h)`` for MMoE/OMoE; for CGC/PLE a dict with the top
+level's expert outputs ``"experts" (n, E_total, h)`` (ordered: shared experts, then each task's experts in task order)
+and the representations its gates read, ``"inputs"``. ``from_features(z, x)`` applies the gates, towers and heads.
 ``gate_weights(x) -> {task: (n, E_gate)}`` exposes the (top-level) gate probabilities, which sum to 1 per example.
 """
 
@@ -32,7 +33,7 @@ UpperExpertFactory = Callable[[int, nnx.Rngs], nnx.Module]
 def _experts(factory: BackboneFactory, count: int, rngs: nnx.Rngs, name: str) -> nnx.List:
     experts = [build_backbone(factory, rngs, name) for _ in range(count)]
     widths = {e.out_features for e in experts}
-    if len(widths) != 1:
+    if len(widths) > 1:  # `count` may be 0 (CGC/PLE without shared or without task experts)
         raise ValueError(f"`{name}` must build experts of one width, got {sorted(widths)}")
     return nnx.List(experts)
 
@@ -217,7 +218,9 @@ class PLE(MultiTaskModel):
                 num_shared_experts=num_shared_experts,
                 num_task_experts=num_task_experts,
                 gate_in_features=gate_in,
-                shared_gate=level < num_levels - 1,
+                # The shared gate forms the next level's shared input, read only by shared experts (and the next
+                # shared gate): without shared experts it would feed nothing.
+                shared_gate=level < num_levels - 1 and num_shared_experts > 0,
                 rngs=rngs,
             )
             levels.append(lvl)
@@ -229,12 +232,19 @@ class PLE(MultiTaskModel):
         self.num_levels = num_levels
 
     def is_task_specific(self, path: tuple[str | int, ...]) -> bool:
-        # Task t's experts and gate at the top level reach only task t. So does its gate one level below: the
-        # representation it forms feeds only task t's top-level experts and gate. Everything else feeds a shared gate
-        # (below the top level the shared gate mixes all experts), hence every task.
+        # Task t's gate at level l forms h_t, which only task t's gate and experts at level l + 1 read; task t's
+        # experts at level l feed task t's gate there and, below the top, the shared gate, which mixes all experts
+        # into the next shared input (hence reaches every task). So task t's experts are task-specific at the top
+        # level, and its gates at the top two levels; at every level when there are no shared experts (no shared
+        # gate then), and its gates at every level when there are no task experts (h_t feeds only gates then).
         if path and path[0] == "levels":
-            top = self.num_levels - 1
-            return (path[1] == top and path[2] in ("task", "gates")) or (path[1] == top - 1 and path[2] == "gates")
+            top, level, part = self.num_levels - 1, path[1], path[2]
+            no_shared, no_task = self.levels[0].num_shared == 0, self.levels[0].num_task == 0
+            if part == "task":
+                return level == top or no_shared
+            if part == "gates":
+                return level >= top - 1 or no_shared or no_task
+            return False
         return super().is_task_specific(path)
 
     def features(self, x: jax.Array) -> dict[str, Any]:

@@ -38,6 +38,34 @@ class TrainerConfig:
     progress: bool = True
 
 
+# Lower bounds of the trainer's counts (the schema checks types only): 0 disables evaluation and checkpointing.
+_TRAINER_MINIMUMS = {
+    "max_steps": 0,
+    "batch_size": 1,
+    "eval_batch_size": 1,
+    "eval_every": 0,
+    "log_every": 1,
+    "checkpoint_every": 0,
+    "keep_checkpoints": 1,
+    "stop_after": 1,
+    "max_nonfinite_in_a_row": 1,
+}
+
+
+def check_trainer(trainer: Any) -> None:
+    """Raises ``ValueError`` naming the key when a ``trainer`` count is below its minimum (``log_every`` >= 1,
+    ``eval_every`` and ``checkpoint_every`` >= 0 with 0 meaning never, ``stop_after`` null or >= 1, ...).
+
+    The structured schema rejects misspelt keys and wrong types at composition; this catches the well-typed values
+    that would otherwise crash mid-run (``log_every=0``) or silently misbehave (``max_nonfinite_in_a_row=0``)."""
+    for key, minimum in _TRAINER_MINIMUMS.items():
+        value = trainer.get(key) if hasattr(trainer, "get") else getattr(trainer, key, None)
+        if value is None and key == "stop_after":
+            continue
+        if value is None or value < minimum:
+            raise ValueError(f"`trainer.{key}`={value} must be >= {minimum}")
+
+
 @dataclass
 class DistributedConfig:
     """``jax.distributed.initialize`` arguments; ``enabled=None`` means: initialise when SLURM says so."""

@@ -47,6 +47,8 @@ import yaml
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from corrjax.train.config import check_trainer
+
 log = logging.getLogger(__name__)
 
 
@@ -55,12 +57,16 @@ def _check(cfg: DictConfig, seeds: Sequence[int], run_dirs: Sequence[str | Path]
         raise ValueError("`seeds` is empty")
     if isinstance(seed_batch, bool) or not isinstance(seed_batch, int) or seed_batch < 1:
         raise ValueError(f"`seed_batch` must be a positive int, got {seed_batch!r}")
-    if any(not -(2**31) <= s < 2**31 for s in seeds):
-        raise ValueError(f"`seeds` must fit in int32 (the PRNG keys are built from them), got {list(seeds)}")
+    if any(not 0 <= s < 2**31 for s in seeds):
+        raise ValueError(
+            f"`seeds` must be ints in [0, 2**31) (non-negative int32, as the loop's `seed`: the PRNG keys are built "
+            f"from them as int32 and the batch order takes no negative seed), got {list(seeds)}"
+        )
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"`seeds` has duplicates: {list(seeds)}")
     if len(run_dirs) != len(seeds):
         raise ValueError(f"{len(run_dirs)} `run_dirs` for {len(seeds)} `seeds`; give one directory per seed")
+    check_trainer(cfg.trainer)
     if cfg.trainer.resume:
         raise ValueError("`trainer.resume`=true: ensemble runs keep no checkpoints; re-run the unfinished seeds")
     if jax.process_count() > 1:

@@ -127,7 +127,15 @@ def _progress(enabled: bool):
 
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
-    """Trains as ``cfg`` says and returns the final summary (also written to ``summary.json`` by process 0)."""
+    """Trains as ``cfg`` says and returns the final summary (also written to ``summary.json`` by process 0).
+
+    Raises ``ValueError`` at once, naming the key, for a ``seed`` outside ``[0, 2**31)`` or a ``trainer`` count
+    below its minimum (:func:`corrjax.train.config.check_trainer`)."""
+    from corrjax.data.iterator import check_seed  # touches no JAX device
+    from corrjax.train.config import check_trainer
+
+    check_seed(cfg.seed)
+    check_trainer(cfg.trainer)
     distributed.maybe_initialize(cfg.parallel.distributed)
     for noisy in ("absl", "orbax", "jax._src.xla_bridge", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

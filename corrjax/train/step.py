@@ -100,7 +100,10 @@ def make_train_step(
         if regularizer is not None:
             metrics["train/regularizer"] = reg
         metrics["train/update_norm"] = optax.tree.norm(updates)
-        metrics["train/grad_cosine"] = task_cosines(grads, shared)
+        if shared is None or any(jax.tree.leaves(shared)):
+            metrics["train/grad_cosine"] = task_cosines(grads, shared)
+        else:  # no shared parameter (every leaf is one task's): the task gradients have no common coordinates
+            metrics["train/grad_cosine"] = jnp.full((num_tasks, num_tasks), jnp.nan, losses.dtype)
         return new_state, metrics
 
     return train_step

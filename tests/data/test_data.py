@@ -158,3 +158,10 @@ def test_load_by_name():
     assert set(DATASETS) == {"synthetic", "multidigits", "multimnist", "celeba", "cifar10"}
     with pytest.raises(ValueError, match="mnist"):
         load("mnist")
+
+
+@pytest.mark.parametrize("make", [multidigits, synthetic])
+def test_bad_seeds_name_the_argument(make):
+    for seed in (-1, 2**31, 0.5):
+        with pytest.raises(ValueError, match=r"`seed`.*\[0, 2\*\*31\)"):
+            make("train", num_examples=4, seed=seed)

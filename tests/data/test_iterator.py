@@ -120,3 +120,43 @@ def test_errors_in_the_prefetch_thread_reach_the_caller():
     it = BatchIterator(make_ds(10), 2, transform=boom)
     with pytest.raises(RuntimeError, match="bad transform"):
         next(it)
+
+
+@pytest.mark.parametrize("seed", [-1, -(2**31), 2**31, 2**32 + 3, 1.5, True, "0"])
+def test_bad_seeds_fail_at_construction_naming_seed(seed):
+    """Seeds are ints in [0, 2**31): negative ones used to fail on the first batch (in the prefetch thread) with
+    NumPy's SeedSequence message; larger ones collide in JAX's 32-bit keys (2**32 + 3 seeds like 3)."""
+    with pytest.raises(ValueError, match=r"`seed`.*\[0, 2\*\*31\)"):
+        BatchIterator(make_ds(10), 2, seed=seed)
+    with pytest.raises(ValueError, match=r"`seed`"):
+        epoch_order(10, seed, 0)
+    it = BatchIterator(make_ds(10), 2, seed=np.int64(2**31 - 1), prefetch=0)  # the largest valid seed
+    np.testing.assert_array_equal(next(it)["y"], epoch_order(10, 2**31 - 1, 0)[:2])
+
+
+def test_batch_size_that_does_not_split_over_the_mesh_names_it(mesh8):
+    with pytest.raises(ValueError, match=r"`batch_size`=12 .*8"):
+        BatchIterator(make_ds(40), 12, mesh=mesh8)
+
+
+def test_an_unclosed_iterator_exits_quietly(tmp_path):
+    """An iterator left with a live prefetch thread is cleaned up at interpreter exit without a traceback (its
+    ``__del__`` used ``contextlib``, which is gone by then)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import numpy as np\n"
+        "from corrjax.data import ArrayDataset, BatchIterator, TaskSpec\n"
+        "ds = ArrayDataset({'x': np.zeros((20, 1), np.float32), 'y': np.zeros(20)}, [TaskSpec('y', 'regression', 1)])\n"
+        "it = BatchIterator(ds, 8, num_epochs=1, prefetch=2)\n"
+        "try:\n"
+        "    while True: next(it)\n"
+        "except StopIteration:\n"
+        "    pass\n"
+        "it.set_state({'epoch': 0, 'step': 1})\n"
+        "next(it)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Exception ignored" not in out.stderr, out.stderr[-2000:]

@@ -36,7 +36,7 @@ def mocked(tmp_path):
     for name, version in VERSIONS.items():
         d = tmp_path / name / version
         d.mkdir(parents=True)
-        (d / "dataset_info.json").write_text(json.dumps({"name": name}))
+        (d / "dataset_info.json").write_text(json.dumps({"name": name, "fileFormat": "array_record"}))
     with (
         mock.patch.object(mocking, "_getitems", _getitems),
         tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE),
@@ -63,6 +63,11 @@ def test_multimnist_from_mocked_mnist(mocked):
     np.testing.assert_array_equal(again.pairs, ds.pairs)
     it = BatchIterator(ds, 8, seed=0, num_epochs=1)
     assert sum(1 for _ in it) == 5
+
+
+def test_multimnist_bad_seed_names_it(mocked):
+    with pytest.raises(ValueError, match=r"`seed`.*\[0, 2\*\*31\)"):
+        multimnist("train", data_dir=mocked, num_examples=4, seed=-3)
 
 
 def test_celeba_and_cifar10_from_mocked_records(mocked):
@@ -97,10 +102,30 @@ def test_missing_data_fails_fast_and_says_how_to_prepare(tmp_path, fn, name):
     assert time.perf_counter() - t0 < 5.0
     msg = str(err.value)
     assert str(tmp_path / name / VERSIONS[name]) in msg
-    assert "pip install 'corrjax[tfds-prepare]'" in msg and f"tfds build {name} --data_dir {tmp_path}" in msg
+    assert "pip install 'corrjax[tfds-prepare]'" in msg
+    # tfds.data_source reads only random-access files; `tfds build` writes tfrecord unless told otherwise.
+    assert f"tfds build {name} --data_dir {tmp_path} --file_format=array_record" in msg
     if name == "celeb_a":
         assert str(tmp_path / "downloads" / "manual") in msg and "img_align_celeba.zip" in msg
     assert isinstance(err.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize("info", [{"name": "mnist"}, {"name": "mnist", "fileFormat": "tfrecord"}])
+def test_tfrecord_only_data_fails_fast_and_says_how_to_rebuild(tmp_path, info):
+    """A dataset prepared by a plain `tfds build` (tfrecord, TFDS's default; also what an absent fileFormat means)
+    cannot be read by tfds.data_source: refused before TFDS is touched, with the command that writes array_record."""
+    d = tmp_path / "mnist" / VERSIONS["mnist"]
+    d.mkdir(parents=True)
+    (d / "dataset_info.json").write_text(json.dumps(info))
+    with pytest.raises(DatasetNotPreparedError) as err:
+        multimnist("train", data_dir=tmp_path)
+    msg = str(err.value)
+    assert "tfrecord" in msg and f"tfds build mnist --data_dir {tmp_path} --file_format=array_record" in msg
+    for fmt, alternatives in [("array_record", []), ("tfrecord", ["array_record"]), ("parquet", [])]:
+        (d / "dataset_info.json").write_text(
+            json.dumps({"name": "mnist", "fileFormat": fmt, "alternativeFileFormats": alternatives})
+        )
+        assert check_prepared("mnist", tmp_path) == d
 
 
 def test_check_prepared_reports_other_versions(tmp_path):

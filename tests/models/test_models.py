@@ -248,3 +248,30 @@ def test_cross_stitch_mixing_and_mtan_masks(x):
     for t in TASKS:
         assert [m.shape for m in masks[t.name]] == [u.shape for u in us]
         assert all(bool(jnp.all((m > 0) & (m < 1))) for m in masks[t.name])
+
+
+@pytest.mark.parametrize("num_levels", [1, 2, 3])
+@pytest.mark.parametrize("shared,task", [(0, 1), (0, 2), (2, 0)])
+def test_ple_without_shared_or_task_experts(num_levels, shared, task):
+    """`num_shared_experts=0` / `num_task_experts=0` are valid (each gate still has an expert): the model builds,
+    gives the documented shapes, and its mask matches the per-task Jacobians (without shared experts every task's
+    branch is its own at every level)."""
+    model = PLE(
+        mlp(), TASKS, num_levels=num_levels, num_shared_experts=shared, num_task_experts=task,
+        gate_in_features=D, rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    out = model(X)
+    assert out["digit"].shape == (8, 4) and out["size"].shape == (8,) and out["flags"].shape == (8, 2)
+    gates = model.gate_weights(X)
+    assert all(g.shape == (8, shared + task) for g in gates.values())
+    jac = jax.jit(jax.jacrev(lambda p: task_losses(graphdef, p, rest, X, W)))(params)
+    mask = shared_mask(model)
+    for (path, flag), g in zip(jax.tree_util.tree_leaves_with_path(mask), jax.tree.leaves(jac), strict=True):
+        dep = int(np.sum(np.abs(np.asarray(g)).reshape(len(TASKS), -1).max(axis=1) > 0))
+        if dep == 0:  # a gate over a single expert (softmax of one logit is 1) has no gradient at all
+            assert shared + task == 1 and "gates" in jax.tree_util.keystr(path)
+        elif flag:
+            assert dep >= 2, f"{jax.tree_util.keystr(path)} marked shared but reached by {dep} task(s)"
+        else:
+            assert dep == 1, f"{jax.tree_util.keystr(path)} marked task-specific but reached by {dep} task(s)"

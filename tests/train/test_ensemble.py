@@ -60,6 +60,8 @@ def test_refuses_what_it_cannot_do(compose_fn, tmp_path):
         train_seeds(cfg, [0, 1], [tmp_path / "a"])
     with pytest.raises(ValueError, match="int32"):
         train_seeds(cfg, [0, 2**31], [tmp_path / "a", tmp_path / "b"])
+    with pytest.raises(ValueError, match=r"`seeds`.*\[0, 2\*\*31\).*-1"):  # the batch order needs seed >= 0
+        train_seeds(cfg, [0, -1], [tmp_path / "a", tmp_path / "b"])
     with pytest.raises(ValueError, match="empty"):
         train_seeds(cfg, [], [])
     with pytest.raises(ValueError, match=r"trainer\.resume"):

@@ -106,6 +106,44 @@ def test_single_task_subset_and_bad_subset(compose_fn, tmp_path):
         loop.run(compose_fn([*TINY, "tasks=[nope]"]), run_dir=tmp_path / "bad")
 
 
+@pytest.mark.parametrize("seed", [-1, 2**32 + 3])
+def test_bad_seed_fails_before_anything_naming_it(compose_fn, tmp_path, seed):
+    """Negative seeds used to fail on the first batch with NumPy's SeedSequence message (after data, model and
+    compilation); seeds past 2**31 would silently share JAX keys with smaller ones. Refused first, naming `seed`."""
+    with pytest.raises(ValueError, match=r"`seed`.*\[0, 2\*\*31\)"):
+        loop.run(compose_fn([*TINY, f"seed={seed}"]), run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("log_every", 0),
+        ("eval_batch_size", 0),
+        ("batch_size", 0),
+        ("max_steps", -1),
+        ("eval_every", -2),
+        ("checkpoint_every", -1),
+        ("keep_checkpoints", 0),
+        ("max_nonfinite_in_a_row", 0),
+        ("stop_after", 0),
+    ],
+)
+def test_bad_trainer_values_fail_first_naming_the_key(compose_fn, tmp_path, key, value):
+    """Well-typed but meaningless trainer values used to crash mid-run (``log_every=0``: modulo by zero after the
+    first step; ``eval_batch_size=0``: range() step 0) or misbehave (``max_nonfinite_in_a_row=0`` stopped every run
+    at its first log step); they are refused before anything runs, naming the key."""
+    from corrjax.train.ensemble import train_seeds
+
+    cfg = compose_fn([*TINY, f"trainer.{key}={value}"])
+    with pytest.raises(ValueError, match=rf"`trainer\.{key}`={value}"):
+        loop.run(cfg, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match=rf"`trainer\.{key}`={value}"):
+        train_seeds(cfg, [0], [tmp_path / "ens"])
+    assert not (tmp_path / "ens").exists()
+
+
 def test_interrupt_flag():
     with loop._Interrupt() as interrupt:
         signal.raise_signal(signal.SIGINT)

@@ -99,11 +99,12 @@ def test_writers_roundtrip(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text()) == {"eval/loss": 1.0, "x": None}
 
 
-def _tiny_setup(model_cfg_name="hps", mtl="ew", optim="adam", tasks=REG, in_shape=(6,)):
+def _tiny_setup(model_cfg_name="hps", mtl="ew", optim="adam", tasks=REG, in_shape=(6,), model_overrides=None):
     from omegaconf import OmegaConf
 
     model_cfg = OmegaConf.load(CONFIGS / "model" / f"{model_cfg_name}.yaml")
     model_cfg = OmegaConf.merge(model_cfg, SHRINK.get(model_cfg_name, {}))  # smaller, same architecture
+    model_cfg = OmegaConf.merge(model_cfg, model_overrides or {})
     model = builders.build_model(model_cfg, tasks, in_shape, seed=0)
     mask = shared_mask(model)
     graphdef, params, rest = state.split_model(model)
@@ -158,6 +159,23 @@ def test_tiny_train_step_per_model(model):
 def test_tiny_train_step_per_aggregator(mtl):
     train_step, st0 = _tiny_setup(mtl=mtl)
     _descends(train_step, st0, steps=1)
+
+
+@pytest.mark.parametrize("mtl", ["ew", "pcgrad", "uw"])
+def test_model_without_shared_parameters_trains(mtl):
+    """PLE without shared experts is one network per task: no parameter is shared, so the aggregator has nothing to
+    act on. The step trains every task on its own gradient (it used to fail inside the aggregator on an empty
+    pytree) and reports the undefined task-gradient cosines as NaN."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.merge(OmegaConf.load(CONFIGS / "model" / "ple.yaml"), {"num_shared_experts": 0})
+    assert not any(jax.tree.leaves(shared_mask(builders.build_model(cfg, REG, (6,), seed=0))))
+    train_step, st0 = _tiny_setup("ple", mtl=mtl, model_overrides={"num_shared_experts": 0})
+    _, m = train_step(st0, _batch())
+    cos = np.asarray(m["train/grad_cosine"])
+    assert cos.shape == (2, 2) and np.isnan(cos).all()
+    seen = _descends(train_step, st0, steps=4)
+    assert seen[-1] < seen[0]
 
 
 def test_nonfinite_step_is_skipped_and_counted():
