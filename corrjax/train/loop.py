@@ -184,13 +184,20 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     rep_fn = evaluate.make_representation_fn(graphdef)
     n_rep = min(len(eval_ds), 256)
     rep_x = np.asarray(eval_ds.get_batch(np.arange(n_rep))["x"])
+    # The shared representation at every evaluation (for the CKA over training), kept in the run dir so that a
+    # resumed run's matrix covers the evaluations before the interruption too.
     shared_history: list[tuple[int, np.ndarray]] = []
+    history_path = run_dir / "representations.npz"
 
     def run_eval(at_step: int) -> dict[str, Any]:
         out = evaluate.evaluate(eval_step, train_state, eval_ds, tasks, data_sharding, tc.eval_batch_size)
         if n_rep >= 4:
             diag = evaluate.representation_diagnostics(rep_fn, train_state, rep_x, data_sharding)
+            if shared_history and shared_history[-1][0] == at_step:  # re-evaluated (a finished run resumed)
+                shared_history.pop()
             shared_history.append((at_step, diag.pop("shared")))
+            if main:
+                writers.save_snapshots(history_path, shared_history)
             out.update(diag)
         return out
 
@@ -209,12 +216,21 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         log.info("trainer.resume=true but no checkpoint in %s: starting from scratch", ckpt.directory)
 
     writer = None
+    if start > 0:
+        shared_history.extend(writers.load_snapshots(history_path, start))
     if main:
         if start > 0:
             writers.truncate_jsonl(run_dir / "metrics.jsonl", start)
-        elif (run_dir / "metrics.jsonl").exists():
-            (run_dir / "metrics.jsonl").unlink()
-        writer = writers.MetricsWriter(run_dir, jsonl=cfg.logger.jsonl, tensorboard=cfg.logger.tensorboard)
+        else:  # a fresh run in a used directory: the old run's files would mix with this one's
+            for old in ("metrics.jsonl", history_path.name):
+                (run_dir / old).unlink(missing_ok=True)
+            shutil.rmtree(run_dir / "tb", ignore_errors=True)
+        writer = writers.MetricsWriter(
+            run_dir,
+            jsonl=cfg.logger.jsonl,
+            tensorboard=cfg.logger.tensorboard,
+            purge_step=start + 1 if start > 0 else None,
+        )
 
     last_eval: dict[str, Any] = {}
     last_train: dict[str, Any] = {}
@@ -268,6 +284,11 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
     if not last_eval:
         last_eval = run_eval(s)
+    if not last_train and start > 0 and main and cfg.logger.jsonl:
+        # Nothing trained in this invocation (a finished run resumed): the last logged train record still holds.
+        logged = [r for r in writers.read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
+        if logged:
+            last_train = {k: v for k, v in logged[-1].items() if k.startswith("train/")}
     summary: dict[str, Any] = {
         "step": s,
         "completed": s >= tc.max_steps,

@@ -36,14 +36,18 @@ def to_jsonable(value: Any) -> Any:
 class MetricsWriter:
     """Appends logged steps to ``metrics.jsonl`` and, optionally, TensorBoard event files in ``run_dir/tb``."""
 
-    def __init__(self, run_dir: str | Path, *, jsonl: bool = True, tensorboard: bool = True) -> None:
+    def __init__(
+        self, run_dir: str | Path, *, jsonl: bool = True, tensorboard: bool = True, purge_step: int | None = None
+    ) -> None:
+        """``purge_step``: a resumed run's first new step; TensorBoard hides the earlier attempt's events from that
+        step on (``metrics.jsonl`` is truncated by :func:`truncate_jsonl` instead)."""
         self.run_dir = Path(run_dir)
         self._jsonl = (self.run_dir / "metrics.jsonl").open("a") if jsonl else None
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(logdir=str(self.run_dir / "tb"))
+            self._tb = SummaryWriter(logdir=str(self.run_dir / "tb"), purge_step=purge_step)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": int(step), **to_jsonable(metrics)}
@@ -81,3 +85,24 @@ def write_summary(run_dir: str | Path, summary: dict[str, Any]) -> Path:
     path = Path(run_dir) / "summary.json"
     path.write_text(json.dumps(to_jsonable(summary), indent=2, sort_keys=True) + "\n")
     return path
+
+
+def save_snapshots(path: str | Path, history: list[tuple[int, np.ndarray]]) -> None:
+    """Writes ``[(step, array)]`` (arrays of one shape) to ``path`` as ``.npz`` (``steps``, ``arrays``), replacing it
+    atomically, so a resumed run can recover what it had gathered (the shared representations of the CKA over
+    training)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        np.savez(f, steps=np.array([k for k, _ in history], np.int64), arrays=np.stack([a for _, a in history]))
+    tmp.replace(path)
+
+
+def load_snapshots(path: str | Path, last_step: int) -> list[tuple[int, np.ndarray]]:
+    """The ``(step, array)`` pairs of :func:`save_snapshots` with ``step <= last_step`` ([] when there is no file)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with np.load(path) as z:
+        steps, arrays = z["steps"], z["arrays"]
+    return [(int(k), arrays[i]) for i, k in enumerate(steps) if k <= last_step]

@@ -86,10 +86,13 @@ def test_resume_reproduces_the_uninterrupted_run(compose_fn, tmp_path):
     a = deterministic(read_jsonl(tmp_path / "full" / "metrics.jsonl"))
     b = deterministic(read_jsonl(tmp_path / "resumed" / "metrics.jsonl"))
     assert a == b  # exactly: model, optimiser (rlw's key), RNG and data position restored
-    for k in full:
-        # The CKA-over-training matrix covers the evaluations of one invocation (it is not checkpointed).
-        if k.startswith("eval/") and "shared_cka" not in k:
+    assert full["eval/shared_cka_steps"] == resumed["eval/shared_cka_steps"] == [3, 6]
+    again = loop.run(compose_fn([*over, "trainer.resume=true"]), run_dir=tmp_path / "resumed")  # already finished
+    assert again["step"] == 6 and again["eval/shared_cka_steps"] == [3, 6]
+    for k in full:  # the CKA over training included: its snapshots before the interruption are kept in the run dir
+        if k.startswith(("eval/", "train/")) and k != "train/examples_per_s":
             np.testing.assert_array_equal(full[k], resumed[k], err_msg=k)
+            np.testing.assert_array_equal(full[k], again[k], err_msg=k)
 
 
 def test_nonfinite_losses_stop_the_run(compose_fn, tmp_path):

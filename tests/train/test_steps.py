@@ -99,6 +99,39 @@ def test_writers_roundtrip(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text()) == {"eval/loss": 1.0, "x": None}
 
 
+def _tb_events(path):
+    """The Event protos of a TensorBoard event file (TFRecord framing: length, its CRC, data, the data's CRC)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, out, i = path.read_bytes(), [], 0
+    while i < len(data):
+        (n,) = struct.unpack("<Q", data[i : i + 8])
+        out.append(Event.FromString(data[i + 12 : i + 12 + n]))
+        i += 12 + n + 4
+    return out
+
+
+def test_resumed_writer_purges_tensorboard_events_past_the_checkpoint(tmp_path):
+    # TensorBoard hides events at steps >= a START session log's step written by a later file.
+    writers.MetricsWriter(tmp_path / "a", jsonl=False).close()
+    writers.MetricsWriter(tmp_path / "b", jsonl=False, purge_step=5).close()
+    (fresh,), (resumed,) = (list((tmp_path / d / "tb").glob("events.out.tfevents.*")) for d in "ab")
+    assert not any(e.HasField("session_log") for e in _tb_events(fresh))
+    starts = [e.step for e in _tb_events(resumed) if e.HasField("session_log") and e.session_log.status == 1]
+    assert starts == [5]
+
+
+def test_snapshots_roundtrip(tmp_path):
+    history = [(k, np.full((3, 2), k, np.float32)) for k in (2, 4, 6)]
+    writers.save_snapshots(tmp_path / "s.npz", history)
+    back = writers.load_snapshots(tmp_path / "s.npz", last_step=4)
+    assert [k for k, _ in back] == [2, 4]
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(back, history[:2], strict=True))
+    assert writers.load_snapshots(tmp_path / "missing.npz", last_step=4) == []
+
+
 def _tiny_setup(model_cfg_name="hps", mtl="ew", optim="adam", tasks=REG, in_shape=(6,), model_overrides=None):
     from omegaconf import OmegaConf
 
