@@ -242,10 +242,13 @@ def normalize_comoment(c: Array, sxx: Array, syy: Array, *, symmetric: bool) -> 
 
     With ``symmetric`` (a matrix of a variable set with itself) the diagonal is exactly 1 where defined.
     """
-    sx = jnp.sqrt(sxx)
-    sy = jnp.sqrt(syy)
+    # Undefined entries are masked with ``where`` on both sides of the division, so that their zero cotangents do not
+    # turn into 0 * inf = NaN in the gradient of the defined ones (NaN variances fail ``> 0`` and propagate as NaN).
+    ok = (sxx[:, None] > 0) & (syy[None, :] > 0)
+    sx = jnp.sqrt(jnp.where(sxx > 0, sxx, jnp.ones_like(sxx)))
+    sy = jnp.sqrt(jnp.where(syy > 0, syy, jnp.ones_like(syy)))
     r = c / (sx[:, None] * sy[None, :])  # one product: symmetric inputs give an exactly symmetric result
-    r = jnp.clip(r, -1.0, 1.0)
+    r = jnp.where(ok, jnp.clip(r, -1.0, 1.0), jnp.full_like(r, jnp.nan))
     if symmetric:
         eye = jnp.eye(r.shape[0], dtype=bool)
         r = jnp.where(eye, jnp.where(jnp.isnan(r), r, jnp.ones_like(r)), r)

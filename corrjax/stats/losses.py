@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from corrjax._checks import as_columns
-from corrjax.stats._centered import PRECISION, AxisName, centered, psum
+from corrjax.stats._centered import PRECISION, AxisName, centered, centering, psum
 from corrjax.stats._explicit import shard_rows
 from corrjax.stats.softsort import soft_rank
 
@@ -50,15 +50,21 @@ def _global_n(x: Array, axis_name: AxisName) -> int:
     return x.shape[0] * (1 if axis_name is None else lax.axis_size(axis_name))
 
 
-def _moments(x: Array, y: Array, axis_name: AxisName) -> tuple[Array, Array, Array, Array, Array, int]:
-    """Per column: means, biased variances and covariance of ``x, y: (n, d)`` over the (global) batch."""
+def _moments(x: Array, y: Array, axis_name: AxisName) -> tuple[Array, Array, Array, Array, int]:
+    """Per column: the mean difference ``mean_x - mean_y``, biased variances and covariance of ``x, y: (n, d)`` over
+    the (global) batch.
+
+    The mean difference is formed from the reference shifts and the shifted means, so a location shift of the size
+    of the spread keeps its digits in float32 when the means are ~1e4 (the difference of two rounded means would not).
+    """
     n = _global_n(x, axis_name)
-    xc, mx, _ = centered(x, None, axis_name)
-    yc, my, _ = centered(y, None, axis_name)
+    shift_x, dmean_x, _ = centering(x, None, axis_name)
+    shift_y, dmean_y, _ = centering(y, None, axis_name)
+    xc, yc = (x - shift_x) - dmean_x, (y - shift_y) - dmean_y
     sxx = psum(jnp.sum(xc * xc, axis=0), axis_name) / n
     syy = psum(jnp.sum(yc * yc, axis=0), axis_name) / n
     sxy = psum(jnp.sum(xc * yc, axis=0), axis_name) / n
-    return mx, my, sxx, syy, sxy, n
+    return (shift_x - shift_y) + (dmean_x - dmean_y), sxx, syy, sxy, n
 
 
 @shard_rows("pred", "target")
@@ -74,7 +80,7 @@ def pearson_loss(pred: Any, target: Any, *, eps: float = 0.0, axis_name: AxisNam
       axis_name: reduce the batch statistics over this mapped axis (data-parallel batch).
     """
     x, y = _pair(pred, target, "pred", "target")
-    _, _, sxx, syy, sxy, _ = _moments(x, y, axis_name)
+    _, sxx, syy, sxy, _ = _moments(x, y, axis_name)
     r = sxy / jnp.sqrt((sxx + eps) * (syy + eps))
     return jnp.mean(1 - r)
 
@@ -92,8 +98,8 @@ def concordance_loss(pred: Any, target: Any, *, axis_name: AxisName = None) -> A
       axis_name: reduce the batch statistics over this mapped axis.
     """
     x, y = _pair(pred, target, "pred", "target")
-    mx, my, sxx, syy, sxy, _ = _moments(x, y, axis_name)
-    ccc = 2 * sxy / (sxx + syy + (mx - my) ** 2)
+    dmean, sxx, syy, sxy, _ = _moments(x, y, axis_name)
+    ccc = 2 * sxy / (sxx + syy + dmean**2)
     return jnp.mean(1 - ccc)
 
 

@@ -21,6 +21,7 @@ from corrjax.stats._centered import (
     AxisName,
     centered,
     centered_comoment,
+    centering,
     global_n,
     normalize_comoment,
     psum,
@@ -208,9 +209,12 @@ def pearsonr(x: Any, y: Any, *, axis: int = 0, axis_name: AxisName = None) -> Pe
     xc, _, _ = centered(xa, None, axis_name)
     yc, _, _ = centered(ya, None, axis_name)
     sxy = psum(jnp.sum(xc * yc, axis=0), axis_name)
-    nx = jnp.sqrt(psum(jnp.sum(xc * xc, axis=0), axis_name))
-    ny = jnp.sqrt(psum(jnp.sum(yc * yc, axis=0), axis_name))
-    r = jnp.clip(sxy / nx / ny, -1.0, 1.0)
+    sxx = psum(jnp.sum(xc * xc, axis=0), axis_name)
+    syy = psum(jnp.sum(yc * yc, axis=0), axis_name)
+    ok = (sxx > 0) & (syy > 0)  # masked on both sides of the division: a finite gradient for the defined entries
+    nx = jnp.sqrt(jnp.where(ok, sxx, jnp.ones_like(sxx)))
+    ny = jnp.sqrt(jnp.where(ok, syy, jnp.ones_like(syy)))
+    r = jnp.where(ok, jnp.clip(sxy / nx / ny, -1.0, 1.0), jnp.full_like(sxy, jnp.nan))
     if n == 2:
         r = jnp.round(r)
         p = jnp.where(jnp.isnan(r), jnp.nan, jnp.ones_like(r))
@@ -288,12 +292,16 @@ def concordance(x: Any, y: Any, *, axis_name: AxisName = None) -> Array:
     if x2.shape[1] != y2.shape[1] and 1 not in (x2.shape[1], y2.shape[1]):
         raise ValueError(f"`x` and `y` must have the same number of columns, got {x2.shape} and {y2.shape}")
     n = jnp.asarray(global_n(x2.shape[0], axis_name), x2.dtype)
-    xc, mx, _ = centered(x2, None, axis_name)
-    yc, my, _ = centered(y2, None, axis_name)
+    shift_x, dmean_x, _ = centering(x2, None, axis_name)
+    shift_y, dmean_y, _ = centering(y2, None, axis_name)
+    xc, yc = (x2 - shift_x) - dmean_x, (y2 - shift_y) - dmean_y
+    # mean_x - mean_y from the shifts and the shifted means: the difference of two rounded means ~1e4 would lose the
+    # digits of a location shift of size ~spread in float32.
+    dmean = (shift_x - shift_y) + (dmean_x - dmean_y)
     sxy = psum(jnp.sum(xc * yc, axis=0), axis_name) / n
     sxx = psum(jnp.sum(xc * xc, axis=0), axis_name) / n
     syy = psum(jnp.sum(yc * yc, axis=0), axis_name) / n
-    out = 2.0 * sxy / (sxx + syy + (mx - my) ** 2)
+    out = 2.0 * sxy / (sxx + syy + dmean**2)
     return out[0] if (x1 and y1) else out
 
 
@@ -313,11 +321,18 @@ def partial_corr(x: Any, *, axis_name: AxisName = None) -> Array:
     """
     x2, _ = as_columns(x, "x")
     c = cov(x2, axis_name=axis_name)
+    var = jnp.diagonal(c)
+    # A zero-variance variable is set apart as an identity row/column, so the pseudo-inverse of the others is exact
+    # (a zero row left in would pick up rounding noise from the eigensolver and give garbage, not NaN); its row and
+    # column are NaN at the end. NaN variances are not "zero" and propagate through the pseudo-inverse.
+    zero = var == 0
+    apart = zero[:, None] | zero[None, :]
     # Scale to a correlation matrix first: the pseudo-inverse's rank cut-off is then scale-free.
-    s = jnp.sqrt(jnp.diagonal(c))
-    s = jnp.where(s > 0, s, jnp.ones_like(s))  # a zero-variance column keeps a zero row -> NaN row below
+    s = jnp.sqrt(jnp.where(zero, jnp.ones_like(var), var))
     r = c / s[:, None] / s[None, :]
+    r = jnp.where(apart, jnp.eye(r.shape[0], dtype=r.dtype), r)
     p = jnp.linalg.pinv(r, hermitian=True)
     p = 0.5 * (p + p.T)
     dp = jnp.diagonal(p)
-    return normalize_comoment(-p, dp, dp, symmetric=True)
+    out = normalize_comoment(-p, dp, dp, symmetric=True)
+    return jnp.where(apart, jnp.full_like(out, jnp.nan), out)

@@ -26,6 +26,7 @@ from corrjax._checks import as_array, as_columns, check_choice, check_same_n
 from corrjax.stats import _sorting
 from corrjax.stats._centered import squeeze_1d
 from corrjax.stats._explicit import shard_rows
+from corrjax.stats.moments import _pearson_pvalue
 
 Array = jax.Array
 AxisName = Any
@@ -152,16 +153,12 @@ def _gather_rows(a: Array, axis_name: AxisName) -> Array:
 def _t_pvalue(r: Array, dof: int) -> Array:
     """Two-sided p-value of a correlation ``r`` under Student's t with ``dof >= 1`` degrees of freedom.
 
-    ``2 sf(|t|) = I_{1 - r^2}(dof/2, 1/2) = 1 - I_{r^2}(1/2, dof/2)`` with ``t = r sqrt(dof / (1 - r^2))``; the
-    second form is used for small ``r^2``, where ``1 - r^2`` would lose the digits that decide the p-value.
+    ``2 sf(|t|)`` with ``t = r sqrt(dof / (1 - r^2))`` equals the exact null p-value of Pearson's r from
+    ``n = dof + 2`` observations, ``2 I_{(1 - |r|)/2}(n/2 - 1, n/2 - 1)``, whose argument ``(1 - |r|)/2`` keeps
+    small p-values to relative accuracy (``1 - I_{r^2}(1/2, dof/2)`` cancels to 0 below ~eps); see
+    :func:`corrjax.stats.moments._pearson_pvalue`, which also covers large float32 ``n``.
     """
-    safe = jnp.where(jnp.isnan(r), jnp.zeros_like(r), r)
-    r2 = safe * safe
-    small = r2 < 0.5
-    half, a = jnp.asarray(0.5, r.dtype), jnp.asarray(dof / 2, r.dtype)
-    p_small = 1 - special.betainc(half, a, jnp.where(small, r2, 0.0))
-    p_large = special.betainc(a, half, jnp.where(small, 0.5, jnp.clip((1 - safe) * (1 + safe), 0.0, 1.0)))
-    p = jnp.where(small, p_small, p_large)
+    p = _pearson_pvalue(jnp.where(jnp.isnan(r), jnp.zeros_like(r), r), dof + 2)
     return jnp.where(jnp.isnan(r), jnp.asarray(jnp.nan, r.dtype), jnp.clip(p, 0.0, 1.0))
 
 

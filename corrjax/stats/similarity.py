@@ -21,6 +21,7 @@ References:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -42,7 +43,7 @@ def _as_features(x: Any, name: str) -> Array:
     arr = as_float_array(x, name)
     if arr.ndim == 0:
         raise ValueError(f"`{name}` must have an observation axis, got a scalar of shape {arr.shape}")
-    return arr.reshape(arr.shape[0], -1)
+    return arr.reshape(arr.shape[0], math.prod(arr.shape[1:]))  # not -1: that cannot be inferred when n == 0
 
 
 def _pair(x: Any, y: Any) -> tuple[Array, Array]:

@@ -258,3 +258,13 @@ def test_axis_name_on_mesh_values_and_gradients(mesh8):
     want_vals, want_grads = jax.jit(functools.partial(value_and_grads, axis_name=None))(x, y)
     np.testing.assert_allclose(vals, want_vals, rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(grads, want_grads, rtol=2e-4, atol=1e-6)
+
+
+def test_concordance_loss_float32_large_offset_with_a_location_shift():
+    # The squared mean difference must come from the shifted means, not from two rounded means ~1e4 apart by 1.
+    rng = np.random.default_rng(1)
+    for n in (100, 1000):
+        x = (1e4 + rng.standard_normal((n, 3))).astype(np.float32)
+        y = (x + 0.3 * rng.standard_normal((n, 3)) + 1.0).astype(np.float32)
+        want = concordance_ref(x, y)
+        np.testing.assert_allclose(float(jax.jit(concordance_loss)(x, y)), want, rtol=1e-5)

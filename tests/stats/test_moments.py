@@ -1,5 +1,7 @@
 """cov, corrcoef, pearsonr, fisher_z_ci, concordance, partial_corr against numpy/scipy and brute force."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,7 +56,9 @@ def test_cov_matches_numpy(x64, x, use_y, weights, ddof):
     fw = rng.integers(0, 4, n) if weights in ("f", "both") else None
     aw = rng.uniform(0.1, 2.0, n) if weights in ("a", "both") else None
     got = np.asarray(_cov(x, y, ddof=ddof, fweights=fw, aweights=aw))
-    with np.errstate(all="ignore"):
+    # n - ddof <= 0 is a case this test means to cover: numpy warns, we give NaN.
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Degrees of freedom <= 0", category=RuntimeWarning)
         ref = np.cov(x, y, rowvar=False, ddof=ddof, fweights=fw, aweights=aw)
     ref = np.atleast_2d(ref)
     if use_y:
@@ -63,7 +67,8 @@ def test_cov_matches_numpy(x64, x, use_y, weights, ddof):
         ref = ref[0, 0]
     # numpy turns a non-positive normalisation into +-inf/NaN with a warning; we give NaN.
     ref = np.where(np.isfinite(ref), ref, np.nan)
-    np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-10 * (1 + np.nanmax(np.abs(ref), initial=0)))
+    scale = np.max(np.abs(ref), initial=0, where=~np.isnan(ref))  # nanmax without its all-NaN warning
+    np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-10 * (1 + scale))
 
 
 @X64
@@ -326,3 +331,45 @@ def test_gradients_match_finite_differences(x64):
     check_grads(jax.jit(lambda a: cs.pearsonr(a[:, 0], a[:, 2]).pvalue), (x,), order=1, modes=["rev"])
     check_grads(jax.jit(lambda a: cs.cov(a, ddof=0)[1, 2]), (x,), order=1, modes=["rev", "fwd"])
     check_grads(jax.jit(lambda a: cs.partial_corr(a)[0, 2]), (x,), order=1, modes=["rev"])
+
+
+def test_partial_corr_zero_variance_column_is_nan_whatever_the_rounding():
+    # eigh mixes rounding noise into the zero row of the correlation matrix; the zero-variance variable must still
+    # give a NaN row and column (not data-dependent garbage), and the others the partial correlation without it.
+    x = np.random.default_rng(0).standard_normal((30, 4))
+    x[:, 1] = 3.0
+    p = np.asarray(_partial_corr(x.astype(np.float32)))
+    assert np.isnan(p[1]).all() and np.isnan(p[:, 1]).all()
+    rest = [0, 2, 3]
+    np.testing.assert_allclose(p[np.ix_(rest, rest)], _partial_ref(x[:, rest]), atol=1e-5)
+
+
+def test_grad_is_finite_next_to_a_zero_variance_column():
+    # An undefined (NaN) entry must not poison the gradient of the defined ones (0 * inf in the backward pass).
+    x = np.random.default_rng(1).standard_normal((8, 3)).astype(np.float32)
+    x[:, 2] = 1.5
+    x = jnp.asarray(x)
+    for fn in (
+        lambda a: cs.corrcoef(a)[0, 1],
+        lambda a: cs.corrcoef(a[:, :1], a[:, 1:])[0, 0],
+        lambda a: cs.pearsonr(a[:, :2], a[:, 1:]).statistic[0],
+        lambda a: cs.partial_corr(a)[0, 1],
+    ):
+        g = np.asarray(jax.jit(jax.grad(fn))(x))
+        assert np.all(np.isfinite(g)), g
+        np.testing.assert_array_equal(g[:, 2], 0.0)
+    g = np.asarray(jax.grad(lambda a: cs.corrcoef(a)[0, 1])(x))
+    g_ref = np.asarray(jax.grad(lambda a: cs.corrcoef(a[:, :2])[0, 1])(x))
+    np.testing.assert_allclose(g, g_ref, rtol=1e-6, atol=1e-7)
+
+
+def test_concordance_float32_large_offset_with_a_location_shift():
+    # The squared mean difference must come from the shifted means, not from two rounded means ~1e4 apart by 1.
+    rng = np.random.default_rng(1)
+    for n in (100, 1000):
+        x = (1e4 + rng.standard_normal((n, 3))).astype(np.float32)
+        y = (x + 0.3 * rng.standard_normal((n, 3)) + 1.0).astype(np.float32)
+        got = np.asarray(_concordance(x, y))
+        x64, y64 = x.astype(np.float64), y.astype(np.float64)
+        ref = np.array([_ccc_ref(x64[:, j], y64[:, j]) for j in range(3)])
+        np.testing.assert_allclose(got, ref, rtol=1e-5)

@@ -292,3 +292,22 @@ def test_spearmanr_axis_name_shard_map(mesh8):
     want = _spear(x, y)
     np.testing.assert_allclose(np.asarray(got.statistic), np.asarray(want.statistic), atol=1e-6)
     np.testing.assert_allclose(np.asarray(got.pvalue), np.asarray(want.pvalue), atol=1e-6)
+
+
+def test_spearmanr_small_pvalues_keep_relative_accuracy():
+    # The t-test p-value must not come from 1 - betainc(...) (0 or a few float32 ulps below ~1e-7): scipy gives
+    # 1.9e-9 for rho = 0.06 at n = 10000 and 1.5e-8 for rho = 0.7 at n = 50.
+    rng = np.random.default_rng(11)
+    for n, rho in ((10000, 0.06), (1000, 0.15), (100, 0.5), (50, 0.7), (20, 0.3)):
+        a = rng.standard_normal(n)
+        b = rho * a + np.sqrt(1 - rho * rho) * rng.standard_normal(n)
+        ref = ss.spearmanr(a, b)
+        got_rho, got_p = _spear(a.astype(np.float32), b.astype(np.float32))
+        np.testing.assert_allclose(float(got_rho), ref.statistic, rtol=1e-5)
+        # 2e-4: XLA's float32 betainc with shape parameters ~n/2 (see moments._F32_BETAINC_MAX_N)
+        np.testing.assert_allclose(float(got_p), ref.pvalue, rtol=2e-4, err_msg=f"n={n}")
+    with jax.enable_x64(True):
+        a = rng.standard_normal(100)
+        b = 0.8 * a + 0.6 * rng.standard_normal(100)
+        ref = ss.spearmanr(a, b)  # p ~ 1e-19: below float64's eps, so 1 - betainc(...) would give 0
+        np.testing.assert_allclose(float(spearmanr(a, b).pvalue), ref.pvalue, rtol=1e-10)

@@ -293,3 +293,14 @@ def test_axis_name_on_mesh(mesh8):
     got, want = sharded(put(xs), put(ys)), unsharded(xs, ys)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_batch_gives_nan_or_the_documented_error():
+    # (0, d) inputs used to crash in a reshape (ZeroDivisionError) instead of following the n < 2 rule.
+    empty = np.zeros((0, 3), np.float32)
+    assert np.isnan(linear_cka(empty, empty[:, :2]))
+    assert np.isnan(linear_cka(empty, empty, debiased=True))
+    assert np.isnan(rbf_cka(empty, empty[:, :2]))
+    assert np.isnan(linear_cka(np.zeros((0, 2, 2), np.float32), empty))  # trailing axes flattened
+    with pytest.raises(ValueError, match="at least 4 observations"):
+        cka_update(cka_init(1), empty)
