@@ -58,14 +58,19 @@ def _nan_unless_finite(x: Array, *inputs: Array) -> Array:
 def project_simplex(v: Array) -> Array:
     """Euclidean projection of ``v`` (shape ``(T,)``) onto ``{w : w >= 0, sum(w) = 1}``.
 
+    Computed on ``v - max(v)`` (the projection is shift-invariant), so large entries do not cancel in the
+    cumulative sums; NaN input gives NaN.
+
     Reference: Duchi et al., "Efficient Projections onto the l1-Ball for Learning in High Dimensions", ICML 2008.
     """
     v = jnp.asarray(v)
     t = v.shape[-1]
+    v = v - jnp.max(v)
     u = jnp.sort(v)[::-1]
     css = jnp.cumsum(u) - 1.0
     idx = jnp.arange(1, t + 1, dtype=v.dtype)
-    rho = jnp.sum(u - css / idx > 0)
+    # rho >= 1 in exact arithmetic (u_1 - (u_1 - 1) = 1); the floor guards rounding
+    rho = jnp.maximum(jnp.sum(u - css / idx > 0), 1)
     theta = css[rho - 1] / rho.astype(v.dtype)
     return jnp.maximum(v - theta, 0.0)
 
@@ -323,10 +328,15 @@ def nash_bargaining(
     t = g.shape[0]
     gn, s = _normalized(g, 0.0)
     eye = jnp.eye(t, dtype=g.dtype)
-    live = jnp.diag(gn) > 64 * jnp.finfo(g.dtype).eps
-    gn = gn + reg_eps * eye
+    diag = jnp.diag(gn)
+    # Only (numerically) zero gradients are taken out: a task whose gradient is 1e-3 of the others still bargains.
+    live = diag > jnp.finfo(g.dtype).tiny
+    # Newton runs on b = D a with D = diag(|g_i|) (Newton steps are affine-invariant, so this changes only the
+    # conditioning): the system matrix becomes the cosine matrix plus the ridge reg_eps / |g_i|^2 (relative), well
+    # conditioned whatever the spread of the task-gradient norms.
+    d = jnp.where(live, jnp.sqrt(jnp.where(live, diag, 1.0)), 1.0)
     both = live[:, None] & live[None, :]
-    gn = jnp.where(both, gn, eye)  # dead tasks decouple with a_i = 1, zeroed below
+    gn = jnp.where(both, (gn + reg_eps * eye) / jnp.outer(d, d), eye)  # dead tasks decouple, zeroed below
 
     def body(state: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
         a, it, _ = state
@@ -340,6 +350,6 @@ def nash_bargaining(
         a_new = jnp.where(a_new > 0, a_new, 0.5 * a)
         return a_new, it + 1, ~(lam2 > tol)
 
-    a0 = 1.0 / jnp.sqrt(jnp.diag(gn))
-    a, *_ = jax.lax.while_loop(lambda st: (~st[2]) & (st[1] < max_iter), body, (a0, jnp.array(0), jnp.array(False)))
-    return _nan_unless_finite(jnp.where(live, a, 0.0) / jnp.sqrt(s), g)
+    b0 = 1.0 / jnp.sqrt(jnp.diag(gn))
+    b, *_ = jax.lax.while_loop(lambda st: (~st[2]) & (st[1] < max_iter), body, (b0, jnp.array(0), jnp.array(False)))
+    return _nan_unless_finite(jnp.where(live, b / d, 0.0) / jnp.sqrt(s), g)

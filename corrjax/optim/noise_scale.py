@@ -18,7 +18,7 @@ __all__ = [
 
 
 class GradientNoiseScaleState(NamedTuple):
-    """State of :func:`gradient_noise_scale`.
+    """State of :func:`gradient_noise_scale`; the estimates are float32 scalars whatever the gradients' dtype.
 
     Attributes:
       count: number of updates so far, int32 scalar.
@@ -138,6 +138,13 @@ def gradient_noise_scale(*, decay: chex.Numeric = 0.99) -> optax.GradientTransfo
         raw_tr = d * state.trace_cov * prev + (1 - d) * trace
         g2_hat, tr_hat = raw_g2 / correction, raw_tr / correction
         ratio = jnp.where(g2_hat > 0, tr_hat / jnp.where(g2_hat > 0, g2_hat, 1), jnp.inf)
-        return updates, GradientNoiseScaleState(count=count, grad_sq_norm=g2_hat, trace_cov=tr_hat, noise_scale=ratio)
+        # float64 gradients (x64) make the estimates float64; the state keeps its init dtypes (a stable scan carry).
+        keep = lambda x, old: jnp.asarray(x).astype(old.dtype)
+        return updates, GradientNoiseScaleState(
+            count=count,
+            grad_sq_norm=keep(g2_hat, state.grad_sq_norm),
+            trace_cov=keep(tr_hat, state.trace_cov),
+            noise_scale=keep(ratio, state.noise_scale),
+        )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

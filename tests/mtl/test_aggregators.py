@@ -70,6 +70,20 @@ def test_bf16_and_dtype_preserved():
         assert out["w"].dtype == jnp.bfloat16 and out["b"].dtype == jnp.float32
 
 
+def test_fixed_and_random_weights_keep_float64_precision(x64):
+    """float64 gradients get float64 weights: mean is exact, the random weights sum to 1 in float64."""
+    rng = np.random.default_rng(12)
+    g = {"w": jnp.asarray(rng.normal(size=(3, 5)), jnp.float64)}
+    j = np.asarray(g["w"])
+    out, _ = mtl.mean().update(g, mtl.mean().init(None))
+    np.testing.assert_allclose(out["w"], j.mean(0), rtol=1e-14, atol=1e-15)
+    eye = {"w": jnp.eye(3, dtype=jnp.float64)}
+    agg = mtl.rlw(3)
+    w, _ = agg.update(eye, agg.init(None))
+    assert w["w"].dtype == jnp.float64
+    np.testing.assert_allclose(float(jnp.sum(w["w"])), 1.0, rtol=1e-14)
+
+
 # ----------------------------------------------------------------------------- PCGrad
 
 
@@ -159,6 +173,23 @@ def test_gradvac_matches_reference_over_steps():
         np.testing.assert_allclose(state.ema, ema, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="num_tasks"):
         agg.update(_stack(np.ones((2, 6))), agg.init(None))
+
+
+def test_gradvac_float64_targets(x64):
+    """Under x64 the cosine targets are kept in float64, so float64 gradients match the reference to 1e-10."""
+    rng = np.random.default_rng(3)
+    agg = mtl.gradvac(0.5, num_tasks=3, key=2)
+    state = agg.init(None)
+    assert state.ema.dtype == jnp.float64
+    ema = np.zeros((3, 3))
+    for _ in range(3):
+        j = rng.normal(size=(3, 6))
+        _, sub = jax.random.split(state.key)
+        orders = np.asarray(jax.vmap(lambda k: jax.random.permutation(k, 3))(jax.random.split(sub, 3)))
+        ref, ema = _gradvac_ref(j, orders, ema, 0.5)
+        out, state = agg.update({"w": jnp.asarray(j)}, state)
+        np.testing.assert_allclose(out["w"], ref, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(state.ema, ema, rtol=1e-10, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- GradDrop
@@ -291,6 +322,42 @@ def test_imtl_g_equal_projections(j):
     # d = J^T a with sum(a) = 1
     a = np.linalg.lstsq(j64.T, d, rcond=None)[0]
     np.testing.assert_allclose(a.sum(), 1.0, atol=2e-2)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e-3, 1e3, 1e6])
+def test_imtl_g_is_scale_equivariant(scale):
+    """The IMTL-G weights depend only on the gradient directions: d(c J) = c d(J) at any gradient scale."""
+    j = np.random.default_rng(13).normal(size=(3, 6))
+    ref = _run("imtl_g", j.astype(np.float32))
+    out = _run("imtl_g", (scale * j).astype(np.float32)) / scale
+    np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
+    u = j / np.linalg.norm(j, axis=1, keepdims=True)
+    np.testing.assert_allclose(u @ out, (u @ out)[0], rtol=1e-3)
+
+
+def test_imtl_g_and_nash_mtl_keep_small_gradient_tasks():
+    """A task whose gradient is 1e-3 (or 1e-5) of the others is not a zero gradient: it keeps its share.
+
+    Orthogonal gradients: IMTL-G's equal projections give ``d_i = c`` for every task; Nash-MTL's exact system gives
+    ``alpha_i = 1 / |g_i|`` (``d = sum_i u_i``), which its default ridge only shrinks smoothly.
+    """
+    for small in (1e-3, 1e-5):
+        j = np.zeros((3, 6), np.float32)
+        j[0, 0], j[1, 1], j[2, 4] = 1.0, small, 2.0
+        d = _run("imtl_g", j)
+        np.testing.assert_allclose(d[[0, 1, 4]], d[0], rtol=1e-3, err_msg=str(small))
+        exact = mtl.nash_mtl(reg_eps=0.0)
+        np.testing.assert_allclose(_apply(exact, j)[[0, 1, 4]], 1.0, rtol=1e-4, err_msg=str(small))
+    # the default ridge (1e-6 of the mean squared norm) shrinks the small task's unit contribution continuously
+    prev = 1.0
+    for small in (1e-2, 3e-3, 1e-3, 3e-4):
+        j = np.zeros((3, 6), np.float32)
+        j[0, 0], j[1, 1], j[2, 4] = 1.0, small, 1.0
+        d1 = _run("nash_mtl", j)[1]
+        ridge = 1e-6 * (2.0 + small**2) / 3
+        np.testing.assert_allclose(d1, small / np.sqrt(small**2 + ridge), rtol=1e-3, err_msg=str(small))
+        assert 0 < d1 < prev
+        prev = d1
 
 
 @settings(max_examples=12)
@@ -463,3 +530,20 @@ def test_explicit_sharding_mesh(mesh8):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), out, ref)
         assert out["w"].sharding.is_equivalent_to(NamedSharding(mesh8, P("data", None)), 2), name
         assert out["v"].sharding.is_equivalent_to(NamedSharding(mesh8, P(None, "data")), 2), name
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "gradvac", "rlw", "graddrop"])
+def test_randomised_aggregators_under_inject_hyperparams(name):
+    """inject_hyperparams turns the default int seed ``key=0`` into a scalar array; it must still seed the PRNG."""
+    j = np.random.default_rng(11).normal(size=(3, 6)).astype(np.float32)
+    params = jax.tree.map(lambda x: x[0], _stack(j))
+    kwargs = {"num_tasks": 3} if name == "gradvac" else {}
+    static = ("num_tasks",) if name == "gradvac" else ()
+    tx = optax.inject_hyperparams(getattr(mtl, name), static_args=static)(**kwargs)
+    out, _ = jax.jit(tx.update)(_stack(j), tx.init(params))
+    ref = getattr(mtl, name)(**kwargs)
+    expected, _ = ref.update(_stack(j), ref.init(params))
+    np.testing.assert_allclose(_flat(out), _flat(expected), rtol=1e-6, atol=1e-6)
+    # numpy integer seeds are seeds too
+    agg = getattr(mtl, name)(key=np.int64(0), **kwargs)
+    np.testing.assert_allclose(_flat(agg.update(_stack(j), agg.init(params))[0]), _flat(expected), rtol=1e-6)

@@ -37,6 +37,19 @@ def test_project_simplex_kkt(v):
     assert np.all(v[~pos] <= shift[0] + 1e-5)
 
 
+def test_project_simplex_large_offsets():
+    """Large entries must not cancel in the cumulative sums: the projection is shift-invariant."""
+    cases = [
+        ([1e8, 0.0], [1.0, 0.0]),
+        ([1e6, 1e6 + 0.5], [0.25, 0.75]),
+        ([-1e6, -1e6 + 2.0, -2e6], [0.0, 1.0, 0.0]),
+        ([1e30, 1e30], [0.5, 0.5]),
+    ]
+    for v, expected in cases:
+        w = np.asarray(_proj(np.asarray(v, np.float32)))
+        np.testing.assert_allclose(w, expected, atol=1e-6, err_msg=str(v))
+
+
 _mn_as = jax.jit(solvers.min_norm_simplex)
 _mn_fw = jax.jit(lambda g: solvers.min_norm_simplex(g, method="frank_wolfe", max_iter=2000, tol=1e-9))
 

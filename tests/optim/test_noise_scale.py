@@ -80,3 +80,18 @@ def test_in_chain_and_missing_extras():
     tx = co.gradient_noise_scale()
     _, s = tx.update({"w": jnp.zeros(3)}, tx.init(g), sum_sq_diff_grads={"w": jnp.ones(3)}, sample_size=4)
     assert np.isinf(float(s.noise_scale))
+
+
+def test_state_dtypes_are_stable_for_float64_gradients(x64):
+    """The state keeps its dtypes whatever the gradients' precision, so it can be a lax.scan carry."""
+    g = jnp.linspace(-1.0, 1.0, 5, dtype=jnp.float64)
+    tx = co.gradient_noise_scale()
+    state = tx.init(g)
+
+    def body(s, _):
+        _u, s = tx.update(g, s, sum_sq_diff_grads=jnp.full_like(g, 0.5), sample_size=8)
+        return s, None
+
+    final, _ = jax.lax.scan(body, state, None, length=3)
+    assert jax.tree.map(lambda x: x.dtype, final) == jax.tree.map(lambda x: x.dtype, state)
+    np.testing.assert_allclose(float(final.trace_cov), 5 * 0.5 / 7, rtol=1e-6)

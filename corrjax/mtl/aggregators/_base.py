@@ -43,12 +43,20 @@ class KeyState(NamedTuple):
 
 
 def as_key(key: int | Array) -> Array:
-    """A typed PRNG key from an int seed or an existing key."""
+    """A typed PRNG key from an int seed (Python, NumPy or a scalar integer array) or an existing key.
+
+    Scalar integer arrays are seeds: ``optax.inject_hyperparams`` turns a ``key=0`` argument into one. Raw key data
+    (``jax.random.PRNGKey``'s uint32 array) is wrapped.
+    """
+    if isinstance(key, bool):
+        raise TypeError(f"`key` must be an int seed or a PRNG key, got {key!r}")
     if isinstance(key, int):
         return jax.random.key(key)
     key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         return key
+    if key.ndim == 0 and jnp.issubdtype(key.dtype, jnp.integer):
+        return jax.random.key(key)
     return jax.random.wrap_key_data(key)
 
 

@@ -16,11 +16,17 @@ from corrjax.mtl.aggregators._base import GramianWeighting, KeyState, as_key, fr
 Array = jax.Array
 
 
+def _weight_dtype() -> Any:
+    """The default float dtype (float64 under x64), so float64 gradients are not combined with float32 weights;
+    :func:`corrjax.mtl.combine_tasks` casts the weights to each leaf's (at least float32) precision."""
+    return jnp.result_type(float)
+
+
 def mean_weighting() -> GramianWeighting:
     """Weights ``1/T`` (the gradient of the mean loss)."""
     return GramianWeighting(
         init=optax.EmptyState,
-        update=lambda g, s, t, **_: (jnp.full((t,), 1.0 / t, jnp.float32), s),
+        update=lambda g, s, t, **_: (jnp.full((t,), 1.0 / t, _weight_dtype()), s),
         needs_gramian=False,
     )
 
@@ -28,7 +34,7 @@ def mean_weighting() -> GramianWeighting:
 def sum_weighting() -> GramianWeighting:
     """Weights ``1`` (the gradient of the summed loss)."""
     return GramianWeighting(
-        init=optax.EmptyState, update=lambda g, s, t, **_: (jnp.ones((t,), jnp.float32), s), needs_gramian=False
+        init=optax.EmptyState, update=lambda g, s, t, **_: (jnp.ones((t,), _weight_dtype()), s), needs_gramian=False
     )
 
 
@@ -64,7 +70,9 @@ def rlw_weighting(key: int | Array = 0) -> GramianWeighting:
 
     def update(g: Array | None, state: KeyState, t: int, **_: Any) -> tuple[Array, KeyState]:
         k, sub = jax.random.split(state.key)
-        return jax.nn.softmax(jax.random.normal(sub, (t,), jnp.float32)), KeyState(k)
+        # float32 draws whatever the precision (the same weights for a key), normalised in the default float dtype
+        z = jax.random.normal(sub, (t,), jnp.float32).astype(_weight_dtype())
+        return jax.nn.softmax(z), KeyState(k)
 
     return GramianWeighting(init=lambda: KeyState(as_key(key)), update=update, needs_gramian=False)
 

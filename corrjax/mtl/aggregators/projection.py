@@ -65,7 +65,8 @@ def pcgrad(key: int | Array = 0) -> optax.GradientTransformationExtraArgs:
 
 
 class GradVacState(NamedTuple):
-    """GradVac state: the PRNG key and the EMA ``(T, T)`` of pairwise cosine targets ``phi_hat[i, j]``."""
+    """GradVac state: the PRNG key and the EMA ``(T, T)`` of pairwise cosine targets ``phi_hat[i, j]`` (in the
+    default float dtype: float32, float64 under x64)."""
 
     key: Array
     ema: Array
@@ -104,7 +105,7 @@ def gradvac_weighting(beta: float | Array = 0.5, *, num_tasks: int, key: int | A
         return weights, GradVacState(k, ema.astype(state.ema.dtype))
 
     return GramianWeighting(
-        init=lambda: GradVacState(as_key(key), jnp.zeros((num_tasks, num_tasks), jnp.float32)), update=update
+        init=lambda: GradVacState(as_key(key), jnp.zeros((num_tasks, num_tasks), jnp.result_type(float))), update=update
     )
 
 
