@@ -280,6 +280,12 @@ def test_cagrad_matches_scipy(j):
     np.testing.assert_allclose(_run("cagrad", j), ref, atol=5e-3 * np.abs(j64).max())
 
 
+@pytest.mark.parametrize("c", [-0.5, float("nan"), np.array([0.5, -1.0])])
+def test_cagrad_refuses_a_negative_radius(c):
+    with pytest.raises(ValueError, match="`c`"):
+        mtl.cagrad(c)
+
+
 def test_cagrad_c0_is_mean_for_every_rescale():
     rng = np.random.default_rng(4)
     j = rng.normal(size=(3, 6)).astype(np.float32)

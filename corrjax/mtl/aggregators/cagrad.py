@@ -60,6 +60,8 @@ def cagrad_weighting(
     """CAGrad's combination weights from the Gramian (see :func:`cagrad`)."""
     if not isinstance(rescale, jax.core.Tracer) and rescale not in _RESCALE:
         raise ValueError(f"`rescale` must be one of {_RESCALE}, got {rescale!r}")
+    if not isinstance(c, jax.core.Tracer) and not bool(jnp.all(jnp.asarray(c) >= 0)):
+        raise ValueError(f"`c` (the ball's radius relative to |g_0|) must be >= 0, got {c!r}")
 
     def update(g: Array, state: Any, t: int, **_: Any) -> tuple[Array, Any]:
         cc = jnp.asarray(c, g.dtype)
