@@ -9,11 +9,11 @@ so the scripts can be rerun independently:
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import gc
 import importlib.metadata
 import os
 import platform
-import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -135,10 +135,34 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def write_section(name: str, markdown: str) -> None:
-    """Replaces (or appends) the ``name`` section of BENCHMARKS.md with ``markdown``."""
+    """Replaces (or appends) the ``name`` section of BENCHMARKS.md with ``markdown``.
+
+    The file is locked (``flock``) from the read to the write, so bench scripts that finish at the same time do not
+    drop each other's sections. A section whose markers are not one start followed by one end (a hand edit gone
+    wrong) raises ``ValueError`` instead of being rewritten, since the replacement could swallow the sections between
+    a stray start marker and the next end marker.
+    """
     start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
     block_text = f"{start}\n{markdown.strip()}\n{end}"
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n\nWritten by `scripts/bench_*.py`.\n"
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: block_text, text) if pattern.search(text) else text.rstrip() + "\n\n" + block_text
-    BENCHMARKS.write_text(text.rstrip() + "\n")
+    with open(BENCHMARKS, "a+", encoding="utf-8") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.seek(0)
+            text = f.read() or "# Benchmarks\n\nWritten by `scripts/bench_*.py`.\n"
+            n_start, n_end = text.count(start), text.count(end)
+            if (n_start, n_end) not in ((0, 0), (1, 1)) or (n_start and text.index(start) > text.index(end)):
+                raise ValueError(
+                    f"{BENCHMARKS}: the markers of section {name!r} are broken ({n_start} start, {n_end} end); "
+                    "fix them by hand first"
+                )
+            if n_start:
+                i, j = text.index(start), text.index(end) + len(end)
+                text = text[:i] + block_text + text[j:]
+            else:
+                text = text.rstrip() + "\n\n" + block_text
+            f.seek(0)
+            f.truncate()
+            f.write(text.rstrip() + "\n")
+            f.flush()
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

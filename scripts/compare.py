@@ -3,16 +3,20 @@
     python scripts/compare.py multirun/multidigits_mtl/<stamp> [--baseline-dir multirun/<stl stamp>]
                               [--baseline-group "mtl=ew"] [--metrics accuracy rmse] [--out DIR]
 
-Every job folder with a ``summary.json`` is one run; runs are grouped by their Hydra overrides without ``seed``
-(the "method": the overrides that vary across the sweep), and each ``eval/<task>/<metric>`` is reported as
-mean +- sample std (ddof=1) over the group's seeds.
+Every job folder with a ``summary.json`` of a finished run is one run; runs are grouped by their Hydra overrides
+without ``seed`` (the "method": the overrides that vary across the sweep), and each ``eval/<task>/<metric>`` is
+reported as mean +- sample std (ddof=1) over the group's seeds. Job folders without a ``summary.json`` (a failed or
+still running job) and runs whose summary says ``"completed": false`` (stopped by a signal, ``trainer.stop_after`` or
+non-finite losses) are left out and listed on stderr and under ``excluded`` in ``comparison.json``.
 
 Delta_m% is LibMTL's multi-task improvement (Maninis et al. 2019; Lin & Zhang 2023):
-``100 / T * sum_t mean_k s_k (M_{m,t,k} - M_{b,t,k}) / M_{b,t,k}`` with ``s_k = +1`` for metrics where higher is
-better (accuracy, pearson) and ``-1`` where lower is better (rmse, loss); positive means better than the baseline.
-The baseline ``M_b`` is, per task, the mean over seeds of single-task runs (``--baseline-dir``: a multirun of runs
-with ``tasks=[<one task>]``), or a group of the same sweep (``--baseline-group``). Writes ``comparison.md``,
-``comparison.json`` and ``comparison.png`` into the folder (or ``--out``) and prints the table.
+``100 / T * sum_t mean_k s_k (M_{m,t,k} - M_{b,t,k}) / |M_{b,t,k}|`` with ``s_k = +1`` for metrics where higher is
+better (accuracy, pearson) and ``-1`` where lower is better (rmse, loss); positive means better than the baseline
+(LibMTL divides by ``M_b`` itself; the two agree for positive baselines). The baseline ``M_b`` is, per task, the
+mean over seeds of single-task runs (``--baseline-dir``: a multirun of runs with ``tasks=[<one task>]``), or a group
+of the same sweep (``--baseline-group``). The std of Delta_m% is over the group's runs, each run's Delta_m% against
+the same baseline. Writes ``comparison.md``, ``comparison.json`` and ``comparison.png`` into the folder (or
+``--out``) and prints the table.
 """
 
 from __future__ import annotations
@@ -32,15 +36,45 @@ HIGHER_IS_BETTER = {"accuracy": True, "pearson": True, "rmse": False, "loss": Fa
 DEFAULT_METRICS = ("accuracy", "rmse")
 
 
-def load_runs(folder: str | Path) -> list[dict[str, Any]]:
-    """``[{"dir", "overrides": {key: value}, "summary"}]`` for every job folder under ``folder`` with a summary."""
-    runs = []
-    for summary_path in sorted(Path(folder).rglob("summary.json")):
-        job = summary_path.parent
+def scan_runs(folder: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """``(runs, excluded)``: ``[{"dir", "overrides": {key: value}, "summary"}]`` for every finished run under
+    ``folder``, and ``[{"dir", "reason"}]`` for job folders (those with a ``.hydra`` folder or a summary) that have no
+    summary or whose summary says the run did not complete. A summary without ``completed`` counts as finished."""
+    runs, excluded = [], []
+    folder = Path(folder)
+    jobs = {p.parent for p in folder.rglob("summary.json")} | {p.parent for p in folder.rglob(".hydra") if p.is_dir()}
+    for job in sorted(jobs):
+        summary_path = job / "summary.json"
+        if not summary_path.exists():
+            excluded.append({"dir": str(job), "reason": "no summary.json (failed or unfinished job)"})
+            continue
+        summary = json.loads(summary_path.read_text())
+        if summary.get("completed") is False:
+            why = f"did not complete (stopped at step {summary.get('step', '?')}"
+            if summary.get("stopped_by_signal"):
+                why += f" by {summary['stopped_by_signal']}"
+            if summary.get("error"):
+                why += f": {summary['error']}"
+            excluded.append({"dir": str(job), "reason": why + ")"})
+            continue
         overrides_file = job / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
-        pairs = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
-        runs.append({"dir": job, "overrides": pairs, "summary": json.loads(summary_path.read_text())})
+        pairs = dict(o.lstrip("+~").split("=", 1) for o in overrides or [] if "=" in o)
+        runs.append({"dir": job, "overrides": pairs, "summary": summary})
+    return runs, excluded
+
+
+def warn_excluded(excluded: list[dict[str, str]], stream=None) -> None:
+    """One stderr line per job folder left out, so that a shorter table does not go unnoticed."""
+    stream = stream or sys.stderr
+    for e in excluded:
+        stream.write(f"compare: left out {e['dir']}: {e['reason']}\n")
+
+
+def load_runs(folder: str | Path) -> list[dict[str, Any]]:
+    """The finished runs of :func:`scan_runs`; the job folders left out are listed on stderr."""
+    runs, excluded = scan_runs(folder)
+    warn_excluded(excluded)
     return runs
 
 
@@ -58,27 +92,36 @@ def method_key(overrides: dict[str, str], keys: list[str]) -> str:
 
 
 def task_metrics(summary: dict[str, Any], metrics: tuple[str, ...]) -> dict[tuple[str, str], float]:
-    """``{(task, metric): value}`` of the summary's ``eval/<task>/<metric>`` entries."""
+    """``{(task, metric): value}`` of the summary's ``eval/<task>/<metric>`` entries. A metric that is present but
+    ``null`` (the run's value was NaN or infinite; ``summary.json`` stores those as ``null``) is NaN, so that it
+    propagates into the group's mean instead of silently dropping that seed."""
     out = {}
     for task in summary.get("tasks", []):
         for m in metrics:
-            v = summary.get(f"eval/{task}/{m}")
-            if v is not None:
-                out[(task, m)] = float(v)
+            key = f"eval/{task}/{m}"
+            if key in summary:
+                v = summary[key]
+                out[(task, m)] = float("nan") if v is None else float(v)
     return out
 
 
 def group(runs: list[dict[str, Any]], metrics: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """Per method: seeds, and per (task, metric) the list of values over seeds."""
+    """Per method: the number of runs, per (task, metric) the list of values over its runs, and each run's own
+    ``{(task, metric): value}`` (``per_run``, for per-run Delta_m%)."""
     groups: dict[str, dict[str, Any]] = {}
     keys = varying_keys(runs)
     for run in runs:
-        g = groups.setdefault(method_key(run["overrides"], keys), {"runs": 0, "values": defaultdict(list), "loss": []})
+        name = method_key(run["overrides"], keys)
+        g = groups.setdefault(name, {"runs": 0, "values": defaultdict(list), "loss": [], "per_run": [], "seeds": []})
         g["runs"] += 1
-        for key, v in task_metrics(run["summary"], metrics).items():
+        own = task_metrics(run["summary"], metrics)
+        g["per_run"].append(own)
+        for key, v in own.items():
             g["values"][key].append(v)
-        if run["summary"].get("eval/loss") is not None:
-            g["loss"].append(float(run["summary"]["eval/loss"]))
+        if "eval/loss" in run["summary"]:
+            v = run["summary"]["eval/loss"]
+            g["loss"].append(float("nan") if v is None else float(v))
+        g["seeds"].append(run["overrides"].get("seed", run["summary"].get("seed")))
     return groups
 
 
@@ -95,7 +138,7 @@ def delta_m(method: dict[tuple[str, str], float], baseline: dict[tuple[str, str]
         if base is None or base == 0:
             per_task[task].append(float("nan"))
             continue
-        sign = 1.0 if HIGHER_IS_BETTER.get(metric, True) else -1.0
+        sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
         per_task[task].append(sign * (value - base) / abs(base))
     if not per_task:
         return float("nan")
@@ -125,34 +168,63 @@ def compare(
     baseline_dir: str | Path | None = None,
     baseline_group: str | None = None,
 ) -> dict[str, Any]:
-    """The comparison as a dict: columns, and rows of method, seeds, per-column mean/std, eval loss, Delta_m%."""
-    runs = load_runs(folder)
+    """The comparison as a dict: columns, and rows of method, seeds, per-column mean/std, eval loss, Delta_m%.
+
+    Raises ``ValueError`` for an unknown metric, a folder without finished runs or without any of the metrics, a
+    ``baseline_group`` that is not a method of the sweep, and a ``baseline_dir`` without single-task runs.
+    """
+    unknown = [m for m in metrics if m not in HIGHER_IS_BETTER]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {sorted(HIGHER_IS_BETTER)}")
+    if baseline_dir is not None and baseline_group is not None:
+        raise ValueError("give --baseline-dir or --baseline-group, not both")
+    runs, excluded = scan_runs(folder)
+    warn_excluded(excluded)
     if not runs:
-        raise FileNotFoundError(f"no summary.json under {folder}")
+        raise ValueError(f"no finished run (summary.json) under {folder}")
     groups = group(runs, metrics)
+    columns = sorted({k for g in groups.values() for k in g["values"]})
+    if not columns:
+        raise ValueError(f"no eval/<task>/<metric> for the metrics {list(metrics)} in the runs under {folder}")
     baseline: dict[tuple[str, str], float] = {}
     if baseline_dir is not None:
-        baseline = baseline_from_single_task(load_runs(baseline_dir), metrics)
+        base_runs, base_excluded = scan_runs(baseline_dir)
+        warn_excluded(base_excluded)
+        baseline = baseline_from_single_task(base_runs, metrics)
+        if not baseline:
+            raise ValueError(
+                f"--baseline-dir {baseline_dir}: no finished single-task run (a summary listing one task) with the "
+                f"metrics {list(metrics)}"
+            )
+        missing = sorted({t for t, _ in columns} - {t for t, _ in baseline})
+        if missing:
+            sys.stderr.write(f"compare: --baseline-dir has no single-task run of {missing}; their Δm% is n/a\n")
     elif baseline_group is not None:
         if baseline_group not in groups:
-            raise KeyError(f"--baseline-group {baseline_group!r} not among {sorted(groups)}")
+            raise ValueError(f"--baseline-group {baseline_group!r} is not a method of this sweep: {sorted(groups)}")
         baseline = {k: float(np.mean(v)) for k, v in groups[baseline_group]["values"].items()}
-    columns = sorted({k for g in groups.values() for k in g["values"]})
     rows = []
     for name, g in groups.items():
         means = {k: float(np.mean(v)) for k, v in g["values"].items()}
         row = {"method": name, "seeds": g["runs"], "loss": mean_std(g["loss"]) if g["loss"] else (math.nan, math.nan)}
         row["metrics"] = {f"{t}/{m}": mean_std(g["values"][(t, m)]) for t, m in columns if (t, m) in g["values"]}
         row["delta_m"] = delta_m(means, baseline) if baseline else float("nan")
-        per_seed = [
-            delta_m({k: v[i] for k, v in g["values"].items() if i < len(v)}, baseline)
-            for i in range(g["runs"])
-            if baseline
-        ]
-        row["delta_m_std"] = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else float("nan")
+        per_run = [delta_m(own, baseline) for own in g["per_run"]] if baseline else []
+        row["delta_m_std"] = float(np.std(per_run, ddof=1)) if len(per_run) > 1 else float("nan")
+        seeds = [s for s in g["seeds"] if s is not None]
+        if len(set(map(str, seeds))) < len(seeds):
+            sys.stderr.write(
+                f"compare: {name} has runs with the same seed ({sorted(map(str, seeds))}): are several sweeps "
+                "under this folder? Its seeds column counts runs.\n"
+            )
         rows.append(row)
     rows.sort(key=lambda r: r["method"])
-    return {"columns": [f"{t}/{m}" for t, m in columns], "rows": rows, "has_baseline": bool(baseline)}
+    return {
+        "columns": [f"{t}/{m}" for t, m in columns],
+        "rows": rows,
+        "has_baseline": bool(baseline),
+        "excluded": excluded,
+    }
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -200,14 +272,23 @@ def plot(result: dict[str, Any], path: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder")
-    parser.add_argument("--baseline-dir")
-    parser.add_argument("--baseline-group")
-    parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS))
+    parser.add_argument("--baseline-dir", help="a multirun of single-task runs (tasks=[<one task>])")
+    parser.add_argument("--baseline-group", help='a method of this sweep, as the table names it, e.g. "mtl=ew"')
+    parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), choices=sorted(HIGHER_IS_BETTER))
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    result = compare(
-        args.folder, metrics=tuple(args.metrics), baseline_dir=args.baseline_dir, baseline_group=args.baseline_group
-    )
+    if args.baseline_dir is not None and args.baseline_group is not None:
+        parser.error("give --baseline-dir or --baseline-group, not both")
+    if not Path(args.folder).is_dir():
+        parser.error(f"no such folder: {args.folder}")
+    if args.baseline_dir is not None and not Path(args.baseline_dir).is_dir():
+        parser.error(f"--baseline-dir: no such folder: {args.baseline_dir}")
+    try:
+        result = compare(
+            args.folder, metrics=tuple(args.metrics), baseline_dir=args.baseline_dir, baseline_group=args.baseline_group
+        )
+    except ValueError as e:
+        parser.error(str(e))
     out = Path(args.out or args.folder)
     out.mkdir(parents=True, exist_ok=True)
     md = to_markdown(result)

@@ -59,6 +59,8 @@ Curves = dict[str, dict[float, dict[int, tuple[np.ndarray, np.ndarray]]]]
 
 def load_curves(*sweeps: Path) -> Curves:
     """The test-loss curve of every finished run of the sweeps (from ``metrics.jsonl``, else the final summary).
+    Runs whose summary says ``"completed": false`` (stopped early, or non-finite losses) and job folders without a
+    summary are left out and listed on stderr (:func:`compare.load_runs`).
 
     Raises ``ValueError`` when two runs share a model, correlation and seed (the sweeps overlap).
     """
@@ -193,6 +195,8 @@ def tabulate(*sweeps: Path, budgets: list[int] | None = None) -> tuple[str, Curv
     """Markdown tables (mean loss over the run, final loss, loss at ``budgets``, the correlation's effect with
     bootstrap intervals) and the curves of finished sweeps."""
     curves = load_curves(*sweeps)
+    if not curves:
+        raise ValueError(f"no finished run with a test loss under {', '.join(map(str, sweeps))}")
     corrs = sorted({c for m in curves.values() for c in m}, reverse=True)
     runs = [curve for m in curves.values() for by_seed in m.values() for curve in by_seed.values()]
     seeds = max((len(by_seed) for m in curves.values() for by_seed in m.values()), default=0)
@@ -402,7 +406,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_table:
             return 0
         sweeps = sweeps[:1] if args.ensemble else sweeps
-    md, curves = tabulate(*sweeps, budgets=args.budgets)
+    try:
+        md, curves = tabulate(*sweeps, budgets=args.budgets)
+    except ValueError as e:
+        p.error(str(e))
     out = sweeps[0]
     (out / "mmoe_synthetic.md").write_text(md)
     plot(curves, out / "mmoe_synthetic.png")

@@ -3,7 +3,7 @@
     python scripts/run_experiment_multidigits.py [--mtl ew pcgrad mgda upgrad] [--seeds 0 1 2] [--steps 600]
 
 Runs two local Hydra multiruns of ``experiment=multidigits_mtl``: the single-task baselines (``tasks=[left]``,
-``tasks=[right]``) and the aggregators (both tasks), then ``scripts/compare.py`` on the first with the second as the
+``tasks=[right]``) and the aggregators (both tasks), then ``scripts/compare.py`` on the second with the first as the
 baseline: accuracy per task, mean +- std over seeds, and Delta_m%. Output: ``comparison.{md,json,png}`` in the
 aggregator sweep's folder.
 """

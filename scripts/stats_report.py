@@ -1,4 +1,4 @@
-"""A correlation report on scikit-learn's bundled wine data, computed with corrjax.stats (what `make run` runs).
+"""A correlation report on scikit-learn's bundled wine data, computed with corrjax.stats (what `make report` runs).
 
 Pearson (with p-values), Spearman and Kendall matrices, partial correlations, Ledoit-Wolf / OAS shrinkage, a
 pairwise-complete correlation with 10% of the values removed, and a streaming pass in chunks; the matrices are drawn
