@@ -9,10 +9,12 @@ given, and re-broadcast from process 0 by the loop); only process 0 writes metri
 output is shown (the others' goes to ``launch_local.<i>.log`` in the run dir and is printed if it fails). With the same
 global batch (``trainer.batch_size``) the result equals a one-process run on the same total number of devices.
 
-If one process fails, the others are killed and the exit status is 1. Ctrl-C or SIGTERM to the launcher is passed on
-to every process as SIGTERM (each finishes its step and saves a checkpoint, as a single run does), the launcher
-waits for them and exits with 128 + the signal; a second Ctrl-C or SIGTERM kills them at once. On Linux the processes
-also get SIGTERM if the launcher itself dies. After ``--timeout`` seconds they are killed and the status is 124.
+If one process fails, the others are killed and the exit status is 1. A signal that reaches only some processes stops
+all of them on one step with a checkpoint (the loop agrees on it at its logging steps); they exit with 128 + the
+signal, and so does the launcher. Ctrl-C or SIGTERM to the launcher is passed on to every process as SIGTERM (each
+finishes its step and saves a checkpoint, as a single run does), the launcher waits for them and exits with 128 + the
+signal; a second Ctrl-C or SIGTERM kills them at once. On Linux the processes also get SIGTERM if the launcher itself
+dies. After ``--timeout`` seconds they are killed and the status is 124.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# Exit statuses of a run stopped by SIGINT/SIGTERM after saving a checkpoint (scripts/train.py: 128 + the signal).
+STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -121,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                     for p in procs:
                         if p.poll() is None:
                             p.send_signal(sig)
-                failed = [p for p in procs if p.returncode not in (None, 0)]
+                # A process that exits with 128 + SIGINT/SIGTERM stopped on a signal with a checkpoint; the others
+                # stop on the same step (the loop agrees on it), so they are waited for, not killed.
+                failed = [p for p in procs if p.returncode not in (None, 0, *STOPPED)]
                 if time.monotonic() > deadline:
                     timed_out = True
                 if (failed and not signals.received) or timed_out:
@@ -145,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     if timed_out:
         sys.stderr.write(f"launch_local: killed after --timeout {args.timeout:g} s; exit codes {codes}\n")
         return 124
+    if len(set(codes)) == 1 and codes[0] in STOPPED:
+        sys.stderr.write(f"launch_local: the processes stopped on a signal with a checkpoint; exit codes {codes}\n")
+        return codes[0]
     if any(codes):
         sys.stderr.write(f"launch_local: exit codes {codes}\n")
         return 1

@@ -72,3 +72,16 @@ def sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def process_max(value: int) -> int:
+    """The largest of the processes' ``value`` (non-negative ints below 2**31), on every process; ``value`` itself
+    with one process.
+
+    A collective: every process must call it at the same point (the loop calls it at its logging steps with the
+    signal it received, 0 for none, so that a signal that reached some processes stops all of them on one step)."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(np.asarray(multihost_utils.process_allgather(np.asarray(value, np.int32))).max())

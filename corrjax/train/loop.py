@@ -99,6 +99,13 @@ class _Interrupt:
         self.signum = self.signum or signum
         log.warning("signal %d: finishing this step and saving a checkpoint (Ctrl-C again to abort)", signum)
 
+    def agree(self, signum: int) -> bool:
+        """Adopts ``signum`` (the signal some process received, 0 for none) as this process's; True if any."""
+        if signum and not self.requested:
+            self.requested, self.signum = True, signum
+            log.warning("signal %d reached another process: saving a checkpoint and stopping with it", signum)
+        return bool(signum)
+
     def __exit__(self, *exc) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
@@ -147,6 +154,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
     run_dir = Path(distributed.broadcast_str(str(Path(run_dir or hydra_run_dir()).absolute())))
     main = distributed.is_main_process()
+    multi_process = jax.process_count() > 1
     tc = cfg.trainer
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -270,7 +278,16 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                     record.update(last_eval)
                 if record and writer is not None:
                     writer.write(s, record)
-                stop = interrupt.requested or (tc.stop_after is not None and s - start >= tc.stop_after)
+                signalled = interrupt.requested
+                if multi_process:
+                    # Processes must stop on the same step (the checkpoint save and the next step are collectives),
+                    # but a signal reaches them at different points: they agree at the logging steps, which wait
+                    # for the device anyway (a stop then comes at most log_every - 1 steps after the signal), and
+                    # those the signal did not reach record it too.
+                    signalled = False
+                    if s % tc.log_every == 0 or s == tc.max_steps:
+                        signalled = interrupt.agree(distributed.process_max(interrupt.signum or 0))
+                stop = signalled or (tc.stop_after is not None and s - start >= tc.stop_after)
                 if (tc.checkpoint_every and s % tc.checkpoint_every == 0) or s == tc.max_steps or stop:
                     ckpt.save(s, train_state, iterator.get_state(), force=True)
                 if stop:

@@ -210,6 +210,49 @@ def test_local_multirun_and_compare(tmp_path):
     assert (sweep / "comparison.png").stat().st_size > 0
 
 
+def _pids_with(*parts: str) -> list[int]:
+    """PIDs of the processes whose command line contains every one of ``parts`` (Linux /proc)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if proc.name.isdigit() and all(p in cmdline for p in parts):
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the second process through /proc")
+def test_a_signal_to_one_process_stops_both_on_one_step(tmp_path):
+    """SIGTERM to process 1 alone: the processes agree at the next logging step, both save there and exit with
+    128 + SIGTERM (before, process 1 stopped for a checkpoint while process 0 went on into the next step's
+    collectives, and the run hung)."""
+    run = tmp_path / "two"
+    over = [*TINY, "trainer.max_steps=1000000", "trainer.eval_every=0", "trainer.checkpoint_every=0"]
+    over += ["trainer.log_every=5", f"hydra.run.dir={run}"]
+    cmd = [sys.executable, str(ROOT / "scripts" / "launch_local.py"), "--num-processes", "2"]
+    cmd += ["--devices-per-process", "1", "--", *over]
+    proc = subprocess.Popen(cmd, env=subprocess_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline:  # training has started
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        (second,) = _pids_with(str(run), "parallel.distributed.process_id=1")
+        os.kill(second, signal.SIGTERM)
+        proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr.read().decode()[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_by_signal"] == "SIGTERM" and not summary["completed"]
+    assert summary["step"] % 5 == 0
+    assert (run / "checkpoints" / str(summary["step"])).is_dir()
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_equal_one(compose_fn, tmp_path):
