@@ -3,8 +3,10 @@
 ``make_train_step`` builds ``train_step(state, batch) -> (state, metrics)``: one forward pass of the shared trunk,
 the per-task losses, per-task gradients of the shared parameters from :func:`corrjax.mtl.value_and_task_grad`
 (task-specific heads get only their own task's gradient), the optax chain (multi-task aggregator, then the
-optimiser) with the task losses as extra args, and the non-finite guard: when any task loss or gradient is
-non-finite the whole update is dropped (state unchanged except the step and skip counters). ``make_eval_step``
+optimiser) with the task losses as extra args, and the non-finite guard: when any task loss or the update is
+non-finite the whole update is dropped (state unchanged except the step and skip counters). A non-finite gradient
+makes the update non-finite, unless the optax chain removes it on purpose (``optax.zero_nans()``), in which case
+the step is kept. ``make_eval_step``
 returns the per-task outputs of a batch. :func:`jit_steps` jits both with explicit in/out shardings on the mesh's
 data axis and donates the state.
 """
