@@ -3,7 +3,8 @@
 Model configs are ``_target_`` nodes (backbone and expert factories as ``_partial_: true`` sub-nodes). Sizes that
 depend on the data are left ``null`` in the configs and filled in here from one example's ``x`` shape, so one model
 config serves every dataset: any ``in_features`` or ``gate_in_features`` key that is null becomes the flattened
-input size ``prod(x.shape[1:])``, and any null ``in_shape`` becomes ``x.shape[1:]``.
+input size ``prod(x.shape[1:])``, any null ``in_shape`` becomes ``x.shape[1:]``, and any null ``in_channels`` the
+channel count ``x.shape[-1]`` of image data ``(n, H, W, C)`` (1 for ``(n, H, W)``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from corrjax.data import TaskSpec
 
 _FLAT_KEYS = ("in_features", "gate_in_features")
 _SHAPE_KEYS = ("in_shape",)
+_CHANNEL_KEYS = ("in_channels",)
 
 
 def fill_input_sizes(node: Any, input_shape: Sequence[int]) -> Any:
@@ -33,6 +35,8 @@ def fill_input_sizes(node: Any, input_shape: Sequence[int]) -> Any:
                 value = math.prod(input_shape)
             elif value is None and key in _SHAPE_KEYS:
                 value = list(input_shape)
+            elif value is None and key in _CHANNEL_KEYS:
+                value = int(input_shape[-1]) if len(input_shape) == 3 else 1
             out[key] = fill_input_sizes(value, input_shape)
         return out
     if isinstance(node, list):

@@ -183,10 +183,12 @@ def test_sigterm_saves_and_stops_the_sweep(tmp_path):
 
 @pytest.mark.slow
 def test_local_multirun_and_compare(tmp_path):
-    sweep = tmp_path / "sweep"
+    # The default sweep folder, multirun/<name>/<time stamp> under the working directory (its `name` resolves
+    # ${hydra:runtime.choices.*} before any job has run: corrjax.train.hydra_callbacks.SweepDir).
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "-m", *TINY, "trainer.eval_every=0"]
-    cmd += ["mtl=ew,sum", "seed=0,1", f"hydra.sweep.dir={sweep}", "parallel.data=1"]
-    subprocess.run(cmd, check=True, env=subprocess_env(tmp_path), capture_output=True, timeout=600)
+    cmd += ["mtl=ew,sum", "seed=0,1", "parallel.data=1"]
+    subprocess.run(cmd, check=True, env=subprocess_env(tmp_path), capture_output=True, timeout=600, cwd=tmp_path)
+    (sweep,) = (tmp_path / "multirun" / "synthetic-hps-ew+sum").iterdir()
     assert len(list(sweep.glob("*/summary.json"))) == 4
     out = subprocess.run(
         [

@@ -83,6 +83,8 @@ def test_fill_input_sizes():
     got = builders.fill_input_sizes(node, (12, 12, 1))
     assert got["gate_in_features"] == 144 and got["expert"]["in_features"] == 144 and got["in_shape"] == [12, 12, 1]
     assert builders.fill_input_sizes({"in_features": 7}, (3,)) == {"in_features": 7}
+    assert builders.fill_input_sizes({"in_channels": None}, (32, 32, 3)) == {"in_channels": 3}
+    assert builders.fill_input_sizes({"in_channels": None}, (12, 12)) == {"in_channels": 1}
 
 
 def test_writers_roundtrip(tmp_path):
