@@ -160,3 +160,56 @@ def test_an_unclosed_iterator_exits_quietly(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Exception ignored" not in out.stderr, out.stderr[-2000:]
+
+
+def test_epoch_order_is_the_documented_permutation_and_changes_every_epoch():
+    """Epoch ``e`` visits ``default_rng([seed, e]).permutation(n)``: a fresh order every epoch, not one reused."""
+    n, seed = 23, 3
+    orders = [epoch_order(n, seed, e) for e in range(3)]
+    for e, order in enumerate(orders):
+        np.testing.assert_array_equal(order, np.random.default_rng([seed, e]).permutation(n))
+    assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
+    np.testing.assert_array_equal(epoch_order(n, seed, 1, shuffle=False), np.arange(n))
+    it = BatchIterator(make_ds(n), n, seed=seed, num_epochs=3, prefetch=0)
+    for e, batch in enumerate(it):
+        np.testing.assert_array_equal(batch["y"], orders[e])
+
+
+def test_resume_at_an_epoch_boundary():
+    """The position after an epoch's last batch is ``{"epoch": e, "step": steps_per_epoch}`` (a run checkpointed
+    at a multiple of the epoch length); a fresh iterator set there goes on with epoch ``e + 1``."""
+    ds = make_ds(23)
+    it = BatchIterator(ds, 4, seed=3, prefetch=2)
+    take(it, 5)  # exactly one epoch (5 steps)
+    state = it.get_state()
+    assert state == {"epoch": 0, "step": 5}
+    ref = take(it, 3)
+    it.close()
+    fresh = BatchIterator(ds, 4, seed=3, prefetch=0)
+    fresh.set_state(state)
+    for a in ref:
+        b = next(fresh)
+        np.testing.assert_array_equal(a["y"], b["y"])
+    assert fresh.get_state() == {"epoch": 1, "step": 3}
+    np.testing.assert_array_equal(ref[0]["y"], epoch_order(23, 3, 1)[:4])
+    with pytest.raises(ValueError, match="out of range"):
+        fresh.set_state({"epoch": 0, "step": 6})
+
+
+def test_process_shards_with_padding_partition_the_global_batch_and_mask():
+    """Without drop_remainder, each process's rows and padding mask are its block of the global batch's: the
+    mask marks the padded rows of the global batch, whichever process holds them."""
+    ds = make_ds(30)  # 4 steps of 8: the last holds 6 examples and 2 padded rows (both on the last process)
+    whole = take(BatchIterator(ds, 8, seed=1, prefetch=0, drop_remainder=False), 8)
+    parts = [
+        take(BatchIterator(ds, 8, seed=1, prefetch=0, drop_remainder=False, process_index=p, process_count=4), 8)
+        for p in range(4)
+    ]
+    for s in range(8):
+        for k in ("y", "mask"):
+            np.testing.assert_array_equal(np.concatenate([parts[p][s][k] for p in range(4)]), whole[s][k])
+    np.testing.assert_array_equal(whole[3]["mask"], [True] * 6 + [False] * 2)
+    np.testing.assert_array_equal(whole[3]["y"][:6], epoch_order(30, 1, 0)[24:])
+    np.testing.assert_array_equal(whole[3]["y"][6:], whole[3]["y"][:2])  # padded by repeating the batch's examples
+    np.testing.assert_array_equal(parts[3][3]["mask"], [False, False])
+    assert all(parts[p][3]["mask"].all() for p in range(3))

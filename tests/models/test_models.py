@@ -275,3 +275,27 @@ def test_ple_without_shared_or_task_experts(num_levels, shared, task):
             assert dep >= 2, f"{jax.tree_util.keystr(path)} marked shared but reached by {dep} task(s)"
         else:
             assert dep == 1, f"{jax.tree_util.keystr(path)} marked task-specific but reached by {dep} task(s)"
+
+
+def test_cross_stitch_applies_a_learned_asymmetric_mixing(x):
+    """``h'_t = sum_s alpha[t, s] h_s`` for any ``alpha``, not only the symmetric initial one."""
+    cs = BUILDERS["cross_stitch"](nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    for stitch in cs.stitches:
+        stitch.alpha[...] = jnp.asarray(rng.uniform(0.0, 1.0, (3, 3)), jnp.float32)
+    hs = [x] * 3
+    for level in range(2):
+        outs = [cs.columns[t.name][level](h) for t, h in zip(TASKS, hs, strict=True)]
+        a = np.asarray(cs.stitches[level].alpha[...])
+        hs = [sum(a[i, j] * outs[j] for j in range(3)) for i in range(3)]
+    z = cs.features(x)
+    np.testing.assert_allclose(np.asarray(z), np.stack([np.asarray(h) for h in hs], 1), rtol=1e-5, atol=1e-6)
+
+
+def test_count_params_of_shared_bottom():
+    """HPS: the heads are the task-specific parameters, the trunk the shared ones."""
+    model = HPS(partial(MLP, D, (16, 8)), TASKS, head_hidden=(4,), rngs=nnx.Rngs(0))
+    size = lambda tree: sum(int(np.prod(p.shape)) for p in jax.tree.leaves(tree))
+    counts = count_params(model)
+    assert counts["task_specific"] == size(nnx.state(model.heads, nnx.Param))
+    assert counts["shared"] == size(nnx.state(model.trunk, nnx.Param)) == (D * 16 + 16) + (16 * 8 + 8)

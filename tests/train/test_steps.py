@@ -274,3 +274,94 @@ def test_representation_regularizers():
     np.testing.assert_allclose(bt(z), corrjax.stats.barlow_twins_loss(z, z, eps=1e-5))
     tree = {"a": jnp.ones((4, 2, 3)), "b": jnp.zeros((4, 5))}
     assert regularizers.flatten_representation(tree).shape == (4, 11)
+
+
+def _hps_step(loss_fns=None, **kwargs):
+    """The HPS train step with the equal-weight aggregator and Adam, its initial state and its graphdef."""
+    from omegaconf import OmegaConf
+
+    model = builders.build_model(OmegaConf.load(CONFIGS / "model" / "hps.yaml"), REG, (6,), seed=0)
+    mask = shared_mask(model)
+    graphdef, params, rest = state.split_model(model)
+    mtl_cfg = OmegaConf.load(CONFIGS / "mtl" / "ew.yaml")
+    tx = optimizer.build_optimizer(mtl_cfg, OmegaConf.load(CONFIGS / "optim" / "adam.yaml"), mask, len(REG))
+    fns = losses.task_loss_fns(REG) if loss_fns is None else loss_fns
+    train_step = jax.jit(step.make_train_step(graphdef, REG, fns, tx, mask, **kwargs))
+    return train_step, state.create_state(params, rest, tx, seed=0), graphdef
+
+
+def test_step_metrics_are_the_task_losses_their_sum_and_the_weighted_regularizer():
+    """``train/<task>/loss`` is the task's loss at the step's input parameters (plus ``weight / T`` times the
+    regulariser of the shared representation), ``train/loss`` their sum and ``train/regularizer`` the regulariser."""
+    import corrjax.stats
+    from corrjax.train import regularizers
+
+    reg_fn, weight = regularizers.single_view(corrjax.stats.decov_loss), 0.3
+    batch = _batch()
+    for kwargs in ({}, {"regularizer": reg_fn, "regularizer_weight": weight}):
+        train_step, st0, graphdef = _hps_step(**kwargs)
+        model = state.merge_model(graphdef, st0.params, st0.rest)
+        out = model(batch["x"])
+        reg = float(reg_fn(regularizers.flatten_representation(model.features(batch["x"])))) if kwargs else 0.0
+        _, m = train_step(st0, batch)
+        want = {t.name: float(jnp.mean((out[t.name] - batch[t.name]) ** 2)) + weight / 2 * reg for t in REG}
+        for name, value in want.items():
+            np.testing.assert_allclose(m[f"train/{name}/loss"], value, rtol=1e-5)
+        np.testing.assert_allclose(m["train/loss"], sum(want.values()), rtol=1e-5)
+        if kwargs:
+            assert reg > 0
+            np.testing.assert_allclose(m["train/regularizer"], reg, rtol=1e-5)
+        else:
+            assert "train/regularizer" not in m
+
+
+def test_nonfinite_gradient_with_finite_losses_is_skipped():
+    """The guard looks at the update as well as the losses: a finite loss with a NaN gradient (sqrt at 0) drops
+    the step and counts it."""
+    fns = losses.task_loss_fns(REG)
+    bad = {**fns, "b": lambda out, y: fns["b"](out, y) + jnp.sqrt(jnp.abs(out - out)).mean()}
+    train_step, st0, _ = _hps_step(loss_fns=bad)
+    before = jax.tree.map(np.asarray, st0.params)
+    s, m = train_step(st0, _batch())
+    assert np.isfinite(float(m["train/loss"])) and not bool(m["train/finite"])
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, s.params), before)
+    assert (int(s.nonfinite_streak), int(s.nonfinite_total), int(s.step)) == (1, 1, 1)
+
+
+def test_evaluate_against_numpy(mesh8):
+    """evaluate() over a split that does not fill its last batch (padding masked out): per-task metrics, the
+    summed loss, and the correlations of the per-example scores (true-class log-probability, logit, prediction)
+    and of the per-example losses, against NumPy."""
+    from corrjax.data import ArrayDataset
+    from corrjax.train import evaluate
+
+    rng = np.random.default_rng(0)
+    n = 21  # 3 batches of 8: the last holds 5 examples and 3 padded rows
+    x = rng.normal(size=(n, 4)).astype(np.float32)
+    lab = {"c": rng.integers(0, 3, n), "y": rng.integers(0, 2, n).astype(np.float32), "r": rng.normal(size=n)}
+    lab["r"] = lab["r"].astype(np.float32)
+    w = {"c": rng.normal(size=(4, 3)), "y": rng.normal(size=4), "r": rng.normal(size=4)}
+    w = {k: v.astype(np.float32) for k, v in w.items()}
+    eval_step = jax.jit(lambda st, b: {k: b["x"] @ v for k, v in st.items()})
+    got = evaluate.evaluate(eval_step, w, ArrayDataset({"x": x, **lab}, MIXED), MIXED, step.batch_sharding(mesh8), 8)
+
+    out = {k: (x @ v).astype(np.float64) for k, v in w.items()}
+    logp = out["c"] - np.log(np.exp(out["c"]).sum(1, keepdims=True))
+    p = 1 / (1 + np.exp(-out["y"]))
+    per_example = {
+        "c": -logp[np.arange(n), lab["c"]],
+        "y": -(lab["y"] * np.log(p) + (1 - lab["y"]) * np.log(1 - p)),
+        "r": (out["r"] - lab["r"]) ** 2,
+    }
+    want = {f"eval/{k}/loss": v.mean() for k, v in per_example.items()}
+    want["eval/c/accuracy"] = (out["c"].argmax(1) == lab["c"]).mean()
+    want["eval/y/accuracy"] = ((out["y"] > 0) == (lab["y"] > 0.5)).mean()
+    want["eval/r/rmse"] = np.sqrt(per_example["r"].mean())
+    want["eval/r/pearson"] = np.corrcoef(out["r"], lab["r"])[0, 1]
+    want["eval/loss"] = sum(v.mean() for v in per_example.values())
+    scores = np.stack([-per_example["c"], out["y"], out["r"]], 1)
+    want["eval/pred_corr"] = np.corrcoef(scores, rowvar=False)
+    want["eval/error_corr"] = np.corrcoef(np.stack(list(per_example.values()), 1), rowvar=False)
+    assert set(got) == set(want)
+    for k, v in want.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-4, atol=1e-6, err_msg=k)
