@@ -12,9 +12,10 @@
   the minimiser of the strictly convex ``1/2 a^T G a - sum log a`` by damped Newton steps.
 
 Every solver takes iteration caps (``max_iter``) and tolerances, runs a ``lax.while_loop`` (under ``vmap`` a batch
-runs until its last member converges), and is scale-aware: the Gramian is normalised by its trace before solving
-and a ridge ``reg_eps * I`` (relative to that normalisation) keeps singular Gramians (identical or zero gradients)
-well posed. Non-finite input gives NaN output.
+runs until its last member converges), and is scale-aware: the Gramian is normalised before solving, by its mean
+diagonal ``trace(G) / T`` (``min_norm_simplex``, ``nash_bargaining``) or by its trace (``project_dual_cone``, as
+TorchJD's projector), and a ridge ``reg_eps * I`` (relative to that normalisation) keeps singular Gramians
+(identical or zero gradients) well posed. Non-finite input gives NaN output.
 """
 
 from __future__ import annotations
@@ -208,8 +209,8 @@ def min_norm_simplex(
 
     ``method="active_set"`` (exact): with ``v`` solving ``min_{v >= 0} 1/2 v^T G v - 1^T v``, the KKT conditions give
     ``w = v / sum(v)`` (:func:`nonneg_qp` with its default block principal pivoting; the name is kept from the
-    earlier active-set solver; ``G`` is trace-normalised and ridged by ``reg_eps``; when the hull contains 0 the ridge
-    keeps ``v`` finite). ``method="frank_wolfe"``: Frank-Wolfe from the uniform weights with the
+    earlier active-set solver; ``G`` is normalised by ``trace(G) / T`` and ridged by ``reg_eps``; when the hull
+    contains 0 the ridge keeps ``v`` finite). ``method="frank_wolfe"``: Frank-Wolfe from the uniform weights with the
     exact line search of MGDA-UB, stopped when the duality gap ``w^T G w - min_i (G w)_i`` falls below ``tol``
     (relative) or after ``max_iter`` (default 250) steps.
 
@@ -218,7 +219,7 @@ def min_norm_simplex(
       method: ``"active_set"`` or ``"frank_wolfe"``.
       max_iter: iteration cap.
       tol: relative tolerance.
-      reg_eps: ridge added to the trace-normalised Gramian (``"active_set"`` only).
+      reg_eps: ridge added to the Gramian normalised by ``trace(G) / T`` (``"active_set"`` only).
       qp_method: :func:`nonneg_qp`'s method (``"active_set"`` only).
 
     Returns:

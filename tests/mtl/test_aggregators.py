@@ -553,3 +553,137 @@ def test_randomised_aggregators_under_inject_hyperparams(name):
     # numpy integer seeds are seeds too
     agg = getattr(mtl, name)(key=np.int64(0), **kwargs)
     np.testing.assert_allclose(_flat(agg.update(_stack(j), agg.init(params))[0]), _flat(expected), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- behaviours pinned by mutation testing
+
+
+def _orders_of(state, t):
+    """The orders the next update draws from ``state.key`` (as in the sequential references above)."""
+    _, sub = jax.random.split(state.key)
+    return np.asarray(jax.vmap(lambda k: jax.random.permutation(k, t))(jax.random.split(sub, t)))
+
+
+def test_pcgrad_draws_fresh_orders_at_every_step():
+    """The key in the state advances: successive steps on the same gradients use new random orders (each matching
+    the sequential reference), so an order-dependent result changes from step to step."""
+    rng = np.random.default_rng(14)
+    j = rng.normal(size=(4, 6)).astype(np.float32)
+    agg = mtl.pcgrad(3)
+    state = agg.init(None)
+    upd = jax.jit(agg.update)
+    outs = []
+    for _ in range(8):
+        ref = _pcgrad_ref(j.astype(np.float64), _orders_of(state, 4))
+        out, state = upd(_stack(j), state)
+        np.testing.assert_allclose(_flat(out), ref, rtol=1e-4, atol=1e-5)
+        outs.append(np.round(_flat(out), 4))
+    assert len({o.tobytes() for o in outs}) > 1
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.9])
+def test_gradvac_ema_rate(beta):
+    """phi_hat <- (1 - beta) phi_hat + beta phi: at beta != 0.5 the two weights are not interchangeable."""
+    rng = np.random.default_rng(15)
+    agg = mtl.gradvac(beta, num_tasks=3, key=4)
+    state = agg.init(None)
+    ema = np.zeros((3, 3))
+    upd = jax.jit(agg.update)
+    for _ in range(3):
+        j = rng.normal(size=(3, 6)).astype(np.float32)
+        ref, ema = _gradvac_ref(j.astype(np.float64), _orders_of(state, 3), ema, beta)
+        out, state = upd(_stack(j), state)
+        np.testing.assert_allclose(_flat(out), ref, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(state.ema, ema, rtol=1e-4, atol=1e-5)
+
+
+def test_graddrop_keeps_the_positive_sign_with_probability_purity():
+    """P = (1 + sum g / sum |g|) / 2 is the probability of keeping the positive components: with task values (3, -1)
+    on every coordinate P = 3/4, with (1, -3) P = 1/4; the draws are fresh at every step."""
+    n = 4000
+    j = np.zeros((2, 4 + 2 * n), np.float32)
+    j[:, 4 : 4 + n] = np.array([[3.0], [-1.0]])
+    j[:, 4 + n :] = np.array([[1.0], [-3.0]])
+    agg = mtl.graddrop(5)
+    state = agg.init(None)
+    upd = jax.jit(agg.update)
+    firsts = []
+    for _ in range(2):
+        out, state = upd(_stack(j), state)
+        b = np.asarray(out["b"])
+        hi, lo = b[:n], b[n:]
+        assert set(np.unique(hi)) <= {3.0, -1.0} and set(np.unique(lo)) <= {1.0, -3.0}
+        # binomial standard deviation ~0.007: 0.04 is more than five of them
+        np.testing.assert_allclose(np.mean(hi > 0), 0.75, atol=0.04)
+        np.testing.assert_allclose(np.mean(lo > 0), 0.25, atol=0.04)
+        firsts.append(hi.copy())
+    assert not np.array_equal(firsts[0], firsts[1])  # a new draw per step
+    # leak: leak * sum + (1 - leak) * kept
+    half = _flat(mtl.graddrop(5, leak=0.5).update(_stack(j), mtl.graddrop(5).init(None))[0])
+    kept = _flat(mtl.graddrop(5).update(_stack(j), mtl.graddrop(5).init(None))[0])
+    np.testing.assert_allclose(half, 0.5 * j.sum(0) + 0.5 * kept, rtol=1e-6)
+
+
+def test_rlw_weights_are_softmax_of_standard_normals():
+    """log w_s - log w_t = z_s - z_t ~ N(0, 2) for z ~ N(0, I): checked over 4000 draws."""
+    agg = mtl.rlw(0)
+    base = agg.init(None)
+    keys = jax.random.split(jax.random.key(16), 4000)
+    eye = _stack(np.eye(3, 6, dtype=np.float32))
+    w = np.asarray(jax.jit(jax.vmap(lambda k: agg.update(eye, base._replace(key=k))[0]["w"].reshape(-1)[:3]))(keys))
+    np.testing.assert_allclose(w.sum(1), 1.0, rtol=1e-5)
+    diff = np.log(w[:, 0].astype(np.float64)) - np.log(w[:, 1].astype(np.float64))
+    assert abs(diff.mean()) < 0.1  # standard error ~0.022
+    np.testing.assert_allclose(diff.var(), 2.0, rtol=0.1)  # standard error ~2.2%
+
+
+def test_cagrad_rescale_variants():
+    """The three output scales of the same direction d = g_0 + (c |g_0| / |g_w|) g_w: d (0), d / (1 + c^2) (1) and
+    d / (1 + c) (2, checked against scipy above)."""
+    j = np.random.default_rng(17).normal(size=(3, 6)).astype(np.float32)
+    c = 0.8
+    d2 = _apply(mtl.cagrad(c, rescale=2), j).astype(np.float64)
+    np.testing.assert_allclose(_apply(mtl.cagrad(c, rescale=0), j), (1 + c) * d2, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(_apply(mtl.cagrad(c, rescale=1), j), (1 + c) / (1 + c**2) * d2, rtol=1e-4, atol=1e-6)
+
+
+_PREF = np.array([0.6, 0.1, 0.3])
+
+
+def _dual_cone_weights(g, u, ridge):
+    """SLSQP on the documented problem: min v^T (G / trace(G) + ridge I) v subject to v >= u."""
+    q = g / np.trace(g) + ridge * np.eye(len(g))
+    cons = [{"type": "ineq", "fun": lambda x: x - u, "jac": lambda x: np.eye(len(u))}]
+    r = minimize(
+        lambda x: x @ q @ x,
+        u + 1.0,
+        jac=lambda x: 2 * q @ x,
+        constraints=cons,
+        method="SLSQP",
+        options={"ftol": 1e-15, "maxiter": 1000},
+    )
+    return r.x
+
+
+def test_preference_vectors():
+    """pref_vector p weights the combination: upgrad d = sum_t p_t pi_J(g_t), dualproj d = pi_J(J^T p), aligned_mtl
+    d = J^T B p; on non-conflicting gradients the dual-cone methods give J^T p exactly."""
+    rng = np.random.default_rng(18)
+    aligned = np.abs(rng.normal(size=(3, 6))).astype(np.float32)
+    for agg in (mtl.upgrad(pref_vector=_PREF), mtl.dualproj(pref_vector=_PREF)):
+        np.testing.assert_allclose(_apply(agg, aligned), _PREF @ aligned, rtol=2e-3, atol=1e-4)
+    j = rng.normal(size=(3, 6))
+    j64 = j.astype(np.float32).astype(np.float64)
+    g = j64 @ j64.T
+    assert (g[np.triu_indices(3, 1)] < 0).any()  # some conflict, so the projections act
+    up = sum(p * (j64.T @ _dual_cone_weights(g, np.eye(3)[t], 1e-4)) for t, p in enumerate(_PREF))
+    dp = j64.T @ _dual_cone_weights(g, _PREF, 1e-4)
+    scale = np.abs(j64).max()
+    np.testing.assert_allclose(_apply(mtl.upgrad(pref_vector=_PREF), j), up, atol=2e-4 * scale)
+    np.testing.assert_allclose(_apply(mtl.dualproj(pref_vector=_PREF), j), dp, atol=2e-4 * scale)
+    lam, v = np.linalg.eigh(g)
+    b = np.sqrt(lam.min()) * (v / np.sqrt(lam)) @ v.T
+    np.testing.assert_allclose(_apply(mtl.aligned_mtl(pref_vector=_PREF), j), j64.T @ b @ _PREF, rtol=1e-3, atol=1e-4)
+    for make in (mtl.upgrad, mtl.dualproj, mtl.aligned_mtl):
+        with pytest.raises(ValueError, match="pref_vector"):
+            _apply(make(pref_vector=np.ones(2)), j)

@@ -266,3 +266,68 @@ def test_bad_shapes_raise():
         solvers.project_dual_cone(jnp.eye(3), jnp.ones(3), qp_method="quadprog")
     with pytest.raises(ValueError, match="qp_method"):
         solvers.min_norm_simplex(jnp.eye(3), qp_method="cvxpy")
+
+
+def test_dual_cone_ridge_is_relative_to_the_trace(x64):
+    """reg_eps ridges the trace-normalised Gramian: v solves min v^T (G / trace(G) + reg_eps I) v s.t. v >= u, hence
+    G v >= -reg_eps trace(G) v (checked with a ridge large enough to move the answer)."""
+    rng = np.random.default_rng(4)
+    j = rng.normal(size=(4, 6)) * np.array([[0.5], [1.0], [3.0], [2.0]])
+    g = j @ j.T
+    tr = np.trace(g)
+    for u in (np.full(4, 0.25), np.eye(4)[2], np.array([0.1, 0.5, 0.2, 0.2])):
+        v = np.asarray(solvers.project_dual_cone(g, u, reg_eps=0.05))
+        q = g / tr + 0.05 * np.eye(4)
+        cons = [{"type": "ineq", "fun": lambda x, u=u: x - u, "jac": lambda x: np.eye(4)}]
+        ref = minimize(
+            lambda x, q=q: x @ q @ x,
+            u + 1.0,
+            jac=lambda x, q=q: 2 * q @ x,
+            constraints=cons,
+            method="SLSQP",
+            options={"ftol": 1e-15, "maxiter": 1000},
+        ).x
+        np.testing.assert_allclose(v, ref, rtol=1e-5, atol=1e-6)
+        assert np.all(g @ v >= -0.05 * tr * v - 1e-9)
+
+
+def test_frank_wolfe_line_search_is_exact():
+    """Two tasks: from the uniform weights the min-norm point lies on the segment towards the better vertex, so one
+    Frank-Wolfe step with MGDA-UB's exact line search lands on the closed form
+    w_1 = clip((g_2 - g_1) . g_2 / |g_1 - g_2|^2, 0, 1) (Sener & Koltun, Algorithm 1)."""
+    rng = np.random.default_rng(5)
+    one_step = jax.jit(lambda g: solvers.min_norm_simplex(g, method="frank_wolfe", max_iter=1))
+    for _ in range(5):
+        j = rng.normal(size=(2, 6))
+        j[1] += 0.7 * j[0]
+        g = j @ j.T
+        w1 = np.clip((g[1, 1] - g[0, 1]) / (g[0, 0] - 2 * g[0, 1] + g[1, 1]), 0.0, 1.0)
+        np.testing.assert_allclose(one_step(jnp.asarray(g, jnp.float32)), [w1, 1 - w1], atol=1e-5)
+
+
+def test_active_set_step_stops_at_the_first_blocking_coordinate(x64):
+    # Found by search (a trace-normalised, ridged Gramian-shaped problem with a large solution): jumping straight to
+    # the infeasible unconstrained minimiser instead of stepping to the first coordinate that hits zero (Lawson &
+    # Hanson's ratio test) ends far from the KKT point here.
+    q_mat = np.array(
+        [
+            [0.104175, -0.059763, 0.024255, -0.063484, -0.075001, -0.009838, 0.00263, 0.003822],
+            [-0.059763, 0.22361, 0.034356, -0.163245, 0.210632, 0.059364, 0.010986, -0.028093],
+            [0.024255, 0.034356, 0.029144, -0.059429, 0.052434, 0.003584, -0.015776, 0.005256],
+            [-0.063484, -0.163245, -0.059429, 0.287834, -0.095812, -0.058747, -0.027143, 0.041584],
+            [-0.075001, 0.210632, 0.052434, -0.095812, 0.280454, 0.033414, -0.039504, 0.007114],
+            [-0.009838, 0.059364, 0.003584, -0.058747, 0.033414, 0.02219, 0.01727, -0.016542],
+            [0.00263, 0.010986, -0.015776, -0.027143, -0.039504, 0.01727, 0.035659, -0.021367],
+            [0.003822, -0.028093, 0.005256, 0.041584, 0.007114, -0.016542, -0.021367, 0.017733],
+        ]
+    )
+    q_vec = np.array([1.773012, -0.831062, 0.625162, -0.135775, -0.571713, -1.187073, -1.588049, 0.995786])
+    assert np.linalg.eigvalsh(q_mat).min() > 5e-5
+    scale = max(np.abs(np.diag(q_mat)).max(), np.abs(q_vec).max())
+    sols = []
+    for method in ("active_set", "block_pivoting"):
+        v = np.asarray(solvers.nonneg_qp(q_mat, q_vec, method=method))
+        grad = q_mat @ v + q_vec
+        assert np.all(v >= 0) and grad.min() >= -1e-6 * scale and abs(v @ grad) <= 1e-9 * scale * v.max(), method
+        sols.append(v)
+    np.testing.assert_allclose(sols[0], sols[1], rtol=1e-6, atol=1e-9)

@@ -474,3 +474,23 @@ def test_outside_multisteps_accumulates_the_weighted_gradients():
     for k in SHAPES:
         ref = -0.5 * (_combine_ref(gm[0], grads[0])[k] + _combine_ref(gm[1], grads[1])[k])
         np.testing.assert_allclose(out1[k], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_famo_min_losses_shift_the_losses():
+    """With known lower bounds m, FAMO works on D_t = L_t - m_t + eps: weights z_t / D_t (normalised) and logit
+    steps from log D_t(prev) - log D_t(now); the same as the plain reference run on L - m."""
+    lower = np.array([0.5, 0.0, 2.0])
+    rng = np.random.default_rng(14)
+    losses = lower + rng.uniform(0.05, 3.0, size=(5, T))
+    tx = W.famo(T, learning_rate=0.3, gamma=0.01, min_losses=jnp.asarray(lower, jnp.float32))
+    upd = jax.jit(tx.update)
+    state = tx.init(_params())
+    weights = []
+    for loss in losses:
+        _, state = upd(_stacked(rng), state, None, task_losses=jnp.asarray(loss, jnp.float32))
+        weights.append(np.asarray(state.weights, np.float64))
+    ref = _famo_ref(losses - lower, 0.3, 0.01)
+    np.testing.assert_allclose(np.stack(weights), np.stack(ref), rtol=1e-4, atol=1e-6)
+    # first step (uniform z): w_t proportional to 1 / (L_t - m_t)
+    first = 1.0 / (losses[0] - lower)
+    np.testing.assert_allclose(weights[0], first / first.sum(), rtol=1e-5)
