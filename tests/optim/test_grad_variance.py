@@ -276,3 +276,20 @@ def test_sharded_mesh_keeps_shardings(mesh8, source):
         assert state.nu["w"].sharding.spec == P("data", None)
     unsharded, _ = tx.update(jax.device_get(grads), tx.init(jax.device_get(params)), **extra)
     chex.assert_trees_all_close(jax.device_get(u), unsharded, rtol=1e-6)
+
+
+def test_batch_clip_bounds_gamma():
+    # Coordinates from pure noise (gamma = 0) to a clear signal (gamma ~ 1), so both bounds of the clip bind.
+    rng = np.random.default_rng(7)
+    n = 6
+    per = rng.standard_normal((n, 8)) + np.array([0.0, 0.05, 0.3, 0.6, 1.0, 2.0, 5.0, 20.0])
+    mean = per.mean(0)
+    ssd = ((per - mean) ** 2).sum(0)
+    v = np.var(per, axis=0, ddof=1) / n
+    signal = np.maximum(mean**2 - v, 0)
+    gamma = signal / (signal + v)
+    assert gamma.min() < 0.2 and gamma.max() > 0.9
+    tx = co.scale_by_grad_variance(source="batch", clip=(0.2, 0.9))
+    g = jnp.asarray(mean, jnp.float32)
+    got = np.asarray(tx.update(g, tx.init(g), sum_sq_diff_grads=jnp.asarray(ssd, jnp.float32), sample_size=n)[0])
+    np.testing.assert_allclose(got, np.clip(gamma, 0.2, 0.9) * mean, rtol=2e-5, atol=1e-7)

@@ -268,3 +268,16 @@ def test_concordance_loss_float32_large_offset_with_a_location_shift():
         y = (x + 0.3 * rng.standard_normal((n, 3)) + 1.0).astype(np.float32)
         want = concordance_ref(x, y)
         np.testing.assert_allclose(float(jax.jit(concordance_loss)(x, y)), want, rtol=1e-5)
+
+
+def test_pearson_loss_eps_is_added_to_each_variance():
+    # r = cov / sqrt((var_x + eps)(var_y + eps)) with 1/n moments; eps large enough to matter at float64 precision.
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((20, 3)) * np.array([0.1, 1.0, 3.0])
+    y = 0.5 * x + rng.standard_normal((20, 3)) * np.array([0.2, 1.0, 0.5])
+    eps = 0.05
+    cov = np.mean((x - x.mean(0)) * (y - y.mean(0)), axis=0)
+    want = np.mean(1 - cov / np.sqrt((x.var(0) + eps) * (y.var(0) + eps)))
+    with jax.enable_x64(True):
+        got = float(pearson_loss(jnp.asarray(x), jnp.asarray(y), eps=eps))
+    np.testing.assert_allclose(got, want, rtol=1e-12)

@@ -373,3 +373,28 @@ def test_concordance_float32_large_offset_with_a_location_shift():
         x64, y64 = x.astype(np.float64), y.astype(np.float64)
         ref = np.array([_ccc_ref(x64[:, j], y64[:, j]) for j in range(3)])
         np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_fisher_z_ci_small_n_matches_scipy(x64, n):
+    # n <= 3 has no Fisher-z standard error (1 / sqrt(n - 3)): scipy returns the trivial interval [-1, 1] there.
+    x, y = np.array([1.0, 2.0, 4.0, 3.0, 7.0])[:n], np.array([1.0, 3.0, 2.0, 5.0, 4.0])[:n]
+    res = scipy.stats.pearsonr(x, y)
+    for level in (0.5, 0.9):
+        ref = res.confidence_interval(confidence_level=level)
+        got = _fisher(res.statistic, n, confidence_level=level)
+        np.testing.assert_allclose([got.low, got.high], [ref.low, ref.high], rtol=1e-12, atol=1e-12)
+
+
+def test_cross_correlation_of_affine_float32_columns_is_clipped():
+    # c / sqrt(sxx syy) of exactly affinely related float32 columns rounds to one ulp beyond +-1 for most seeds; the
+    # cross block has no unit-diagonal rule, so only the clip keeps it in [-1, 1].
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((50, 4)).astype(np.float32)
+        y = np.concatenate([3 * x - 1, 1 - 3 * x], axis=1).astype(np.float32)
+        got = np.asarray(_corrcoef(x, y))
+        ref = np.corrcoef(x.astype(np.float64), y.astype(np.float64), rowvar=False)[:4, 4:]
+        assert got.dtype == np.float32
+        assert np.all(np.abs(got) <= 1.0), np.abs(got).max() - 1
+        np.testing.assert_allclose(got, ref, atol=1e-6)

@@ -88,9 +88,18 @@ def pairs(draw):
 
 def _well_posed(x, y, debiased, gram=linear_gram):
     """Skips 0/0 cases (a constant representation, or a debiased self-HSIC that is zero in exact arithmetic, e.g.
-    a single outlier), where the float64 reference is rounding noise."""
+    a single outlier), where the float64 reference is rounding noise. For the RBF kernel also a median pairwise
+    distance below the rounding of the Gram-form distances ``|a|^2 + |b|^2 - 2 a.b`` that ``rbf_cka`` uses (most
+    rows equal, e.g. a column of zeros with one 1e-77): the median, hence the bandwidth, rounds to 0 there and
+    ``rbf_cka`` returns NaN as documented, while the reference's direct differences keep it."""
     if np.ptp(x, axis=0).max() < 1e-3 or np.ptp(y, axis=0).max() < 1e-3:
         return False
+    if gram is rbf_gram:
+        for a in (x, y):
+            c = a - a.mean(0)
+            d2 = ((c[:, None, :] - c[None, :, :]) ** 2).sum(-1)
+            if np.median(d2) <= 1e-10 * (c * c).sum(1).max():
+                return False
     f = hsic_unbiased if debiased else hsic_biased
     return all(f(k, k) > 1e-6 * np.sum(k * k) / len(k) ** 2 for k in (gram(x), gram(y)))
 

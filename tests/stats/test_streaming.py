@@ -123,3 +123,33 @@ def test_state_is_a_pytree_that_vmaps():
         np.testing.assert_allclose(out[b], np.cov(np.asarray(xb[b]), rowvar=False), rtol=1e-5, atol=1e-6)
     leaves = jax.tree_util.tree_leaves(cs.cov_init(2, 3))
     assert len(leaves) == 8
+
+
+def test_cross_state_correlation_of_affine_float32_columns_is_clipped():
+    # Rounding puts c / sqrt(m2_x m2_y) of exactly affinely related float32 columns one ulp beyond +-1 for most
+    # seeds; a cross state has no unit-diagonal rule, so only the clip keeps it in [-1, 1].
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((50, 4)).astype(np.float32)
+        y = np.concatenate([3 * x - 1, 1 - 3 * x], axis=1).astype(np.float32)
+        state = _update(_update(cs.cov_init(4, 8), x[:20], y[:20]), x[20:], y[20:])
+        got = np.asarray(_corr_fin(state))
+        ref = np.corrcoef(x.astype(np.float64), y.astype(np.float64), rowvar=False)[:4, 4:]
+        assert got.dtype == np.float32
+        assert np.all(np.abs(got) <= 1.0), np.abs(got).max() - 1
+        np.testing.assert_allclose(got, ref, atol=1e-6)
+
+
+def test_float32_states_from_empty_keep_the_chunk_means_exact():
+    # Folding a chunk into an empty state must take its mean as is: re-expressing it through the (zero) frame of the
+    # empty state rounds it at the offset's ulp, and the next merge's Chan term then carries that error.
+    rng = np.random.default_rng(3)
+    x = (1e5 + rng.standard_normal((2000, 2)) + np.repeat([[0.0, 0.0], [1.0, -2.0]], 1000, axis=0)).astype(np.float32)
+    ref = np.cov(x.astype(np.float64), rowvar=False)
+    empty = cs.cov_init(2)
+    for state in (
+        _update(_update(empty, x[:1000]), x[1000:]),
+        _merge(_update(empty, x[:1000]), _update(empty, x[1000:])),
+        _merge(empty, _merge(_update(empty, x[:1000]), _merge(empty, _update(empty, x[1000:])))),
+    ):
+        np.testing.assert_allclose(_cov_fin(state), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
