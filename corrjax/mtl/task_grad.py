@@ -213,6 +213,9 @@ def shared_only(aggregator: optax.GradientTransformation, shared: Any) -> optax.
 
     The glue for ``value_and_task_grad(..., shared=mask)``, whose shared leaves carry the task axis and whose head
     leaves already hold their own task's gradient: ``optax.chain(shared_only(pcgrad(), mask), optax.adam(1e-3))``.
-    Built on ``optax.masked`` (state is kept for the shared leaves only).
+    Built on ``optax.masked`` (state is kept for the shared leaves only). A mask pytree without a shared leaf (no
+    parameter reached by two tasks) leaves nothing to aggregate: the updates pass through unchanged.
     """
+    if not callable(shared) and not any(bool(leaf) for leaf in jax.tree.leaves(shared)):
+        return optax.with_extra_args_support(optax.identity())
     return optax.masked(aggregator, shared)

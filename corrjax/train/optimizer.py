@@ -29,8 +29,8 @@ def _accepts(target: str, name: str) -> bool:
 
 
 def build_optimizer(mtl_cfg: Any, optim_cfg: Any, shared: Any, num_tasks: int) -> optax.GradientTransformationExtraArgs:
-    """``optax.chain(shared_only(aggregator, shared), optimiser)`` from the two config nodes (the optimiser alone
-    when no parameter is shared: then there is nothing to aggregate).
+    """``optax.chain(shared_only(aggregator, shared), optimiser)`` from the two config nodes (with no shared
+    parameter, ``shared_only`` passes the task-specific gradients through: there is nothing to aggregate).
 
     Loss weightings that need the number of tasks (``uw``, ``dwa``, ``gradnorm``, ``famo``, ``geometric_mean``)
     get ``num_tasks`` from the data unless the config sets it.
@@ -44,7 +44,6 @@ def build_optimizer(mtl_cfg: Any, optim_cfg: Any, shared: Any, num_tasks: int) -
         raise TypeError(f"`optim` must instantiate to an optax GradientTransformation, got {type(optimiser).__name__}")
     if shared is not None and not any(jax.tree.leaves(shared)):
         # No parameter is reached by two tasks (e.g. PLE/CGC without shared experts): every leaf already holds its
-        # own task's gradient and the aggregator would act on an empty pytree, so it is left out.
+        # own task's gradient, and shared_only passes them through.
         log.warning("the model has no shared parameters: `mtl` (%s) has nothing to aggregate", mtl_cfg._target_)
-        return optax.chain(optimiser)
     return optax.chain(corrjax.mtl.shared_only(aggregator, shared), optimiser)

@@ -98,6 +98,15 @@ def test_shared_mask_heads_get_summed_gradient(task_batch_size):
         np.testing.assert_allclose(grads["heads"][t], ref["heads"][t, t], rtol=1e-4, atol=1e-5)
 
 
+def test_shared_only_without_a_shared_leaf_passes_the_gradients_through():
+    # Nothing reached by two tasks (e.g. PLE without shared experts): the aggregator would see an empty pytree.
+    grads = {"a": jnp.arange(3.0), "b": jnp.ones((2, 2))}
+    for agg in (mtl.pcgrad(), mtl.upgrad(), mtl.uncertainty_weighting(num_tasks=2)):
+        tx = optax.chain(mtl.shared_only(agg, {"a": False, "b": False}), optax.sgd(1.0))
+        upd, _ = jax.jit(lambda g, s, tx=tx: tx.update(g, s, g, task_losses=jnp.ones(2)))(grads, tx.init(grads))
+        jax.tree.map(lambda u, g: np.testing.assert_array_equal(u, -g), upd, grads)
+
+
 def test_shared_only_glue_in_chain_with_adam():
     p = _params(jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (6, 4))
