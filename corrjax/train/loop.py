@@ -195,7 +195,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     # The shared representation at every evaluation (for the CKA over training), kept in the run dir so that a
     # resumed run's matrix covers the evaluations before the interruption too.
     shared_history: list[tuple[int, np.ndarray]] = []
-    history_path = run_dir / "representations.npz"
+    history_dir = run_dir / "representations"
 
     def run_eval(at_step: int) -> dict[str, Any]:
         out = evaluate.evaluate(eval_step, train_state, eval_ds, tasks, data_sharding, tc.eval_batch_size)
@@ -205,7 +205,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
                 shared_history.pop()
             shared_history.append((at_step, diag.pop("shared")))
             if main:
-                writers.save_snapshots(history_path, shared_history)
+                writers.save_snapshot(history_dir, at_step, shared_history[-1][1])
             out.update(diag)
         return out
 
@@ -225,14 +225,14 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 
     writer = None
     if start > 0:
-        shared_history.extend(writers.load_snapshots(history_path, start))
+        shared_history.extend(writers.load_snapshots(history_dir, start))
     if main:
         if start > 0:
             writers.truncate_jsonl(run_dir / "metrics.jsonl", start)
         else:  # a fresh run in a used directory: the old run's files would mix with this one's
-            for old in ("metrics.jsonl", history_path.name):
-                (run_dir / old).unlink(missing_ok=True)
-            shutil.rmtree(run_dir / "tb", ignore_errors=True)
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            for old in ("tb", history_dir.name):
+                shutil.rmtree(run_dir / old, ignore_errors=True)
         writer = writers.MetricsWriter(
             run_dir,
             jsonl=cfg.logger.jsonl,

@@ -87,22 +87,20 @@ def write_summary(run_dir: str | Path, summary: dict[str, Any]) -> Path:
     return path
 
 
-def save_snapshots(path: str | Path, history: list[tuple[int, np.ndarray]]) -> None:
-    """Writes ``[(step, array)]`` (arrays of one shape) to ``path`` as ``.npz`` (``steps``, ``arrays``), replacing it
-    atomically, so a resumed run can recover what it had gathered (the shared representations of the CKA over
-    training)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+def save_snapshot(folder: str | Path, step: int, array: np.ndarray) -> None:
+    """Writes one ``(step, array)`` snapshot (the shared representation of the CKA over training) as
+    ``folder/<step>.npy``, so a resumed run can recover what it had gathered; one small file per evaluation, nothing
+    rewritten."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"{int(step)}.npy.tmp"
     with tmp.open("wb") as f:
-        np.savez(f, steps=np.array([k for k, _ in history], np.int64), arrays=np.stack([a for _, a in history]))
-    tmp.replace(path)
+        np.save(f, np.asarray(array))
+    tmp.replace(folder / f"{int(step)}.npy")
 
 
-def load_snapshots(path: str | Path, last_step: int) -> list[tuple[int, np.ndarray]]:
-    """The ``(step, array)`` pairs of :func:`save_snapshots` with ``step <= last_step`` ([] when there is no file)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    with np.load(path) as z:
-        steps, arrays = z["steps"], z["arrays"]
-    return [(int(k), arrays[i]) for i, k in enumerate(steps) if k <= last_step]
+def load_snapshots(folder: str | Path, last_step: int) -> list[tuple[int, np.ndarray]]:
+    """The :func:`save_snapshot` pairs with ``step <= last_step``, in step order ([] when there are none)."""
+    folder = Path(folder)
+    steps = sorted(int(p.stem) for p in folder.glob("*.npy") if p.stem.isdigit()) if folder.is_dir() else []
+    return [(k, np.load(folder / f"{k}.npy")) for k in steps if k <= last_step]

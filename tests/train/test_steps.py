@@ -127,11 +127,12 @@ def test_resumed_writer_purges_tensorboard_events_past_the_checkpoint(tmp_path):
 
 def test_snapshots_roundtrip(tmp_path):
     history = [(k, np.full((3, 2), k, np.float32)) for k in (2, 4, 6)]
-    writers.save_snapshots(tmp_path / "s.npz", history)
-    back = writers.load_snapshots(tmp_path / "s.npz", last_step=4)
+    for k, a in history:
+        writers.save_snapshot(tmp_path / "s", k, a)
+    back = writers.load_snapshots(tmp_path / "s", last_step=4)
     assert [k for k, _ in back] == [2, 4]
     assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(back, history[:2], strict=True))
-    assert writers.load_snapshots(tmp_path / "missing.npz", last_step=4) == []
+    assert writers.load_snapshots(tmp_path / "missing", last_step=4) == []
 
 
 def _tiny_setup(model_cfg_name="hps", mtl="ew", optim="adam", tasks=REG, in_shape=(6,), model_overrides=None):
