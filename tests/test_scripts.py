@@ -211,11 +211,13 @@ def fake_launcher(tmp_path):
     (tmp_path / "scripts" / "train.py").write_text(FAKE_TRAIN)
     run_dir = tmp_path / "run"
     started: list[int] = []
+    launchers: list[subprocess.Popen] = []
 
     def start(n: int, env: dict | None = None) -> subprocess.Popen:
         cmd = [sys.executable, str(tmp_path / "scripts" / "launch_local.py"), "--num-processes", str(n)]
         cmd += ["--", f"hydra.run.dir={run_dir}"]
         proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stderr=subprocess.PIPE, text=True)
+        launchers.append(proc)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and len(list(run_dir.glob("pid.*"))) < n and proc.poll() is None:
             time.sleep(0.1)
@@ -226,6 +228,10 @@ def fake_launcher(tmp_path):
     for pid in started:  # never leave the stand-ins behind, whatever the test did
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    for proc in launchers:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
 
 
 def _gone(pid: int, wait: float = 30.0) -> bool:

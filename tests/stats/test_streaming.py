@@ -40,7 +40,7 @@ def _ref_cov(x, **kw):
     # W - ddof <= 0 is a case the tests mean to cover: numpy warns, the state gives NaN.
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Degrees of freedom <= 0", category=RuntimeWarning)
-        c = np.cov(x, rowvar=False, **kw)
+        c = np.cov(x.T, **kw)  # not rowvar=False: numpy < 2.1 reads one observation as one variable
     return np.where(np.isfinite(c), c, np.nan)
 
 

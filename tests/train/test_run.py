@@ -164,12 +164,14 @@ def test_sigterm_saves_and_stops_the_sweep(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "-m", *TINY, "trainer.eval_every=0"]
     cmd += ["trainer.max_steps=1000000", "trainer.checkpoint_every=0", "seed=0,1", f"hydra.sweep.dir={sweep}"]
     cmd += ["parallel.data=1"]
-    proc = subprocess.Popen(cmd, env=subprocess_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "stderr.txt"  # a file, not a pipe: a pipe nobody reads fills up and blocks the run
+    with log.open("wb") as err:
+        proc = subprocess.Popen(cmd, env=subprocess_env(tmp_path), stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.monotonic() + 300
         while not list(sweep.glob("0/metrics.jsonl")) and time.monotonic() < deadline:  # training has started
             time.sleep(0.5)
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert proc.poll() is None, log.read_text()[-2000:]
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=300)
     finally:
@@ -237,18 +239,20 @@ def test_a_signal_to_one_process_stops_both_on_one_step(tmp_path):
     over += ["trainer.log_every=5", f"hydra.run.dir={run}"]
     cmd = [sys.executable, str(ROOT / "scripts" / "launch_local.py"), "--num-processes", "2"]
     cmd += ["--devices-per-process", "1", "--", *over]
-    proc = subprocess.Popen(cmd, env=subprocess_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "stderr.txt"  # a file, not a pipe: a pipe nobody reads fills up and blocks the run
+    with log.open("wb") as err:
+        proc = subprocess.Popen(cmd, env=subprocess_env(tmp_path), stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.monotonic() + 300
         while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline:  # training has started
             time.sleep(0.5)
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert proc.poll() is None, log.read_text()[-3000:]
         (second,) = _pids_with(str(run), "parallel.distributed.process_id=1")
         os.kill(second, signal.SIGTERM)
         proc.wait(timeout=300)
     finally:
         proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr.read().decode()[-3000:]
+    assert proc.returncode == 128 + signal.SIGTERM, log.read_text()[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["stopped_by_signal"] == "SIGTERM" and not summary["completed"]
     assert summary["step"] % 5 == 0
