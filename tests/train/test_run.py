@@ -156,6 +156,13 @@ def test_interrupt_flag():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def _start_logged(cmd: list[str], tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """Starts ``cmd`` with its stderr in a file (a pipe nobody reads fills up and blocks the run)."""
+    log = tmp_path / "stderr.txt"
+    with log.open("wb") as err:
+        return subprocess.Popen(cmd, env=subprocess_env(tmp_path), stdout=subprocess.DEVNULL, stderr=err), log
+
+
 @pytest.mark.slow
 def test_sigterm_saves_and_stops_the_sweep(tmp_path):
     """SIGTERM (preemption) during a local multirun: the running job saves a checkpoint and a summary marked
@@ -164,9 +171,7 @@ def test_sigterm_saves_and_stops_the_sweep(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "-m", *TINY, "trainer.eval_every=0"]
     cmd += ["trainer.max_steps=1000000", "trainer.checkpoint_every=0", "seed=0,1", f"hydra.sweep.dir={sweep}"]
     cmd += ["parallel.data=1"]
-    log = tmp_path / "stderr.txt"  # a file, not a pipe: a pipe nobody reads fills up and blocks the run
-    with log.open("wb") as err:
-        proc = subprocess.Popen(cmd, env=subprocess_env(tmp_path), stdout=subprocess.DEVNULL, stderr=err)
+    proc, log = _start_logged(cmd, tmp_path)
     try:
         deadline = time.monotonic() + 300
         while not list(sweep.glob("0/metrics.jsonl")) and time.monotonic() < deadline:  # training has started
@@ -239,9 +244,7 @@ def test_a_signal_to_one_process_stops_both_on_one_step(tmp_path):
     over += ["trainer.log_every=5", f"hydra.run.dir={run}"]
     cmd = [sys.executable, str(ROOT / "scripts" / "launch_local.py"), "--num-processes", "2"]
     cmd += ["--devices-per-process", "1", "--", *over]
-    log = tmp_path / "stderr.txt"  # a file, not a pipe: a pipe nobody reads fills up and blocks the run
-    with log.open("wb") as err:
-        proc = subprocess.Popen(cmd, env=subprocess_env(tmp_path), stdout=subprocess.DEVNULL, stderr=err)
+    proc, log = _start_logged(cmd, tmp_path)
     try:
         deadline = time.monotonic() + 300
         while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline:  # training has started
