@@ -18,15 +18,19 @@ from omegaconf import MISSING
 
 @dataclass
 class TrainerConfig:
-    """Loop settings: step counts, batch sizes, checkpointing and the non-finite guard."""
+    """Loop settings: step counts, batch sizes, checkpointing and the non-finite guard.
 
-    max_steps: int = 300
+    These are the trainer's defaults, in this one place (``configs/trainer/default.yaml`` selects them unchanged;
+    ``configs/trainer/tiny.yaml`` and the experiments override some). Periodic work runs at every multiple of its
+    period and at the last step (:func:`corrjax.train.loop.every`); a period of 0 means never during the run."""
+
+    max_steps: int = 600
     batch_size: int = 128
     eval_batch_size: int = 512
-    eval_every: int = 100
+    eval_every: int = 200
     eval_split: str = "test"
-    log_every: int = 10
-    checkpoint_every: int = 100
+    log_every: int = 20
+    checkpoint_every: int = 200
     keep_checkpoints: int = 3
     async_checkpointing: bool = True
     resume: bool = False
@@ -94,7 +98,6 @@ class LoggerConfig:
     jsonl: bool = True
     tensorboard: bool = True
     plots: bool = True
-    level: str = "INFO"
 
 
 @dataclass

@@ -44,10 +44,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from corrjax.train.config import check_trainer
+from corrjax.train.setup import with_seed
 
 log = logging.getLogger(__name__)
 
@@ -71,47 +71,48 @@ def _check(cfg: DictConfig, seeds: Sequence[int], run_dirs: Sequence[str | Path]
         raise ValueError("`trainer.resume`=true: ensemble runs keep no checkpoints; re-run the unfinished seeds")
     if jax.process_count() > 1:
         raise ValueError(f"ensemble runs use one process, got jax.process_count()={jax.process_count()}")
-    if cfg.get("regularizer") is not None and cfg.regularizer.get("fn") is not None:
-        raise ValueError("`regularizer` is not supported by ensemble runs (train those seeds with scripts/train.py)")
-
-
-def _seed_cfg(cfg: DictConfig, seed: int) -> DictConfig:
-    out = cfg.copy()
-    out.seed = int(seed)
-    return out
 
 
 def _stack(trees: Sequence[Any]) -> Any:
     return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *trees)
 
 
-def _stacked_split(cfgs: Sequence[DictConfig], split: str, first: Any, keys: Sequence[str]) -> dict[str, jax.Array]:
-    """Every seed's ``split`` as ``{key: (S, N, ...)}`` arrays, each seed's data written into the stack as it is
-    generated (one seed's copy alive at a time); ``first`` is seed 0's dataset of the split, already built."""
-    stacked: dict[str, np.ndarray] = {}
-    for i, c in enumerate(cfgs):
-        dataset = first if i == 0 else instantiate(c.data, split=split)
+class _Stacked:
+    """Every seed's ``split`` as ``{key: (S, N, ...)}`` host arrays, each seed's data written in as its setup is
+    built (one seed's dataset alive at a time)."""
+
+    def __init__(self, num_seeds: int, split: str, keys: Sequence[str]) -> None:
+        self.num_seeds, self.split, self.keys = num_seeds, split, tuple(keys)
+        self.arrays: dict[str, np.ndarray] = {}
+        self._first_seed: int | None = None
+
+    def add(self, i: int, seed: int, dataset: Any) -> None:
         if not hasattr(dataset, "arrays"):
             raise TypeError(f"ensemble runs need in-memory datasets (ArrayDataset), got {type(dataset).__name__}")
-        for k in keys:
+        for k in self.keys:
             value = dataset.arrays[k]
             if i == 0:
-                stacked[k] = np.empty((len(cfgs), *value.shape), value.dtype)
-            elif value.shape != stacked[k].shape[1:]:
+                self.arrays[k] = np.empty((self.num_seeds, *value.shape), value.dtype)
+                self._first_seed = seed
+            elif value.shape != self.arrays[k].shape[1:]:
                 raise ValueError(
-                    f"seed {c.seed}'s {split} `{k}` has shape {value.shape}, seed {cfgs[0].seed}'s "
-                    f"{stacked[k].shape[1:]}: the seeds' datasets must have equal shapes"
+                    f"seed {seed}'s {self.split} `{k}` has shape {value.shape}, seed {self._first_seed}'s "
+                    f"{self.arrays[k].shape[1:]}: the seeds' datasets must have equal shapes"
                 )
-            stacked[k][i] = value
-    out = {}
-    for k in keys:  # one key at a time, so the host and device copies of the whole stack are never all alive
-        out[k] = jax.device_put(stacked.pop(k))
-    return out
+            self.arrays[k][i] = value
+
+    def to_device(self) -> dict[str, jax.Array]:
+        out = {}
+        for k in self.keys:  # one key at a time, so the host and device copies of the whole stack are never all alive
+            out[k] = jax.device_put(self.arrays.pop(k))
+        return out
 
 
-def _eval_fn(eval_step, tasks, batch_size: int, seed_batch: int):
-    """Jitted ``(states, x (S, N, ...), labels {task: (S, N, ...)}) -> metrics`` over the whole split: the seeds one
-    after another (``seed_batch`` at a time), each in blocks of ``batch_size`` examples (the last padded, then cut)."""
+def _eval_fn(eval_step, representation_step, tasks, batch_size: int, seed_batch: int):
+    """Jitted ``(states, x (S, N, ...), labels {task: (S, N, ...)}) -> (metrics, representations)`` over the whole
+    split: the seeds one after another (``seed_batch`` at a time), each in blocks of ``batch_size`` examples (the
+    last padded, then cut), and the representation step on each seed's first ``min(N, 256)`` examples (the loop's
+    subset; none below 4 examples)."""
     from corrjax.stats import corrcoef
     from corrjax.train.evaluate import score_outputs
 
@@ -127,28 +128,37 @@ def _eval_fn(eval_step, tasks, batch_size: int, seed_batch: int):
         if len(tasks) > 1:
             metrics["eval/pred_corr"] = corrcoef(scores)
             metrics["eval/error_corr"] = corrcoef(errors)
-        return metrics
+        reps = representation_step(state, x[: min(n, 256)]) if n >= 4 else {}
+        return metrics, reps
 
     return jax.jit(lambda states, x, labels: jax.lax.map(one_seed, (states, x, labels), batch_size=seed_batch))
 
 
-def _scan_fn(train_step, names: Sequence[str], seed_batch: int):
-    """Jitted ``(states, train arrays (S, N, ...), indices (K, S, B)) -> (states, metrics (K, S, ...))``: K steps,
-    each running the train step for every seed (``seed_batch`` seeds vectorised at a time) on its own batch rows."""
+def _scan_fn(train_step, noise_step, names: Sequence[str], seed_batch: int):
+    """Jitted ``(states, train arrays (S, N, ...), indices (K, S, B), logged (K,)) -> (states, metrics (K, S, ...))``:
+    K steps, each running the train step for every seed (``seed_batch`` seeds vectorised at a time) on its own batch
+    rows, and at the ``logged`` steps the noise-scale step on the new state and the same batch, as the loop does
+    (``noise_step`` None: no noise scale; its metrics are NaN at the other steps)."""
 
-    def one_seed(args):
-        st, batch = args
-        return train_step(st, batch)
+    def one_seed(st, batch, logged):
+        st, metrics = train_step(st, batch)
+        if noise_step is not None:
+            shapes = jax.eval_shape(noise_step, st, batch)
+            skip = lambda: jax.tree.map(lambda a: jnp.full(a.shape, jnp.nan, a.dtype), shapes)
+            metrics = {**metrics, **jax.lax.cond(logged, lambda: noise_step(st, batch), skip)}
+        return st, metrics
 
-    def run(states, arrays, indices):
-        def body(sts, idx):
+    def run(states, arrays, indices, logged):
+        def body(sts, xs):
+            idx, log_here = xs
             # Gather every seed's rows first: mapping over the (S, N, ...) arrays would slice (copy) each seed's
-            # whole split at every step.
+            # whole split at every step. The flag is closed over, not mapped, so the noise step stays a real branch
+            # when seeds are vectorised.
             rows = jnp.arange(idx.shape[0])[:, None]
             batch = {k: arrays[k][rows, idx] for k in ("x", *names)}
-            return jax.lax.map(one_seed, (sts, batch), batch_size=seed_batch)
+            return jax.lax.map(lambda a: one_seed(*a, log_here), (sts, batch), batch_size=seed_batch)
 
-        return jax.lax.scan(body, states, indices)
+        return jax.lax.scan(body, states, (indices, logged))
 
     return jax.jit(run, donate_argnums=0)
 
@@ -158,6 +168,28 @@ def _write_hydra(run_dir: Path, cfg: DictConfig, overrides: Sequence[str]) -> No
     hydra_dir.mkdir(parents=True, exist_ok=True)
     (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     (hydra_dir / "overrides.yaml").write_text(yaml.safe_dump(list(overrides), default_flow_style=False))
+
+
+def _build_seeds(cfg: DictConfig, seeds: Sequence[int]) -> tuple[Any, Any, _Stacked, _Stacked]:
+    """``(first setup, stacked initial states, stacked train split, stacked eval split)``: one
+    :func:`corrjax.train.setup.build` per seed (its own data, model, optimiser state), keeping only what the
+    ensemble needs of the later ones."""
+    from corrjax.train.setup import build
+
+    first = None
+    states = []
+    for i, seed in enumerate(seeds):
+        setup = build(cfg, seed)
+        if first is None:
+            first = setup
+            keys = ("x", *setup.names)
+            train = _Stacked(len(seeds), "train", keys)
+            evals = _Stacked(len(seeds), cfg.trainer.eval_split, keys)
+        train.add(i, seed, setup.train_data)
+        evals.add(i, seed, setup.eval_data)
+        states.append(setup.init_state())
+        del setup
+    return first, _stack(states), train, evals
 
 
 def train_seeds(
@@ -185,9 +217,9 @@ def train_seeds(
     Raises ``ValueError`` for what an ensemble cannot do (see the module docstring) and ``TypeError`` for data that is
     not held in memory.
     """
-    from corrjax.models import shared_mask
-    from corrjax.train import builders, losses, optimizer, state, step, writers
-    from corrjax.train.loop import select_tasks
+    from corrjax.data import BatchIterator
+    from corrjax.train import evaluate, tracking, writers
+    from corrjax.train.loop import every
 
     seeds = [int(s) for s in seeds]
     _check(cfg, seeds, run_dirs, seed_batch)
@@ -196,53 +228,39 @@ def train_seeds(
     if len(overrides) != len(seeds):
         raise ValueError(f"{len(overrides)} `overrides` lists for {len(seeds)} `seeds`")
     tc = cfg.trainer
-    cfgs = [_seed_cfg(cfg, s) for s in seeds]
 
-    first_train = instantiate(cfgs[0].data, split="train")
-    tasks = select_tasks(first_train.tasks, cfg.get("tasks"))
-    names = [t.name for t in tasks]
-    input_shape = np.shape(first_train[0]["x"])
-    models = [builders.build_model(cfg.model, tasks, input_shape, s) for s in seeds]
-    mask = shared_mask(models[0])
-    model_name = type(models[0]).__name__
-    splits = [state.split_model(m) for m in models]
-    graphdef = splits[0][0]
-    tx = optimizer.build_optimizer(cfg.mtl, cfg.optim, mask, len(tasks))
-    loss_fns = losses.task_loss_fns(tasks, OmegaConf.to_container(cfg.task_losses))
-    train_step = step.make_train_step(graphdef, tasks, loss_fns, tx, mask)
-    params, rest = _stack([p for _, p, _ in splits]), _stack([r for _, _, r in splits])
-    del models, splits
-    init = jax.jit(jax.vmap(lambda p, r, s: state.create_state(p, r, tx, s)))
-    states = init(params, rest, jnp.asarray(seeds, jnp.int32))
-    n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params)) // len(seeds)
-    log.info("ensemble of %d seeds: model %s, %d parameters each; tasks %s", len(seeds), model_name, n_params, names)
-    del params, rest
-
-    from corrjax.data import BatchIterator
-
-    train_arrays = _stacked_split(cfgs, "train", first_train, ("x", *names))
-    eval_arrays = _stacked_split(cfgs, tc.eval_split, instantiate(cfgs[0].data, split=tc.eval_split), ("x", *names))
+    setup, states, train_stack, eval_stack = _build_seeds(cfg, seeds)
+    names = setup.names
+    log.info(
+        "ensemble of %d seeds: model %s, %d parameters each; tasks %s",
+        *(len(seeds), setup.model_name, setup.num_params, names),
+    )
+    train_arrays = train_stack.to_device()
+    eval_arrays = eval_stack.to_device()
     eval_x, eval_labels = eval_arrays.pop("x"), eval_arrays
     # The epoch order depends on the seed and the number of examples only (equal for every seed, checked above).
-    iterators = [BatchIterator(first_train, tc.batch_size, seed=s, prefetch=0) for s in seeds]
+    iterators = [BatchIterator(setup.train_data, tc.batch_size, seed=s, prefetch=0) for s in seeds]
     per_epoch = iterators[0].steps_per_epoch
 
-    scan = _scan_fn(train_step, names, seed_batch)
-    evaluate = _eval_fn(step.make_eval_step(graphdef), tuple(tasks), int(tc.eval_batch_size), seed_batch)
+    scan = _scan_fn(setup.train_step, setup.noise_step if tc.noise_scale else None, names, seed_batch)
+    evaluate_all = _eval_fn(
+        setup.eval_step, setup.representation_step, setup.tasks, int(tc.eval_batch_size), seed_batch
+    )
 
     for d in run_dirs:
         d.mkdir(parents=True, exist_ok=True)
         if (d / "metrics.jsonl").exists():
             (d / "metrics.jsonl").unlink()
-    for d, c, o in zip(run_dirs, cfgs, overrides, strict=True):
-        _write_hydra(d, c, o)
+    for d, s, o in zip(run_dirs, seeds, overrides, strict=True):
+        _write_hydra(d, with_seed(cfg, s), o)
     out = [writers.MetricsWriter(d, jsonl=cfg.logger.jsonl, tensorboard=cfg.logger.tensorboard) for d in run_dirs]
+    trackers = [tracking.RepresentationTracker() for _ in seeds]
     active = np.ones(len(seeds), bool)
     skipped = np.zeros(len(seeds), np.int64)
     stopped_at: dict[int, tuple[int, int, str]] = {}  # seed index -> (step, skipped steps, message)
     last_train: list[dict[str, Any]] = [{} for _ in seeds]
     last_eval: list[dict[str, Any]] = [{} for _ in seeds]
-    ends = sorted({s for s in range(1, tc.max_steps + 1) if tc.eval_every and s % tc.eval_every == 0} | {tc.max_steps})
+    ends = sorted({k for k in range(1, tc.max_steps + 1) if every(k, tc.eval_every, tc.max_steps)} | {tc.max_steps})
     t_start = time.perf_counter()
     s = 0
     try:
@@ -250,30 +268,34 @@ def train_seeds(
             t0 = time.perf_counter()
             positions = [divmod(k, per_epoch) for k in range(s, end)]
             idx = np.asarray([[it.global_indices(e, b) for it in iterators] for e, b in positions], np.int32)
-            states, metrics = scan(states, train_arrays, jnp.asarray(idx))
+            logged = np.asarray([every(k + 1, tc.log_every, tc.max_steps) for k in range(s, end)])
+            states, metrics = scan(states, train_arrays, jnp.asarray(idx), jnp.asarray(logged))
             metrics = jax.device_get(metrics)
             streaks = np.asarray(jax.device_get(states.nonfinite_max_streak))
             rate = (end - s) * tc.batch_size / max(time.perf_counter() - t0, 1e-9)
             # Skipped steps so far, step by step: the count before the block plus the block's non-finite steps.
             totals = skipped[None, :] + np.cumsum(~np.asarray(metrics["train/finite"], bool), axis=0)
             skipped = totals[-1]
-            evals = jax.device_get(evaluate(states, eval_x, eval_labels))  # every block ends at an evaluation
+            evals, reps = jax.device_get(evaluate_all(states, eval_x, eval_labels))  # every block ends at an eval
+            evals = [
+                _evaluation(evaluate, trackers[i], end, evals, reps, i) if active[i] else {} for i in range(len(seeds))
+            ]
             for k in range(s, end):
                 at = k + 1
-                is_log = at % tc.log_every == 0 or at == tc.max_steps
                 is_eval = at == end and bool(tc.eval_every)
-                if not (is_log or is_eval):
+                if not (logged[k - s] or is_eval):
                     continue
                 for i in np.nonzero(active)[0]:
                     record: dict[str, Any] = {}
-                    if is_log:
-                        host = {name: v[k - s, i] for name, v in metrics.items() if name != "train/finite"}
-                        host["train/examples_per_s"] = rate
-                        host["train/nonfinite_total"] = int(totals[k - s, i])
-                        record.update(host)
-                        last_train[i] = host
+                    if logged[k - s]:
+                        last_train[i] = tracking.train_record(
+                            {name: v[k - s, i] for name, v in metrics.items()},
+                            examples_per_s=rate,
+                            nonfinite_total=totals[k - s, i],
+                        )
+                        record.update(last_train[i])
                     if is_eval:
-                        last_eval[i] = {name: v[i] for name, v in evals.items()}
+                        last_eval[i] = evals[i]
                         record.update(last_eval[i])
                     out[i].write(at, record)
             for i in np.nonzero(active & (streaks >= tc.max_nonfinite_in_a_row))[0]:
@@ -295,25 +317,36 @@ def train_seeds(
 
     wall = time.perf_counter() - t_start
     if not tc.eval_every:  # the final evaluation goes to the summary only, as in the loop
-        last_eval = [{name: v[i] for name, v in evals.items()} for i in range(len(seeds))]
+        last_eval = evals
     summaries = []
     for i, (seed, d) in enumerate(zip(seeds, run_dirs, strict=True)):
         end, nonfinite, error = stopped_at.get(i, (s, int(skipped[i]), None))
-        summary: dict[str, Any] = {
-            "step": int(end),
-            "completed": error is None and s >= tc.max_steps,
-            "stopped_by_signal": None,
-            "num_params": n_params,
-            "nonfinite_total": nonfinite,
-            "wall_time_s": wall,
-            "tasks": names,
-            "seed": seed,
-            "ensemble_size": len(seeds),
-            **last_train[i],
-            **last_eval[i],
-        }
+        summary = tracking.summary(
+            step=end,
+            completed=error is None and s >= tc.max_steps,
+            num_params=setup.num_params,
+            nonfinite_total=nonfinite,
+            wall_time_s=wall,
+            tasks=names,
+            last_train=last_train[i],
+            last_eval=last_eval[i],
+            tracker=trackers[i],
+            seed=seed,
+            ensemble_size=len(seeds),
+        )
         if error is not None:
             summary["error"] = error
         writers.write_summary(d, summary)
         summaries.append(writers.to_jsonable(summary))
     return summaries
+
+
+def _evaluation(evaluate: Any, tracker: Any, step: int, evals: dict, reps: dict, i: int) -> dict[str, Any]:
+    """Seed ``i``'s evaluation record at ``step`` from the stacked results: the metrics, the representation
+    diagnostics, and the shared representation handed to its tracker."""
+    record = {name: v[i] for name, v in evals.items()}
+    if reps:
+        diag = evaluate.representation_diagnostics({k: v[i] for k, v in reps.items()})
+        tracker.add(step, diag.pop("shared"))
+        record.update(diag)
+    return record

@@ -20,12 +20,8 @@ from jax.sharding import NamedSharding
 
 import corrjax.stats
 from corrjax.data import TaskSpec
-from corrjax.train import losses as L
-
-
-def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Host arrays (identical on every process) -> global arrays split over ``sharding``'s data axis."""
-    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in local.items()}
+from corrjax.train import tasks as task_table
+from corrjax.train.sharding import global_batch
 
 
 def iterate_in_order(dataset: Any, batch_size: int, multiple: int):
@@ -52,11 +48,11 @@ def score_outputs(
     total = jnp.zeros(())
     scores, errors = [], []
     for t in tasks:
-        m = L.task_metrics(t, outputs[t.name], labels[t.name], mask)
+        m = task_table.task_metrics(t, outputs[t.name], labels[t.name], mask)
         total = total + m["loss"]
         metrics.update({f"eval/{t.name}/{k}": v for k, v in m.items()})
-        scores.append(L.score(t, outputs[t.name], labels[t.name]))
-        errors.append(L.per_example_loss(t, outputs[t.name], labels[t.name]))
+        scores.append(task_table.score(t, outputs[t.name], labels[t.name]))
+        errors.append(task_table.per_example_loss(t, outputs[t.name], labels[t.name]))
     metrics["eval/loss"] = total
     return metrics, jnp.stack(scores, 1), jnp.stack(errors, 1)
 
@@ -87,38 +83,11 @@ def evaluate(
     return {k: (float(v) if np.ndim(v) == 0 else v) for k, v in metrics.items()}
 
 
-def make_representation_fn(graphdef: Any) -> Callable:
-    """Jitted ``(state, x) -> {"shared": (n, D), ["experts": (E, n, h), "task_reps": (T, n, h),
-    "gate_usage": (T, E)]}``: the flattened shared representation and, for mixture-of-experts models (those with
-    ``gate_weights``), each expert's output, each task's gated mixture of them and the mean gate weights."""
-    from corrjax.train.regularizers import flatten_representation
-    from corrjax.train.state import merge_model
-
-    def fn(state, x):
-        model = merge_model(graphdef, state.params, state.rest)
-        z = model.features(x)
-        out = {"shared": flatten_representation(z)}
-        if hasattr(model, "gate_weights"):
-            gates = model.gate_weights(x)
-            names = list(gates)
-            out["gate_usage"] = jnp.stack([gates[n].mean(0) for n in names])
-            if isinstance(z, jax.Array) and z.ndim == 3 and all(g.shape[-1] == z.shape[1] for g in gates.values()):
-                out["experts"] = jnp.moveaxis(z, 1, 0)
-                out["task_reps"] = jnp.stack([jnp.einsum("ne,neh->nh", gates[n], z) for n in names])
-        return out
-
-    return jax.jit(fn)
-
-
-def representation_diagnostics(rep_fn: Callable, state: Any, x: np.ndarray, sharding: NamedSharding) -> dict:
-    """CKA diagnostics (debiased minibatch linear CKA, :func:`corrjax.stats.cka_matrix`) on a fixed eval subset:
-    ``eval/task_rep_cka`` (T, T) between the tasks' gated representations, ``eval/expert_cka`` (E, E) between
-    experts, ``eval/gate_usage`` (T, E); returns also the host copy of the shared representation under
-    ``"shared"`` for the CKA-over-training matrix."""
-    from jax.sharding import PartitionSpec as P
-
-    rep = NamedSharding(sharding.mesh, P())
-    reps = jax.device_get(rep_fn(state, jax.make_array_from_callback(x.shape, rep, lambda i: x[i])))
+def representation_diagnostics(reps: dict[str, Any]) -> dict[str, Any]:
+    """CKA diagnostics (debiased minibatch linear CKA, :func:`corrjax.stats.cka_matrix`) from the host outputs of
+    :func:`corrjax.train.step.make_representation_step` on a fixed eval subset: ``eval/task_rep_cka`` (T, T)
+    between the tasks' gated representations, ``eval/expert_cka`` (E, E) between experts, ``eval/gate_usage``
+    (T, E); returns also the shared representation under ``"shared"`` for the CKA-over-training matrix."""
     out: dict[str, Any] = {"shared": np.asarray(reps["shared"])}
     if "gate_usage" in reps:
         out["eval/gate_usage"] = np.asarray(reps["gate_usage"])
@@ -132,3 +101,48 @@ def representation_diagnostics(rep_fn: Callable, state: Any, x: np.ndarray, shar
 def cka_over_training(shared: Sequence[np.ndarray]) -> np.ndarray:
     """``(K, K)`` CKA between the shared representations of the same examples at K evaluation points."""
     return np.asarray(corrjax.stats.cka_matrix([(list(shared), None)]))
+
+
+class Evaluator:
+    """Evaluates a state at a step: the whole split (:func:`evaluate`) and, when the split has at least 4 examples,
+    the representation diagnostics on its first ``max_examples`` (:func:`representation_diagnostics`), whose
+    shared representation goes to ``tracker`` (a :class:`corrjax.train.tracking.RepresentationTracker`).
+
+    Args:
+      eval_step, representation_step: jitted steps (:mod:`corrjax.train.sharding`).
+      dataset, tasks: the eval split and the run's tasks.
+      sharding: the batch sharding (its mesh places the representation subset, replicated).
+      batch_size: the evaluation batch size.
+      tracker: receives the shared representation at every evaluation.
+    """
+
+    def __init__(
+        self,
+        eval_step: Callable,
+        representation_step: Callable,
+        dataset: Any,
+        tasks: Sequence[TaskSpec],
+        sharding: NamedSharding,
+        batch_size: int,
+        tracker: Any,
+        max_examples: int = 256,
+    ) -> None:
+        from corrjax.train.sharding import replicated, to_global
+
+        self.eval_step, self.representation_step = eval_step, representation_step
+        self.dataset, self.tasks, self.sharding, self.batch_size = dataset, tuple(tasks), sharding, batch_size
+        self.tracker = tracker
+        n = min(len(dataset), max_examples)
+        self._x = (
+            to_global(np.asarray(dataset.get_batch(np.arange(n))["x"]), replicated(sharding.mesh)) if n >= 4 else None
+        )
+        self.last_step: int | None = None
+
+    def __call__(self, state: Any, step: int) -> dict[str, Any]:
+        out = evaluate(self.eval_step, state, self.dataset, self.tasks, self.sharding, self.batch_size)
+        if self._x is not None:
+            diag = representation_diagnostics(jax.device_get(self.representation_step(state, self._x)))
+            self.tracker.add(step, diag.pop("shared"))
+            out.update(diag)
+        self.last_step = step
+        return out

@@ -7,8 +7,9 @@ optimiser) with the task losses as extra args, and the non-finite guard: when an
 non-finite the whole update is dropped (state unchanged except the step and skip counters). A non-finite gradient
 makes the update non-finite, unless the optax chain removes it on purpose (``optax.zero_nans()``), in which case
 the step is kept. ``make_eval_step``
-returns the per-task outputs of a batch. :func:`jit_steps` jits both with explicit in/out shardings on the mesh's
-data axis and donates the state.
+returns the per-task outputs of a batch, ``make_noise_scale_step`` the gradient noise scale and
+``make_representation_step`` the representations the CKA diagnostics are computed from. Everything here is pure and
+knows nothing of meshes: :func:`corrjax.train.sharding.jit_steps` jits the steps with their shardings.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import corrjax.mtl
 from corrjax.data import TaskSpec
@@ -37,16 +36,16 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.stack(leaves).all() if leaves else jnp.array(True)
 
 
-def task_cosines(task_grads: Any, shared: Any | None) -> jax.Array:
-    """``(T, T)`` cosine similarities of the task gradients restricted to the shared parameters (all of them if
-    ``shared`` is None), reduced leaf by leaf; NaN where a task's gradient is zero."""
+def shared_gradient_cosine(task_grads: Any, shared: Any | None, num_tasks: int) -> jax.Array:
+    """``(T, T)`` :func:`corrjax.mtl.task_gradient_cosine` of the task gradients restricted to the shared parameters
+    (all of them if ``shared`` is None); all NaN when no parameter is shared (the task gradients then have no common
+    coordinates)."""
     leaves = jax.tree.leaves(task_grads)
     if shared is not None:
-        flags = jax.tree.leaves(shared)
-        leaves = [g for g, s in zip(leaves, flags, strict=True) if s]
-    gram = sum(jnp.einsum("t...,u...->tu", g, g, precision=jax.lax.Precision.HIGHEST) for g in leaves)
-    norms = jnp.sqrt(jnp.diagonal(gram))
-    return jnp.clip(gram / (norms[:, None] * norms[None, :]), -1.0, 1.0)
+        leaves = [g for g, s in zip(leaves, jax.tree.leaves(shared), strict=True) if s]
+    if not leaves:
+        return jnp.full((num_tasks, num_tasks), jnp.nan, jnp.float32)
+    return corrjax.mtl.task_gradient_cosine(leaves)
 
 
 def make_train_step(
@@ -102,10 +101,7 @@ def make_train_step(
         if regularizer is not None:
             metrics["train/regularizer"] = reg
         metrics["train/update_norm"] = optax.tree.norm(updates)
-        if shared is None or any(jax.tree.leaves(shared)):
-            metrics["train/grad_cosine"] = task_cosines(grads, shared)
-        else:  # no shared parameter (every leaf is one task's): the task gradients have no common coordinates
-            metrics["train/grad_cosine"] = jnp.full((num_tasks, num_tasks), jnp.nan, losses.dtype)
+        metrics["train/grad_cosine"] = shared_gradient_cosine(grads, shared, num_tasks)
         return new_state, metrics
 
     return train_step
@@ -142,7 +138,7 @@ def make_noise_scale_step(
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
-    """``eval_step(state, batch) -> {task: output}`` (also ``"features"`` is not returned: outputs only)."""
+    """``eval_step(state, batch) -> {task: output}`` (the outputs only)."""
 
     def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
         model = merge_model(graphdef, state.params, state.rest)
@@ -151,20 +147,22 @@ def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[TrainState, Batch], dict
     return eval_step
 
 
-def batch_sharding(mesh: Mesh, axis_name: str = "data") -> NamedSharding:
-    """Leading (example) axis split over the mesh's data axis."""
-    return NamedSharding(mesh, P(axis_name))
+def make_representation_step(graphdef: nnx.GraphDef) -> Callable[[TrainState, jax.Array], dict[str, jax.Array]]:
+    """``(state, x) -> {"shared": (n, D), ["experts": (E, n, h), "task_reps": (T, n, h), "gate_usage": (T, E)]}``:
+    the flattened shared representation and, for mixture-of-experts models (those with ``gate_weights``), each
+    expert's output, each task's gated mixture of them and the mean gate weights."""
 
+    def representation_step(state: TrainState, x: jax.Array) -> dict[str, jax.Array]:
+        model = merge_model(graphdef, state.params, state.rest)
+        z = model.features(x)
+        out = {"shared": flatten_representation(z)}
+        if hasattr(model, "gate_weights"):
+            gates = model.gate_weights(x)
+            names = list(gates)
+            out["gate_usage"] = jnp.stack([gates[n].mean(0) for n in names])
+            if isinstance(z, jax.Array) and z.ndim == 3 and all(g.shape[-1] == z.shape[1] for g in gates.values()):
+                out["experts"] = jnp.moveaxis(z, 1, 0)
+                out["task_reps"] = jnp.stack([jnp.einsum("ne,neh->nh", gates[n], z) for n in names])
+        return out
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
-def jit_steps(train_step, eval_step, mesh: Mesh, axis_name: str = "data", *extra_steps):
-    """Jits the steps with explicit shardings: state replicated, batch split over ``axis_name``, outputs
-    replicated; the train step donates its input state so XLA updates parameters and optimiser state in place.
-    ``extra_steps`` (``(state, batch) -> metrics`` diagnostics) are jitted like ``eval_step`` and returned after it."""
-    rep, data = replicated(mesh), batch_sharding(mesh, axis_name)
-    train = jax.jit(train_step, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
-    others = [jax.jit(f, in_shardings=(rep, data), out_shardings=rep) for f in (eval_step, *extra_steps)]
-    return (train, *others)
+    return representation_step

@@ -76,11 +76,18 @@ def test_tiny_run_outputs(compose_fn, tmp_path):
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
 
 
-def test_resume_reproduces_the_uninterrupted_run(compose_fn, tmp_path):
+@pytest.mark.parametrize("stop_after", [4, 2])
+def test_resume_reproduces_the_uninterrupted_run(compose_fn, tmp_path, stop_after):
+    """Stopped after an evaluation (4) or before the first one (2): the resumed run's metrics and summary equal the
+    uninterrupted run's. A stop evaluates nothing the uninterrupted run would not (the stop at 2 used to evaluate
+    there, and the resumed summary's CKA over training gained that point: steps [2, 3, 6])."""
     over = [*TINY, "trainer.max_steps=6", "trainer.eval_every=3", "trainer.async_checkpointing=true", "mtl=rlw"]
     full = loop.run(compose_fn(over), run_dir=tmp_path / "full")
-    part = loop.run(compose_fn([*over, "trainer.stop_after=4"]), run_dir=tmp_path / "resumed")
-    assert not part["completed"] and part["step"] == 4
+    part = loop.run(compose_fn([*over, f"trainer.stop_after={stop_after}"]), run_dir=tmp_path / "resumed")
+    assert not part["completed"] and part["step"] == stop_after
+    snapshots = sorted(int(p.stem) for p in (tmp_path / "resumed" / "representations").glob("*.npy"))
+    assert snapshots == [k for k in (3,) if k <= stop_after]
+    assert ("eval/loss" in part) == (stop_after >= 3)  # the evaluations of the stopped invocation only
     resumed = loop.run(compose_fn([*over, "trainer.resume=true"]), run_dir=tmp_path / "resumed")
     assert resumed["completed"]
     a = deterministic(read_jsonl(tmp_path / "full" / "metrics.jsonl"))
@@ -89,6 +96,7 @@ def test_resume_reproduces_the_uninterrupted_run(compose_fn, tmp_path):
     assert full["eval/shared_cka_steps"] == resumed["eval/shared_cka_steps"] == [3, 6]
     again = loop.run(compose_fn([*over, "trainer.resume=true"]), run_dir=tmp_path / "resumed")  # already finished
     assert again["step"] == 6 and again["eval/shared_cka_steps"] == [3, 6]
+    assert full.keys() == resumed.keys() == again.keys()
     for k in full:  # the CKA over training included: its snapshots before the interruption are kept in the run dir
         if k.startswith(("eval/", "train/")) and k != "train/examples_per_s":
             np.testing.assert_array_equal(full[k], resumed[k], err_msg=k)
@@ -148,7 +156,9 @@ def test_bad_trainer_values_fail_first_naming_the_key(compose_fn, tmp_path, key,
 
 
 def test_interrupt_flag():
-    with loop._Interrupt() as interrupt:
+    from corrjax.train.signals import Interrupt
+
+    with Interrupt() as interrupt:
         signal.raise_signal(signal.SIGINT)
         assert interrupt.requested and interrupt.signum == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):

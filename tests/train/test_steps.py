@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from corrjax.data import TaskSpec
 from corrjax.models import shared_mask
-from corrjax.train import builders, losses, optimizer, state, step, writers
+from corrjax.train import builders, optimizer, sharding, state, step, tasks, writers
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 REG = (TaskSpec("a", "regression", 1), TaskSpec("b", "regression", 1))
@@ -26,8 +26,8 @@ MIXED = (TaskSpec("c", "classification", 3), TaskSpec("y", "binary", 1), TaskSpe
 
 
 @functools.cache
-def _metrics_fn(tasks):
-    return jax.jit(lambda out, lab, m: {t.name: losses.task_metrics(t, out[t.name], lab[t.name], m) for t in tasks})
+def _metrics_fn(specs):
+    return jax.jit(lambda out, lab, m: {t.name: tasks.task_metrics(t, out[t.name], lab[t.name], m) for t in specs})
 
 
 @given(st.integers(4, 12), st.integers(0, 2**31 - 1))
@@ -54,28 +54,30 @@ def test_task_metrics_against_numpy(n, seed):
 
 def test_pearson_metric_undefined_is_nan():
     t = REG[0]
-    got = losses.task_metrics(t, jnp.ones(4), jnp.arange(4.0), jnp.ones(4, bool))
+    got = tasks.task_metrics(t, jnp.ones(4), jnp.arange(4.0), jnp.ones(4, bool))
     assert np.isnan(got["pearson"])
 
 
 def test_task_loss_fns_validation():
     with pytest.raises(ValueError, match="unknown tasks"):
-        losses.task_loss_fns(REG, {"zzz": "pearson"})
+        tasks.task_loss_fns(REG, {"zzz": "pearson"})
     with pytest.raises(ValueError, match=r"task_losses\.a"):
-        losses.task_loss_fns(REG, {"a": "huber"})
+        tasks.task_loss_fns(REG, {"a": "huber"})
     with pytest.raises(ValueError, match="regression"):
-        losses.task_loss_fns(MIXED, {"c": "pearson"})
+        tasks.task_loss_fns(MIXED, {"c": "pearson"})
 
 
-def test_task_cosines_against_numpy():
+def test_shared_gradient_cosine_against_numpy():
     rng = np.random.default_rng(0)
-    g = {"w": rng.normal(size=(3, 4, 2)), "b": rng.normal(size=(3, 2)), "h": rng.normal(size=(5,))}
-    got = step.task_cosines(jax.tree.map(jnp.asarray, g), {"w": True, "b": True, "h": False})
+    g = {"w": rng.normal(size=(3, 4, 2)), "b": rng.normal(size=(3, 2)), "h": rng.normal(size=(3, 5))}
+    got = step.shared_gradient_cosine(jax.tree.map(jnp.asarray, g), {"w": True, "b": True, "h": False}, 3)
     flat = np.concatenate([g["w"].reshape(3, -1), g["b"]], 1)
     want = flat @ flat.T / np.outer(np.linalg.norm(flat, axis=1), np.linalg.norm(flat, axis=1))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    zero = step.task_cosines({"w": jnp.zeros((2, 3)).at[0].set(1.0)}, None)
+    zero = step.shared_gradient_cosine({"w": jnp.zeros((2, 3)).at[0].set(1.0)}, None, 2)
     assert np.isnan(zero[1, 1]) and np.isnan(zero[0, 1])
+    none_shared = step.shared_gradient_cosine(jax.tree.map(jnp.asarray, g), {"w": False, "b": False, "h": False}, 3)
+    assert none_shared.shape == (3, 3) and np.isnan(none_shared).all()
 
 
 def test_fill_input_sizes():
@@ -135,29 +137,29 @@ def test_snapshots_roundtrip(tmp_path):
     assert writers.load_snapshots(tmp_path / "missing", last_step=4) == []
 
 
-def _tiny_setup(model_cfg_name="hps", mtl="ew", optim="adam", tasks=REG, in_shape=(6,), model_overrides=None):
+def _tiny_setup(model_cfg_name="hps", mtl="ew", optim="adam", task_specs=REG, in_shape=(6,), model_overrides=None):
     from omegaconf import OmegaConf
 
     model_cfg = OmegaConf.load(CONFIGS / "model" / f"{model_cfg_name}.yaml")
     model_cfg = OmegaConf.merge(model_cfg, SHRINK.get(model_cfg_name, {}))  # smaller, same architecture
     model_cfg = OmegaConf.merge(model_cfg, model_overrides or {})
-    model = builders.build_model(model_cfg, tasks, in_shape, seed=0)
+    model = builders.build_model(model_cfg, task_specs, in_shape, seed=0)
     mask = shared_mask(model)
     graphdef, params, rest = state.split_model(model)
     mtl_cfg = OmegaConf.load(CONFIGS / "mtl" / f"{mtl}.yaml")
     raw = OmegaConf.to_container(mtl_cfg, resolve=False)
     mtl_cfg = OmegaConf.create({k: (0 if v == "${seed}" else v) for k, v in raw.items()})  # outside a full config
-    tx = optimizer.build_optimizer(mtl_cfg, OmegaConf.load(CONFIGS / "optim" / f"{optim}.yaml"), mask, len(tasks))
-    fns = losses.task_loss_fns(tasks)
-    train_step = jax.jit(step.make_train_step(graphdef, tasks, fns, tx, mask))
+    tx = optimizer.build_optimizer(mtl_cfg, OmegaConf.load(CONFIGS / "optim" / f"{optim}.yaml"), mask, len(task_specs))
+    fns = tasks.task_loss_fns(task_specs)
+    train_step = jax.jit(step.make_train_step(graphdef, task_specs, fns, tx, mask))
     st0 = state.create_state(params, rest, tx, seed=0)
     return train_step, st0
 
 
-def _batch(n=16, in_shape=(6,), seed=0, tasks=REG):
+def _batch(n=16, in_shape=(6,), seed=0, specs=REG):
     rng = np.random.default_rng(seed)
     b = {"x": jnp.asarray(rng.normal(size=(n, *in_shape)), jnp.float32)}
-    for t in tasks:
+    for t in specs:
         b[t.name] = jnp.asarray(rng.normal(size=n), jnp.float32)
     return b
 
@@ -237,13 +239,13 @@ def test_sharded_step_equals_unsharded(mesh8):
     mask = shared_mask(model)
     graphdef, params, rest = state.split_model(model)
     tx = optax.chain(optax.masked(instantiate({"_target_": "corrjax.mtl.pcgrad"}), mask), optax.sgd(0.1))
-    fn = step.make_train_step(graphdef, REG, losses.task_loss_fns(REG), tx, mask)
+    fn = step.make_train_step(graphdef, REG, tasks.task_loss_fns(REG), tx, mask)
     eval_fn = step.make_eval_step(graphdef)
     st0 = state.create_state(params, rest, tx, seed=0)
     plain, _ = jax.jit(fn)(st0, _batch())
-    sharded_step, sharded_eval = step.jit_steps(fn, eval_fn, mesh8)
-    rep = step.replicated(mesh8)
-    data = step.batch_sharding(mesh8)
+    sharded_step, sharded_eval = sharding.jit_steps(fn, eval_fn, mesh8)
+    rep = sharding.replicated(mesh8)
+    data = sharding.batch_sharding(mesh8)
     st_sh = jax.device_put(state.create_state(params, rest, tx, seed=0), rep)
     out, metrics = sharded_step(st_sh, jax.device_put(_batch(), data))
     assert metrics["train/loss"].sharding.is_fully_replicated
@@ -257,7 +259,7 @@ def test_sharded_step_equals_unsharded(mesh8):
 def test_correlation_losses_per_regression_task(name):
     import corrjax.stats
 
-    fns = losses.task_loss_fns(REG, {"b": name})
+    fns = tasks.task_loss_fns(REG, {"b": name})
     rng = np.random.default_rng(1)
     pred, y = jnp.asarray(rng.normal(size=8), jnp.float32), jnp.asarray(rng.normal(size=8), jnp.float32)
     want = getattr(corrjax.stats, f"{name}_loss")(pred[:, None], y[:, None])
@@ -286,7 +288,7 @@ def _hps_step(loss_fns=None, **kwargs):
     graphdef, params, rest = state.split_model(model)
     mtl_cfg = OmegaConf.load(CONFIGS / "mtl" / "ew.yaml")
     tx = optimizer.build_optimizer(mtl_cfg, OmegaConf.load(CONFIGS / "optim" / "adam.yaml"), mask, len(REG))
-    fns = losses.task_loss_fns(REG) if loss_fns is None else loss_fns
+    fns = tasks.task_loss_fns(REG) if loss_fns is None else loss_fns
     train_step = jax.jit(step.make_train_step(graphdef, REG, fns, tx, mask, **kwargs))
     return train_step, state.create_state(params, rest, tx, seed=0), graphdef
 
@@ -319,7 +321,7 @@ def test_step_metrics_are_the_task_losses_their_sum_and_the_weighted_regularizer
 def test_nonfinite_gradient_with_finite_losses_is_skipped():
     """The guard looks at the update as well as the losses: a finite loss with a NaN gradient (sqrt at 0) drops
     the step and counts it."""
-    fns = losses.task_loss_fns(REG)
+    fns = tasks.task_loss_fns(REG)
     bad = {**fns, "b": lambda out, y: fns["b"](out, y) + jnp.sqrt(jnp.abs(out - out)).mean()}
     train_step, st0, _ = _hps_step(loss_fns=bad)
     before = jax.tree.map(np.asarray, st0.params)
@@ -344,7 +346,8 @@ def test_evaluate_against_numpy(mesh8):
     w = {"c": rng.normal(size=(4, 3)), "y": rng.normal(size=4), "r": rng.normal(size=4)}
     w = {k: v.astype(np.float32) for k, v in w.items()}
     eval_step = jax.jit(lambda st, b: {k: b["x"] @ v for k, v in st.items()})
-    got = evaluate.evaluate(eval_step, w, ArrayDataset({"x": x, **lab}, MIXED), MIXED, step.batch_sharding(mesh8), 8)
+    data = ArrayDataset({"x": x, **lab}, MIXED)
+    got = evaluate.evaluate(eval_step, w, data, MIXED, sharding.batch_sharding(mesh8), 8)
 
     out = {k: (x @ v).astype(np.float64) for k, v in w.items()}
     logp = out["c"] - np.log(np.exp(out["c"]).sum(1, keepdims=True))
