@@ -2,34 +2,38 @@
 
 A seed study of a small model (the MMoE paper's synthetic experiment trains ~15k-parameter networks on batches of
 128) spends much of each :func:`corrjax.train.loop.run` step in dispatch rather than arithmetic, and compiles again
-for every seed. :func:`train_seeds` builds every seed's data, model and optimiser state exactly as ``run`` does,
-stacks them along a leading seed axis, and compiles one program: a ``lax.scan`` over the steps between two
-evaluations whose body runs :func:`corrjax.train.step.make_train_step` for every seed (``jax.lax.map`` over the seed
-axis, ``seed_batch`` seeds vectorised at a time). Each seed reads the batches its own
-:class:`~corrjax.data.BatchIterator` would hand it (the epoch order depends on the seed), so seed ``s`` of an
-ensemble computes what the single run with ``seed=s`` computes, up to floating-point reassociation: the two agree to
-~1e-7 over the tests' short runs, and over long runs the rounding differences grow as any perturbation of a training
-trajectory does (the MMoE study's 3000-step test-loss curves: median 0.1% apart per point), so an ensemble reproduces
-a Hydra sweep statistically, not bit for bit.
+for every seed. :func:`train_seeds` builds every seed with the loop's own :func:`corrjax.train.setup.build` (its
+data, model, regulariser and optimiser state, from the config with that seed), stacks the states along a leading
+seed axis, and compiles one program: a ``lax.scan`` over the steps between two evaluations whose body runs the
+setup's train step for every seed (``jax.lax.map`` over the seed axis, ``seed_batch`` seeds vectorised at a time)
+and, at the logging steps, its gradient-noise-scale step (``trainer.noise_scale``), as the loop does. Each seed
+reads the batches its own :class:`~corrjax.data.BatchIterator` would hand it (the epoch order depends on the seed),
+so seed ``s`` of an ensemble computes what the single run with ``seed=s`` computes, up to floating-point
+reassociation: the two agree to ~1e-7 over the tests' short runs, and over long runs the rounding differences grow
+as any perturbation of a training trajectory does (the MMoE study's 3000-step test-loss curves: median 0.1% apart
+per point), so an ensemble reproduces a Hydra sweep statistically, not bit for bit.
 
-On CPU, running the seeds one after another inside the program (``seed_batch=1``) is the fastest choice measured
-for the MMoE study's models: 50 seeds take 14 ms per step for the shared-bottom model (25 ms vectorised with
+On CPU, running the seeds one after another inside the program (``seed_batch=1``) is the fastest choice measured for
+the MMoE study's models: 50 seeds take 14 ms per step for the shared-bottom model (25 ms vectorised with
 ``jax.vmap``) and 21 ms for MMoE (20 ms vectorised; 18 ms ten at a time), against 1.0 ms per step for one
-shared-bottom seed in the loop (so 3.5x per seed). Evaluation is 3.5x faster seed by seed than vectorised, where
-XLA turns the seeds' products into one batched product of small matrices.
+shared-bottom seed in the loop (so 3.5x per seed). Evaluation is 3.5x faster seed by seed than vectorised, where XLA
+turns the seeds' products into one batched product of small matrices.
 
 Every seed gets a run directory in the loop's layout (``metrics.jsonl`` with the train metrics every
-``trainer.log_every`` steps and the evaluation every ``trainer.eval_every``; ``summary.json``; ``.hydra/config.yaml``
-and ``.hydra/overrides.yaml``), so ``scripts/compare.py`` and the experiment scripts read ensemble runs like Hydra
-multirun jobs. Evaluation covers the whole eval split: per-task ``loss`` and ``accuracy``/``rmse``/``pearson``, the
-summed ``eval/loss``, ``eval/pred_corr`` and ``eval/error_corr``; the representation (CKA) diagnostics of the loop
-are left out.
+``trainer.log_every`` steps and the evaluation every ``trainer.eval_every``; ``summary.json``;
+``.hydra/config.yaml`` and ``.hydra/overrides.yaml``), so ``scripts/compare.py`` and the experiment scripts read
+ensemble runs like Hydra multirun jobs. Evaluation covers the whole eval split: per-task ``loss`` and
+``accuracy``/``rmse``/``pearson``, the summed ``eval/loss``, ``eval/pred_corr`` and ``eval/error_corr``, and the
+loop's representation diagnostics on the first 256 eval examples (MoE gate usage, expert and task-representation
+CKA; the CKA over training in the summary). The records and summaries are built by :mod:`corrjax.train.tracking`, as
+the loop's are.
 
 Scope: one device and one process (the seeds are the parallel axis), every split held in memory as arrays
 (``ArrayDataset``), no checkpoints (an ensemble is a short job: re-run the seeds that did not finish; the experiment
-scripts skip finished runs). Non-finite steps are dropped per seed as in the loop; a seed with
-``trainer.max_nonfinite_in_a_row`` of them in a row is stopped at the end of that evaluation block (its summary says
-so and its files end there) while the others train on.
+scripts skip finished runs), so no representation snapshots either (the CKA over training is kept in memory).
+Non-finite steps are dropped per seed as in the loop; a seed with ``trainer.max_nonfinite_in_a_row`` of them in a
+row is stopped at the end of that evaluation block (its summary says so and its files end there) while the others
+train on.
 """
 
 from __future__ import annotations

@@ -143,11 +143,9 @@ def _write_outputs(run_dir: Path, cfg: DictConfig, summary: dict[str, Any], task
     report.print_report(run_dir, summary, tasks)
 
 
-def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
-    """Trains as ``cfg`` says and returns the final summary (also written to ``summary.json`` by process 0).
-
-    Raises ``ValueError`` at once, naming the key, for a ``seed`` outside ``[0, 2**31)`` or a ``trainer`` count
-    below its minimum (:func:`corrjax.train.config.check_trainer`)."""
+def _initialize(cfg: DictConfig) -> None:
+    """Refuses a bad ``seed`` or ``trainer`` count before anything runs, then initialises multi-host JAX when asked
+    (before any other JAX call) and quietens the libraries' loggers."""
     from corrjax.data.iterator import check_seed  # touches no JAX device
     from corrjax.train.config import check_trainer
 
@@ -156,8 +154,51 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     distributed.maybe_initialize(cfg.parallel.distributed)
     for noisy in ("absl", "orbax", "jax._src.xla_bridge", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Imported after distributed initialisation: these touch JAX devices when used.
-    from corrjax.data import BatchIterator
+
+
+def _train(state, start, iterator, steps, evaluator, writer, ckpt, interrupt, tc, progress):
+    """Steps from ``start`` to ``trainer.max_steps`` (or a stop); returns ``(state, step, last train record, last
+    evaluation)``. Periodic work by :func:`every`: log (and the noise scale), evaluate, checkpoint."""
+    from corrjax.train import tracking
+
+    last_train, last_eval, s = {}, {}, start
+    throughput = tracking.Throughput(tc.batch_size)
+    bar = progress.add_task("train", total=tc.max_steps, completed=start, info="")
+    while s < tc.max_steps:
+        batch = next(iterator)
+        state, metrics = steps.train(state, batch)
+        s, record, logging_step = s + 1, {}, every(s + 1, tc.log_every, tc.max_steps)
+        throughput.tick()
+        progress.update(bar, advance=1)
+        if logging_step:
+            if tc.noise_scale:
+                metrics = {**metrics, **steps.noise(state, batch)}
+            record = last_train = tracking.train_record(
+                jax.device_get(metrics), examples_per_s=throughput.rate(), nonfinite_total=state.nonfinite_total
+            )
+            progress.update(bar, info=f"loss {float(last_train['train/loss']):.4f}")
+            _check_finite(state, s, tc.max_nonfinite_in_a_row)
+        if every(s, tc.eval_every, tc.max_steps):
+            last_eval = evaluator(state, s)
+            record = {**record, **last_eval}
+        if record and writer is not None:
+            writer.write(s, record)
+        stop = interrupt.should_stop(logging_step) or (tc.stop_after is not None and s - start >= tc.stop_after)
+        if every(s, tc.checkpoint_every, tc.max_steps) or s == tc.max_steps or stop:
+            ckpt.save(s, state, iterator.get_state(), force=True)
+        if stop:
+            log.warning("stopping at step %d (checkpoint saved; continue with trainer.resume=true)", s)
+            break
+    return state, s, last_train, last_eval
+
+
+def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Trains as ``cfg`` says and returns the final summary (also written to ``summary.json`` by process 0).
+
+    Raises ``ValueError`` at once, naming the key, for a ``seed`` outside ``[0, 2**31)`` or a ``trainer`` count
+    below its minimum (:func:`corrjax.train.config.check_trainer`)."""
+    _initialize(cfg)
+    from corrjax.data import BatchIterator  # imported after distributed initialisation, as everything below
     from corrjax.train import checkpoint, evaluate, sharding, tracking
     from corrjax.train.setup import build
 
@@ -167,10 +208,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     if tc.batch_size % mesh.devices.size:
         raise ValueError(f"`trainer.batch_size`={tc.batch_size} must be divisible by the {mesh.devices.size} devices")
     setup = build(cfg)
+    steps = sharding.jit_setup_steps(setup, mesh, cfg.parallel.axis_name)
     data_sharding = sharding.batch_sharding(mesh, cfg.parallel.axis_name)
-    train_step, eval_step, noise_step = sharding.jit_steps(
-        setup.train_step, setup.eval_step, mesh, cfg.parallel.axis_name, setup.noise_step
-    )
     state = setup.init_state(sharding.replicated(mesh))
     log.info("model %s: %d parameters; tasks %s; mesh %s", setup.model_name, setup.num_params, setup.names, mesh.shape)
 
@@ -180,53 +219,26 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     state, start = restore_or_start(ckpt, state, iterator, resume=tc.resume)
     tracker = tracking.RepresentationTracker(run_dir / "representations", write=main)
     tracker.load(start)
-    rep_step = sharding.jit_replicated(setup.representation_step, mesh)
     evaluator = evaluate.Evaluator(
-        eval_step, rep_step, setup.eval_data, setup.tasks, data_sharding, tc.eval_batch_size, tracker
+        steps.eval, steps.representation, setup.eval_data, setup.tasks, data_sharding, tc.eval_batch_size, tracker
     )
     writer = _open_writer(run_dir, cfg.logger, start=start, resume=tc.resume, main=main)
-    last_train, last_eval, s = {}, {}, start
-    throughput = tracking.Throughput(tc.batch_size)
     try:
         with Interrupt() as interrupt, _progress(tc.progress and main) as progress:
-            bar = progress.add_task("train", total=tc.max_steps, completed=start, info="")
-            while s < tc.max_steps:
-                batch = next(iterator)
-                state, metrics = train_step(state, batch)
-                s, record, logging_step = s + 1, {}, every(s + 1, tc.log_every, tc.max_steps)
-                throughput.tick()
-                progress.update(bar, advance=1)
-                if logging_step:
-                    if tc.noise_scale:
-                        metrics = {**metrics, **noise_step(state, batch)}
-                    record = last_train = tracking.train_record(
-                        jax.device_get(metrics), examples_per_s=throughput.rate(), nonfinite_total=state.nonfinite_total
-                    )
-                    progress.update(bar, info=f"loss {float(last_train['train/loss']):.4f}")
-                    _check_finite(state, s, tc.max_nonfinite_in_a_row)
-                if every(s, tc.eval_every, tc.max_steps):
-                    last_eval = evaluator(state, s)
-                    record = {**record, **last_eval}
-                if record and writer is not None:
-                    writer.write(s, record)
-                stop = interrupt.should_stop(logging_step) or (tc.stop_after is not None and s - start >= tc.stop_after)
-                if every(s, tc.checkpoint_every, tc.max_steps) or s == tc.max_steps or stop:
-                    ckpt.save(s, state, iterator.get_state(), force=True)
-                if stop:
-                    log.warning("stopping at step %d (checkpoint saved; continue with trainer.resume=true)", s)
-                    break
+            state, s, last_train, last_eval = _train(
+                state, start, iterator, steps, evaluator, writer, ckpt, interrupt, tc, progress
+            )
     finally:
         iterator.close()
         ckpt.close()
         if writer is not None:
             writer.close()
 
-    completed = s >= tc.max_steps
-    if completed and evaluator.last_step != s:  # eval_every=0, or a finished run resumed: the summary's evaluation
+    if s >= tc.max_steps and evaluator.last_step != s:  # eval_every=0, or a finished run resumed: evaluate once
         last_eval = evaluator(state, s)
     summary = tracking.summary(
         step=s,
-        completed=completed,
+        completed=s >= tc.max_steps,
         signum=interrupt.signum,
         num_params=setup.num_params,
         nonfinite_total=int(state.nonfinite_total),

@@ -10,7 +10,7 @@ pure: its functions know nothing of meshes, and :func:`jit_steps` attaches the s
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -68,3 +68,19 @@ def jit_replicated(fn: Callable, mesh: Mesh) -> Callable:
     subset, whose size need not divide the device count)."""
     rep = replicated(mesh)
     return jax.jit(fn, in_shardings=(rep, rep), out_shardings=rep)
+
+
+class JittedSteps(NamedTuple):
+    """A :class:`corrjax.train.setup.Setup`'s steps jitted for a mesh (:func:`jit_setup_steps`)."""
+
+    train: Callable
+    eval: Callable
+    noise: Callable
+    representation: Callable
+
+
+def jit_setup_steps(setup: Any, mesh: Mesh, axis_name: str = "data") -> JittedSteps:
+    """The train, eval and noise-scale steps of ``setup`` with :func:`jit_steps`'s shardings and its representation
+    step with :func:`jit_replicated`'s."""
+    train, evaluate, noise = jit_steps(setup.train_step, setup.eval_step, mesh, axis_name, setup.noise_step)
+    return JittedSteps(train, evaluate, noise, jit_replicated(setup.representation_step, mesh))

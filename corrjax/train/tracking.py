@@ -42,9 +42,15 @@ class RepresentationTracker:
         self.history: list[tuple[int, np.ndarray]] = []
 
     def load(self, last_step: int) -> None:
-        """Recovers the snapshots up to ``last_step`` (a resumed run's checkpoint step)."""
-        if self.folder is not None and last_step > 0:
-            self.history = writers.load_snapshots(self.folder, last_step)
+        """Recovers the snapshots up to ``last_step`` (a resumed run's checkpoint step, 0 when there was none) and
+        drops those past it (an interrupted attempt's, as ``metrics.jsonl`` drops its records past the checkpoint)."""
+        if self.folder is None or not self.folder.is_dir():
+            return
+        self.history = writers.load_snapshots(self.folder, last_step)
+        if self.write:
+            for path in self.folder.glob("*.npy"):
+                if path.stem.isdigit() and int(path.stem) > last_step:
+                    path.unlink()
 
     def add(self, step: int, shared: np.ndarray) -> None:
         """Records the representation at ``step`` (replacing one at the same step: a finished run re-evaluated)."""
