@@ -14,7 +14,7 @@ from corrjax.train.loop import every
 
 @pytest.mark.parametrize(
     "period, last, want",
-    [(3, 10, [3, 6, 9, 10]), (5, 10, [5, 10]), (1, 4, [1, 2, 3, 4]), (0, 10, []), (4, None, [4, 8])],
+    [(3, 10, [3, 6, 9, 10]), (5, 10, [5, 10]), (1, 10, list(range(1, 11))), (0, 10, []), (4, None, [4, 8])],
 )
 def test_every_is_multiples_and_the_last_step(period, last, want):
     assert [s for s in range(1, 11) if every(s, period, last)] == want
