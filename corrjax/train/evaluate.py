@@ -4,8 +4,10 @@ The split is read in order in global batches (the last one padded and masked), e
 global arrays with :func:`jax.make_array_from_callback`; the jitted eval step returns replicated per-task outputs,
 which are gathered on the host and scored by one jitted function. Besides each task's ``loss`` and
 ``accuracy``/``rmse``/``pearson``, it reports ``eval/loss`` (sum of task losses), ``eval/pred_corr`` (the
-``(T, T)`` correlation of per-example task predictions, see :func:`corrjax.train.losses.score`) and
+``(T, T)`` correlation of per-example task predictions, see :func:`corrjax.train.tasks.score`) and
 ``eval/error_corr`` (the correlation of per-example task losses), both from :func:`corrjax.stats.corrcoef`.
+:func:`representation_diagnostics` turns the outputs of :func:`corrjax.train.step.make_representation_step` into the
+CKA diagnostics; :class:`Evaluator` does both at an evaluation step of the loop.
 """
 
 from __future__ import annotations
