@@ -76,9 +76,12 @@ def find_targets(node: Any, path: str = "") -> Iterable[tuple[str, Any]]:
 
 def check_config(cfg: Any, prefixes: Sequence[str] | None = None) -> None:
     """Raises :class:`TargetNotAllowedError` naming the key path and the target of the first ``_target_`` of
-    ``cfg`` outside ``prefixes`` (default: :func:`allowed_prefixes` of ``cfg``)."""
+    ``cfg`` outside ``prefixes`` (default: :func:`allowed_prefixes` of ``cfg``); in Hydra's own ``hydra`` node (a
+    config composed with it) :data:`HYDRA_PREFIXES` are allowed too."""
     prefixes = allowed_prefixes(cfg) if prefixes is None else tuple(prefixes)
     for path, target in find_targets(cfg):
+        if path.startswith("hydra.") and is_allowed(target, HYDRA_PREFIXES):  # Hydra's own node (launchers, ...)
+            continue
         if not is_allowed(target, prefixes):
             raise TargetNotAllowedError(
                 f"`{path}`={target!r} is not an allowed target: `_target_` must name a callable under one of "

@@ -173,3 +173,15 @@ def load_snapshots(folder: str | Path, last_step: int) -> list[tuple[int, np.nda
     folder = Path(folder)
     steps = sorted(int(p.stem) for p in folder.glob("*.npy") if p.stem.isdigit()) if folder.is_dir() else []
     return [(k, np.load(folder / f"{k}.npy")) for k in steps if k <= last_step]
+
+
+def truncate_snapshots(folder: str | Path, last_step: int) -> None:
+    """Deletes the :func:`save_snapshot` files with ``step > last_step`` (a resumed run evaluates those steps again)
+    and temporary files a kill left."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        step = path.name.split(".", 1)[0]
+        if path.name.endswith(".npy.tmp") or (path.suffix == ".npy" and step.isdigit() and int(step) > last_step):
+            path.unlink()
