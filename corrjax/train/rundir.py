@@ -184,6 +184,31 @@ def prepare(run_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
     shutil.rmtree(trash)
 
 
+def check_free(run_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
+    """Raises what :func:`claim` would (:class:`RunDirInUseError`, :class:`RunDirNotEmptyError`, ``ValueError``)
+    without creating, locking or changing anything: for checks before the run, such as
+    :class:`corrjax.train.hydra_callbacks.RunDirGuard` before Hydra writes its ``.hydra/`` files into the
+    directory (which would overwrite the recorded config of the run that is there)."""
+    run_dir = Path(run_dir)
+    if resume and overwrite:
+        prepare(run_dir, resume=resume, overwrite=overwrite)  # raises the ValueError naming both keys
+    lock = RunLock(run_dir)
+    if lock.path.is_file():
+        fd = os.open(lock.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunDirInUseError(
+                    f"run directory {run_dir} is in use by another run ({lock.holder()}); wait for it to finish, or "
+                    "start this run in another directory (hydra.run.dir=...)"
+                ) from None
+        finally:
+            os.close(fd)  # closing drops the probe's lock too
+    if not resume and not overwrite and previous_results(run_dir):
+        prepare(run_dir, resume=False, overwrite=False)  # raises RunDirNotEmptyError naming what is there
+
+
 def _remove_trash(run_dir: Path) -> None:
     """Deletes what an overwrite killed half-way left behind (only this run holds the directory now)."""
     for trash in run_dir.glob(f"{_TRASH_PREFIX}*"):

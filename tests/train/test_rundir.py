@@ -160,6 +160,18 @@ def _train_cmd(run_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, str(ROOT / "scripts" / "train.py"), *TINY, f"hydra.run.dir={run_dir}", *extra]
 
 
+def test_refused_train_script_leaves_the_recorded_config_alone(tmp_path):
+    """scripts/train.py refuses a fresh run over a previous run's results before Hydra writes into the directory:
+    the old run's .hydra/overrides.yaml (which scripts/compare.py groups runs by) is not replaced."""
+    _fill(tmp_path)
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- seed=5\n")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    out = subprocess.run(_train_cmd(tmp_path, "seed=1"), env=subprocess_env(tmp_path), capture_output=True, text=True)
+    assert out.returncode == 1 and f"run directory {tmp_path} holds a previous run's results" in out.stderr
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.slow
 def test_two_processes_in_one_directory(tmp_path):
     """A second `scripts/train.py` in a running run's directory (fresh, or `trainer.resume=true` as a scheduler's
