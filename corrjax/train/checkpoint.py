@@ -206,8 +206,8 @@ class Checkpointer:
                 "resuming would train on different batches. Restore that file or resume from another checkpoint"
             )
         stored, mine = data.get("fingerprint"), self.fingerprint
-        if stored is not None and mine is not None and stored != mine:
-            keys = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
+        if stored is not None and mine is not None and _canonical(stored) != _canonical(mine):
+            keys = sorted(k for k in set(stored) | set(mine) if _canonical(stored.get(k)) != _canonical(mine.get(k)))
             diffs = ", ".join(f"{k}: {stored.get(k)!r} in the checkpoint, {mine.get(k)!r} now" for k in keys)
             raise DataPositionError(
                 f"{file} belongs to another data stream ({diffs}): this run would resume on different data. Resume "
@@ -252,6 +252,11 @@ class Checkpointer:
         """Waits for pending asynchronous saves, then closes the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _canonical(value: Any) -> str:
+    """``value`` as sorted JSON text, so that a NaN in a config (``data.noise_std=nan``) compares equal to itself."""
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _first_line(e: BaseException) -> str:
