@@ -48,6 +48,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from corrjax.train.config import check_trainer
+from corrjax.train.targets import check_config
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ def _check(cfg: DictConfig, seeds: Sequence[int], run_dirs: Sequence[str | Path]
     if len(run_dirs) != len(seeds):
         raise ValueError(f"{len(run_dirs)} `run_dirs` for {len(seeds)} `seeds`; give one directory per seed")
     check_trainer(cfg.trainer)
+    check_config(cfg)
     if cfg.trainer.resume:
         raise ValueError("`trainer.resume`=true: ensemble runs keep no checkpoints; re-run the unfinished seeds")
     if jax.process_count() > 1:

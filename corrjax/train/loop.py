@@ -13,7 +13,6 @@ current step, saves a checkpoint and exits; non-finite steps are skipped and tra
 from __future__ import annotations
 
 import logging
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from corrjax.train import distributed
+from corrjax.train import distributed, rundir, targets
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +135,25 @@ def _progress(enabled: bool):
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Trains as ``cfg`` says and returns the final summary (also written to ``summary.json`` by process 0).
 
-    Raises ``ValueError`` at once, naming the key, for a ``seed`` outside ``[0, 2**31)`` or a ``trainer`` count
-    below its minimum (:func:`corrjax.train.config.check_trainer`)."""
+    Raises ``ValueError`` at once, naming the key, for a ``seed`` outside ``[0, 2**31)``, a ``trainer`` count
+    below its minimum (:func:`corrjax.train.config.check_trainer`) or a ``_target_`` outside the allow-list
+    (:func:`corrjax.train.targets.check_config`). The run holds its directory for its whole life
+    (:func:`corrjax.train.rundir.claim`): a second run there fails at once, and a fresh run in a directory with a
+    previous run's results fails unless ``trainer.overwrite=true``."""
     from corrjax.data.iterator import check_seed  # touches no JAX device
     from corrjax.train.config import check_trainer
 
     check_seed(cfg.seed)
     check_trainer(cfg.trainer)
+    targets.check_config(cfg)
     distributed.maybe_initialize(cfg.parallel.distributed)
+    run_dir = Path(distributed.broadcast_str(str(Path(run_dir or hydra_run_dir()).absolute())))
+    with rundir.claim(run_dir, resume=bool(cfg.trainer.resume), overwrite=bool(cfg.trainer.get("overwrite"))):
+        return _train(cfg, run_dir)
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """:func:`run`'s body, in the run directory it holds."""
     for noisy in ("absl", "orbax", "jax._src.xla_bridge", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -152,12 +162,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     from corrjax.models import shared_mask
     from corrjax.train import builders, checkpoint, evaluate, losses, optimizer, plots, report, state, step, writers
 
-    run_dir = Path(distributed.broadcast_str(str(Path(run_dir or hydra_run_dir()).absolute())))
     main = distributed.is_main_process()
     multi_process = jax.process_count() > 1
     tc = cfg.trainer
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(cfg.parallel)
     rep, data_sharding = step.replicated(mesh), step.batch_sharding(mesh, cfg.parallel.axis_name)
     if tc.batch_size % mesh.devices.size:
@@ -210,14 +217,25 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
         return out
 
     iterator = BatchIterator(train_ds, tc.batch_size, seed=cfg.seed, sharding=data_sharding, prefetch=2)
-    if not tc.resume and main and (run_dir / "checkpoints").exists():
-        log.warning("fresh run (trainer.resume=false): removing old checkpoints in %s", run_dir / "checkpoints")
-        shutil.rmtree(run_dir / "checkpoints")
-    distributed.sync("corrjax-clean-checkpoints")
-    ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
+    fingerprint = checkpoint.data_fingerprint(
+        cfg.data,
+        num_examples=len(train_ds),
+        seed=cfg.seed,
+        batch_size=tc.batch_size,
+        steps_per_epoch=iterator.steps_per_epoch,
+    )
+    ckpt = checkpoint.Checkpointer(
+        run_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpointing, fingerprint=fingerprint
+    )
     start = 0
-    if tc.resume and ckpt.latest_step() is not None:
-        train_state, data_state, start = ckpt.restore(checkpoint.abstract_like(train_state))
+    try:
+        restored = ckpt.restore_latest(checkpoint.abstract_like(train_state)) if tc.resume else None
+    except Exception:
+        ckpt.close()
+        iterator.close()
+        raise
+    if restored is not None:
+        train_state, data_state, start = restored
         iterator.set_state(data_state)
         log.info("resumed from step %d (%s)", start, ckpt.directory)
     elif tc.resume:
@@ -227,17 +245,14 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     if start > 0:
         shared_history.extend(writers.load_snapshots(history_dir, start))
     if main:
-        if start > 0:
+        if tc.resume:  # the steps after the checkpoint are trained again: their old records go
             writers.truncate_jsonl(run_dir / "metrics.jsonl", start)
-        else:  # a fresh run in a used directory: the old run's files would mix with this one's
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            for old in ("tb", history_dir.name):
-                shutil.rmtree(run_dir / old, ignore_errors=True)
+            writers.truncate_snapshots(history_dir, start)
         writer = writers.MetricsWriter(
             run_dir,
             jsonl=cfg.logger.jsonl,
             tensorboard=cfg.logger.tensorboard,
-            purge_step=start + 1 if start > 0 else None,
+            purge_step=start + 1 if tc.resume else None,
         )
 
     last_eval: dict[str, Any] = {}
