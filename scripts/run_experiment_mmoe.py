@@ -335,7 +335,9 @@ def run_ensembles(sweep: Path, seeds: list[int], args: argparse.Namespace) -> No
                 for k in range(0, len(todo), args.ensemble):
                     chunk = todo[k : k + args.ensemble]
                     overrides = [study_overrides([model], [corr], [s], args) for s in chunk]
-                    cfg = compose(config_name="train", overrides=overrides[0])
+                    # An unfinished run of an earlier invocation is trained again from scratch: its partial results
+                    # are replaced (the ensemble keeps no checkpoints to resume from).
+                    cfg = compose(config_name="train", overrides=[*overrides[0], "trainer.overwrite=true"])
                     dirs = [sweep / model / f"corr{corr:g}" / f"seed{s}" for s in chunk]
                     t0 = time.perf_counter()
                     train_seeds(cfg, chunk, dirs, overrides)

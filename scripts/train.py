@@ -4,6 +4,11 @@ python scripts/train.py                                  # the default run (`mak
 python scripts/train.py data=multidigits model=mmoe mtl=pcgrad seed=1
 python scripts/train.py -m mtl=ew,pcgrad,cagrad seed=0,1,2   # a local multirun sweep
 python scripts/train.py trainer.resume=true hydra.run.dir=outputs/<run>   # continue a stopped run
+python scripts/train.py trainer.overwrite=true hydra.run.dir=outputs/<run>   # replace that run's results
+
+Every ``_target_`` must name a callable under corrjax, optax, flax or a package listed in ``allowed_targets`` in a
+config file (corrjax.train.targets): overrides are checked before Hydra starts, the composed config before anything
+is instantiated.
 """
 
 import signal
@@ -12,15 +17,27 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from corrjax.train import targets
 from corrjax.train.config import register_configs
 
 register_configs()
+
+
+def _command_line_overrides(argv: list[str]) -> list[str]:
+    """The override arguments of a Hydra command line (its own flags such as ``-m`` or ``-cn name`` left out)."""
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        return list(get_args_parser().parse_known_args(argv)[0].overrides)
+    except (SystemExit, Exception):  # Hydra reports its own usage errors
+        return []
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     from corrjax.train.loop import run
 
+    targets.check_config(cfg)
     summary = run(cfg)
     if summary.get("stopped_by_signal"):
         # The checkpoint is saved; exit like the signal would (128 + signum), so that a local sweep stops instead of
@@ -30,4 +47,8 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    try:
+        targets.check_overrides(_command_line_overrides(sys.argv[1:]))
+    except targets.TargetNotAllowedError as e:
+        sys.exit(f"error: {e}")
     main()

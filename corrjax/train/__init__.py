@@ -14,7 +14,9 @@ One module per job:
 - :mod:`~corrjax.train.tracking`, :mod:`~corrjax.train.signals`: train records, summaries and the CKA-over-training
   history; stopping on SIGINT/SIGTERM (agreed across processes).
 - :mod:`~corrjax.train.checkpoint`, :mod:`~corrjax.train.writers`, :mod:`~corrjax.train.plots`,
-  :mod:`~corrjax.train.report`: Orbax checkpoints, metrics files, PNG plots, the end-of-run printout.
+  :mod:`~corrjax.train.report`: verified Orbax checkpoints, atomic metrics files, PNG plots, the end-of-run printout.
+- :mod:`~corrjax.train.rundir`: one run per run directory (the lock; no silent deletion of a previous run's results).
+- :mod:`~corrjax.train.targets`: the ``_target_`` allow-list checked before anything is instantiated.
 - :mod:`~corrjax.train.loop`, :mod:`~corrjax.train.ensemble`: ``run(cfg)``, the loop of one run, and
   ``train_seeds``, many seeds of one config in one compiled program.
 

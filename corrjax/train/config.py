@@ -34,6 +34,9 @@ class TrainerConfig:
     keep_checkpoints: int = 3
     async_checkpointing: bool = True
     resume: bool = False
+    # A fresh run (resume=false) in a directory holding a previous run's results deletes them only when this is true
+    # (otherwise it stops with an error naming the directory): corrjax.train.rundir.
+    overwrite: bool = False
     # Stop (with a checkpoint) after this many steps of this invocation; a later `trainer.resume=true` continues.
     stop_after: int | None = None
     max_nonfinite_in_a_row: int = 10
@@ -110,6 +113,9 @@ class TrainConfig:
     tasks: list[str] | None = None
     # Task name -> regression loss ("mse", "pearson", "concordance", "spearman"); absent tasks use their kind's default.
     task_losses: dict[str, str] = field(default_factory=dict)
+    # Packages whose callables `_target_` may name besides corrjax, optax and flax (corrjax.train.targets); set in a
+    # config file, not on the command line.
+    allowed_targets: list[str] = field(default_factory=list)
     data: Any = MISSING
     model: Any = MISSING
     mtl: Any = MISSING

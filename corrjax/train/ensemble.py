@@ -38,6 +38,7 @@ train on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -52,6 +53,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from corrjax.train.config import check_trainer
 from corrjax.train.setup import with_seed
+from corrjax.train.targets import check_config
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,7 @@ def _check(cfg: DictConfig, seeds: Sequence[int], run_dirs: Sequence[str | Path]
     if len(run_dirs) != len(seeds):
         raise ValueError(f"{len(run_dirs)} `run_dirs` for {len(seeds)} `seeds`; give one directory per seed")
     check_trainer(cfg.trainer)
+    check_config(cfg)
     if cfg.trainer.resume:
         raise ValueError("`trainer.resume`=true: ensemble runs keep no checkpoints; re-run the unfinished seeds")
     if jax.process_count() > 1:
@@ -209,7 +212,7 @@ def train_seeds(
     Args:
       cfg: a composed training config (``configs/train.yaml``); its ``seed`` is replaced by each of ``seeds``.
       seeds: the seeds, one ensemble member each (distinct).
-      run_dirs: one output directory per seed (created; an existing ``metrics.jsonl`` is replaced).
+      run_dirs: one output directory per seed (created).
       overrides: per seed, the override strings recorded in ``.hydra/overrides.yaml`` (what a Hydra multirun job
         would record; the experiment scripts read the model, correlation and seed from them). Default:
         ``["seed=<s>"]``.
@@ -219,15 +222,33 @@ def train_seeds(
         docstring); larger values may suit accelerators.
 
     Raises ``ValueError`` for what an ensemble cannot do (see the module docstring) and ``TypeError`` for data that is
-    not held in memory.
+    not held in memory. Each run directory is held as the loop holds its own (:func:`corrjax.train.rundir.claim`):
+    a directory in use by another run, or holding a previous run's results without ``trainer.overwrite=true``, is
+    refused before anything is trained.
     """
-    from corrjax.data import BatchIterator
-    from corrjax.train import evaluate, tracking, writers
-    from corrjax.train.loop import every
+    from corrjax.train import rundir
 
     seeds = [int(s) for s in seeds]
     _check(cfg, seeds, run_dirs, seed_batch)
     run_dirs = [Path(d).absolute() for d in run_dirs]
+    with contextlib.ExitStack() as held:
+        for d in run_dirs:
+            held.enter_context(rundir.claim(d, resume=False, overwrite=bool(cfg.trainer.overwrite)))
+        return _train_seeds(cfg, seeds, run_dirs, overrides, seed_batch)
+
+
+def _train_seeds(
+    cfg: DictConfig,
+    seeds: list[int],
+    run_dirs: list[Path],
+    overrides: Sequence[Sequence[str]] | None,
+    seed_batch: int,
+) -> list[dict[str, Any]]:
+    """:func:`train_seeds`' body, in the run directories it holds."""
+    from corrjax.data import BatchIterator
+    from corrjax.train import evaluate, tracking, writers
+    from corrjax.train.loop import every
+
     overrides = [list(o) for o in overrides] if overrides is not None else [[f"seed={s}"] for s in seeds]
     if len(overrides) != len(seeds):
         raise ValueError(f"{len(overrides)} `overrides` lists for {len(seeds)} `seeds`")
@@ -251,10 +272,6 @@ def train_seeds(
         setup.eval_step, setup.representation_step, setup.tasks, int(tc.eval_batch_size), seed_batch
     )
 
-    for d in run_dirs:
-        d.mkdir(parents=True, exist_ok=True)
-        if (d / "metrics.jsonl").exists():
-            (d / "metrics.jsonl").unlink()
     for d, s, o in zip(run_dirs, seeds, overrides, strict=True):
         _write_hydra(d, with_seed(cfg, s), o)
     out = [writers.MetricsWriter(d, jsonl=cfg.logger.jsonl, tensorboard=cfg.logger.tensorboard) for d in run_dirs]

@@ -16,7 +16,6 @@ uninterrupted run's; a stopped run's summary holds the evaluations of its own in
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import jax
 from omegaconf import DictConfig
 
-from corrjax.train import distributed
+from corrjax.train import distributed, rundir, targets
 from corrjax.train.signals import Interrupt
 
 log = logging.getLogger(__name__)
@@ -49,27 +48,15 @@ def hydra_run_dir() -> Path:
     return Path.cwd()
 
 
-def prepare_run_dir(run_dir: Path, *, resume: bool, main: bool) -> None:
-    """Creates the run directory; a fresh run (``resume`` false) removes an old run's checkpoints, metrics,
-    TensorBoard events and representation snapshots, which would mix with its own."""
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            if (run_dir / "checkpoints").exists():
-                log.warning("fresh run (trainer.resume=false): removing old checkpoints in %s", run_dir / "checkpoints")
-            for old in ("checkpoints", "tb", "representations"):
-                shutil.rmtree(run_dir / old, ignore_errors=True)
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    distributed.sync("corrjax-prepare-run-dir")
-
-
 def restore_or_start(ckpt: Any, state: Any, iterator: Any, *, resume: bool) -> tuple[Any, int]:
-    """``(state, step)`` to continue from: the latest checkpoint's state and data position with ``resume`` (the
+    """``(state, step)`` to continue from: with ``resume``, the newest valid checkpoint's state and data position
+    (:meth:`~corrjax.train.checkpoint.Checkpointer.restore_latest`: damaged ones are reported and set aside; the
     iterator is moved there), else ``state`` at step 0."""
     from corrjax.train import checkpoint
 
-    if resume and ckpt.latest_step() is not None:
-        state, data_state, start = ckpt.restore(checkpoint.abstract_like(state))
+    restored = ckpt.restore_latest(checkpoint.abstract_like(state)) if resume else None
+    if restored is not None:
+        state, data_state, start = restored
         iterator.set_state(data_state)
         log.info("resumed from step %d (%s)", start, ckpt.directory)
         return state, start
@@ -144,13 +131,14 @@ def _write_outputs(run_dir: Path, cfg: DictConfig, summary: dict[str, Any], task
 
 
 def _initialize(cfg: DictConfig) -> None:
-    """Refuses a bad ``seed`` or ``trainer`` count before anything runs, then initialises multi-host JAX when asked
+    """Refuses a bad ``seed``, ``trainer`` count or ``_target_`` before anything runs, then initialises multi-host JAX when asked
     (before any other JAX call) and quietens the libraries' loggers."""
     from corrjax.data.iterator import check_seed  # touches no JAX device
     from corrjax.train.config import check_trainer
 
     check_seed(cfg.seed)
     check_trainer(cfg.trainer)
+    targets.check_config(cfg)
     distributed.maybe_initialize(cfg.parallel.distributed)
     for noisy in ("absl", "orbax", "jax._src.xla_bridge", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -195,15 +183,24 @@ def _train(state, start, iterator, steps, evaluator, writer, ckpt, interrupt, tc
 def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Trains as ``cfg`` says and returns the final summary (also written to ``summary.json`` by process 0).
 
-    Raises ``ValueError`` at once, naming the key, for a ``seed`` outside ``[0, 2**31)`` or a ``trainer`` count
-    below its minimum (:func:`corrjax.train.config.check_trainer`)."""
+    Raises ``ValueError`` at once, naming the key, for a ``seed`` outside ``[0, 2**31)``, a ``trainer`` count
+    below its minimum (:func:`corrjax.train.config.check_trainer`) or a ``_target_`` outside the allow-list
+    (:func:`corrjax.train.targets.check_config`). The run holds its directory for its whole life
+    (:func:`corrjax.train.rundir.claim`): a second run there fails at once, and a fresh run in a directory with a
+    previous run's results fails unless ``trainer.overwrite=true``."""
     _initialize(cfg)
+    run_dir = Path(distributed.broadcast_str(str(Path(run_dir or hydra_run_dir()).absolute())))
+    with rundir.claim(run_dir, resume=bool(cfg.trainer.resume), overwrite=bool(cfg.trainer.overwrite)):
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """:func:`run`'s body, in the run directory it holds."""
     from corrjax.data import BatchIterator  # imported after distributed initialisation, as everything below
     from corrjax.train import checkpoint, evaluate, sharding, tracking
     from corrjax.train.setup import build
 
     tc, main, t_start = cfg.trainer, distributed.is_main_process(), time.perf_counter()
-    run_dir = Path(distributed.broadcast_str(str(Path(run_dir or hydra_run_dir()).absolute())))
     mesh = sharding.make_mesh(cfg.parallel)
     if tc.batch_size % mesh.devices.size:
         raise ValueError(f"`trainer.batch_size`={tc.batch_size} must be divisible by the {mesh.devices.size} devices")
@@ -213,10 +210,23 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     state = setup.init_state(sharding.replicated(mesh))
     log.info("model %s: %d parameters; tasks %s; mesh %s", setup.model_name, setup.num_params, setup.names, mesh.shape)
 
-    prepare_run_dir(run_dir, resume=tc.resume, main=main)
     iterator = BatchIterator(setup.train_data, tc.batch_size, seed=cfg.seed, sharding=data_sharding, prefetch=2)
-    ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
-    state, start = restore_or_start(ckpt, state, iterator, resume=tc.resume)
+    fingerprint = checkpoint.data_fingerprint(
+        cfg.data,
+        num_examples=len(setup.train_data),
+        seed=cfg.seed,
+        batch_size=tc.batch_size,
+        steps_per_epoch=iterator.steps_per_epoch,
+    )
+    ckpt = checkpoint.Checkpointer(
+        run_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpointing, fingerprint=fingerprint
+    )
+    try:
+        state, start = restore_or_start(ckpt, state, iterator, resume=tc.resume)
+    except Exception:
+        ckpt.close()
+        iterator.close()
+        raise
     tracker = tracking.RepresentationTracker(run_dir / "representations", write=main)
     tracker.load(start)
     evaluator = evaluate.Evaluator(

@@ -48,9 +48,7 @@ class RepresentationTracker:
             return
         self.history = writers.load_snapshots(self.folder, last_step)
         if self.write:
-            for path in self.folder.glob("*.npy"):
-                if path.stem.isdigit() and int(path.stem) > last_step:
-                    path.unlink()
+            writers.truncate_snapshots(self.folder, last_step)
 
     def add(self, step: int, shared: np.ndarray) -> None:
         """Records the representation at ``step`` (replacing one at the same step: a finished run re-evaluated)."""

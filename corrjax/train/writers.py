@@ -9,11 +9,15 @@ JSON files as nested lists and are left out of TensorBoard's scalar summaries. N
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def to_jsonable(value: Any) -> Any:
@@ -33,8 +37,37 @@ def to_jsonable(value: Any) -> Any:
     return x if math.isfinite(x) else None
 
 
+class JsonlAppender:
+    """Appends one JSON object per line to a file, each line with a single ``os.write`` on an ``O_APPEND``
+    descriptor: a line reaches the file whole or (after a kill inside the write) as a torn last line that
+    :func:`truncate_jsonl` and :func:`read_jsonl` drop; never interleaved with another writer's bytes, never left in
+    a user-space buffer. ``fsync`` is left to :meth:`close` (a kill loses nothing the kernel has; a power cut may)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def append(self, record: dict[str, Any]) -> None:
+        if self._fd is None:
+            raise ValueError(f"{self.path} is closed")
+        data = (json.dumps(record) + "\n").encode()
+        written = os.write(self._fd, data)
+        while written < len(data):  # a short write (a full disk, a signal): finish the line, do not start another
+            written += os.write(self._fd, data[written:])
+
+    def close(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 class MetricsWriter:
-    """Appends logged steps to ``metrics.jsonl`` and, optionally, TensorBoard event files in ``run_dir/tb``."""
+    """Appends logged steps to ``metrics.jsonl`` (:class:`JsonlAppender`) and, optionally, TensorBoard event files in
+    ``run_dir/tb``."""
 
     def __init__(
         self, run_dir: str | Path, *, jsonl: bool = True, tensorboard: bool = True, purge_step: int | None = None
@@ -42,7 +75,7 @@ class MetricsWriter:
         """``purge_step``: a resumed run's first new step; TensorBoard hides the earlier attempt's events from that
         step on (``metrics.jsonl`` is truncated by :func:`truncate_jsonl` instead)."""
         self.run_dir = Path(run_dir)
-        self._jsonl = (self.run_dir / "metrics.jsonl").open("a") if jsonl else None
+        self._jsonl = JsonlAppender(self.run_dir / "metrics.jsonl") if jsonl else None
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -52,8 +85,7 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         record = {"step": int(step), **to_jsonable(metrics)}
         if self._jsonl is not None:
-            self._jsonl.write(json.dumps(record) + "\n")
-            self._jsonl.flush()
+            self._jsonl.append(record)
         if self._tb is not None:
             for key, value in metrics.items():
                 arr = np.asarray(value)
@@ -67,23 +99,60 @@ class MetricsWriter:
             self._tb.close()
 
 
+def _parse_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """``(line, record)`` pairs of a JSON-lines file. A last line that does not parse (a record torn by a kill
+    inside its write) is dropped with a warning; an unparsable line before the last raises ``ValueError`` naming the
+    file and line (that is not what a kill leaves, and dropping it would hide lost records)."""
+    text = path.read_text()
+    lines = text.splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if not line:
+            continue
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                log.warning("%s: dropping a torn last line (%d bytes; a run killed while writing it)", path, len(line))
+                continue
+            raise ValueError(f"{path}:{i + 1}: not a JSON record ({e}); fix or remove that line") from e
+    return out
+
+
 def truncate_jsonl(path: str | Path, last_step: int) -> None:
-    """Drops records with ``step > last_step`` (a resumed run rewrites the steps after its checkpoint)."""
+    """Drops records with ``step > last_step`` (a resumed run rewrites the steps after its checkpoint) and a torn
+    last line; the file is replaced atomically (a temporary file renamed over it), so a kill leaves the old or the
+    new file, never a half-written one."""
     path = Path(path)
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = [line for line, record in _parse_lines(path) if record["step"] <= last_step]
+    write_atomic(path, "".join(line + "\n" for line in keep))
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    """The records of a JSON-lines file (a torn last line dropped, see :func:`truncate_jsonl`)."""
+    return [record for _, record in _parse_lines(Path(path))]
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file in the same folder, fsynced and renamed over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_summary(run_dir: str | Path, summary: dict[str, Any]) -> Path:
-    """Writes ``summary.json`` (final metrics, ``eval/loss`` and ``eval/<task>/<metric>``)."""
+    """Writes ``summary.json`` (final metrics, ``eval/loss`` and ``eval/<task>/<metric>``), atomically."""
     path = Path(run_dir) / "summary.json"
-    path.write_text(json.dumps(to_jsonable(summary), indent=2, sort_keys=True) + "\n")
+    write_atomic(path, json.dumps(to_jsonable(summary), indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -104,3 +173,15 @@ def load_snapshots(folder: str | Path, last_step: int) -> list[tuple[int, np.nda
     folder = Path(folder)
     steps = sorted(int(p.stem) for p in folder.glob("*.npy") if p.stem.isdigit()) if folder.is_dir() else []
     return [(k, np.load(folder / f"{k}.npy")) for k in steps if k <= last_step]
+
+
+def truncate_snapshots(folder: str | Path, last_step: int) -> None:
+    """Deletes the :func:`save_snapshot` files with ``step > last_step`` (a resumed run evaluates those steps again)
+    and temporary files a kill left."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        step = path.name.split(".", 1)[0]
+        if path.name.endswith(".npy.tmp") or (path.suffix == ".npy" and step.isdigit() and int(step) > last_step):
+            path.unlink()
