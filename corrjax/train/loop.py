@@ -131,8 +131,8 @@ def _write_outputs(run_dir: Path, cfg: DictConfig, summary: dict[str, Any], task
 
 
 def _initialize(cfg: DictConfig) -> None:
-    """Refuses a bad ``seed``, ``trainer`` count or ``_target_`` before anything runs, then initialises multi-host JAX when asked
-    (before any other JAX call) and quietens the libraries' loggers."""
+    """Refuses a bad ``seed``, ``trainer`` count or ``_target_`` before anything runs, then initialises multi-host
+    JAX when asked (before any other JAX call) and quietens the libraries' loggers."""
     from corrjax.data.iterator import check_seed  # touches no JAX device
     from corrjax.train.config import check_trainer
 
