@@ -321,6 +321,7 @@ def run_method(tx: Any, toy: Toy, steps: int, records: int) -> np.ndarray:
 
 
 _STATIONARITY = jax.jit(jax.vmap(toys.pareto_stationarity, in_axes=(0, None)))
+_LOSSES = jax.jit(toys.toy_losses)
 
 
 def evaluate(name: str, traj: np.ndarray, toy: Toy, front: np.ndarray, seconds: float) -> Result:
@@ -333,7 +334,7 @@ def evaluate(name: str, traj: np.ndarray, toy: Toy, front: np.ndarray, seconds: 
         if hit.size:
             drift[k] = abs(t[-1, 0] - t[hit[0], 0])
     fx = jnp.asarray(final, jnp.float32)
-    losses = np.asarray(toys.toy_losses(fx, toy.f1_scale))
+    losses = np.asarray(_LOSSES(fx, toy.f1_scale))
     stat = np.asarray(_STATIONARITY(fx, toy.f1_scale))
     return Result(name, traj, final, losses, dist, stat, drift, seconds)
 
@@ -360,7 +361,7 @@ def plot(results: Sequence[Result], toy: Toy, front: np.ndarray, path: Path, ste
     fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.35 * rows + 0.45), squeeze=False)
     grid = np.linspace(-10.5, 10.5, 160)
     gx, gy = np.meshgrid(grid, grid)
-    mean_loss = np.asarray(toys.toy_losses(jnp.stack([gx, gy], -1).astype(jnp.float32), toy.f1_scale)).mean(-1)
+    mean_loss = np.asarray(_LOSSES(jnp.stack([gx, gy], -1).astype(jnp.float32), toy.f1_scale)).mean(-1)
     # levels at quantiles of the mean loss, so both the flat upper half and the bowls below show
     levels = np.unique(np.quantile(mean_loss, np.linspace(0.02, 0.98, 15)))
     colors = plt.get_cmap("tab10")(np.arange(len(toy.starts)))

@@ -23,6 +23,8 @@ from corrjax.mtl import toys
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "scripts"
 STARTS = jnp.asarray(toys.NASH_MTL_STARTS, jnp.float32)
+# compiled once per shape: eager, the toy's thirty-odd primitives dispatch one by one (seconds on a loaded CPU)
+toy_losses = jax.jit(toys.toy_losses)
 
 
 def _load_script():
@@ -42,23 +44,21 @@ def _load_script():
 
 def test_toy_losses_known_values_and_scale():
     # x2 = 0: both weights c1 = c2 = 0, so both losses vanish
-    np.testing.assert_allclose(toys.toy_losses(jnp.array([3.0, 0.0])), [0.0, 0.0], atol=0)
+    np.testing.assert_allclose(toy_losses(jnp.array([3.0, 0.0])), [0.0, 0.0], atol=0)
     # (7, -8): f1's bowl is at its floor -20, f2's is at 14^2 / 10 - 20; both weighted by c2 = tanh(4). float32:
     # 19.6 - 20 cancels, so the bound is absolute, two ulps of 20
     c2 = np.tanh(4.0)
     ulp20 = float(np.spacing(np.float32(20.0)))
-    np.testing.assert_allclose(toys.toy_losses(jnp.array([7.0, -8.0])), [-20 * c2, -0.4 * c2], rtol=0, atol=2 * ulp20)
-    np.testing.assert_allclose(
-        toys.toy_losses(jnp.array([7.0, -8.0]), 0.1), [-2 * c2, -0.4 * c2], rtol=0, atol=2 * ulp20
-    )
+    np.testing.assert_allclose(toy_losses(jnp.array([7.0, -8.0])), [-20 * c2, -0.4 * c2], rtol=0, atol=2 * ulp20)
+    np.testing.assert_allclose(toy_losses(jnp.array([7.0, -8.0]), 0.1), [-2 * c2, -0.4 * c2], rtol=0, atol=2 * ulp20)
     # upper half: f1 = c1 (log|-(x1 + 7)/2 - tanh(-x2)| + 6), here with x = (1, 2)
     x1, x2 = 1.0, 2.0
     c1 = np.tanh(1.0)
     f1 = c1 * (np.log(abs(-(x1 + 7) / 2 - np.tanh(-x2))) + 6)
     f2 = c1 * (np.log(abs(-(x1 - 3) / 2 + np.tanh(-x2) + 2)) + 6)
-    np.testing.assert_allclose(toys.toy_losses(jnp.array([x1, x2])), [f1, f2], rtol=1e-6)
+    np.testing.assert_allclose(toy_losses(jnp.array([x1, x2])), [f1, f2], rtol=1e-6)
     # batched
-    assert toys.toy_losses(jnp.zeros((4, 3, 2))).shape == (4, 3, 2)
+    assert toy_losses(jnp.zeros((4, 3, 2))).shape == (4, 3, 2)
 
 
 def test_toy_bad_input_names_the_argument():
@@ -86,10 +86,10 @@ def test_pareto_set_is_pareto_stationary_and_matches_the_papers_line():
     assert np.all(np.asarray(front[:, 1]) <= toys.PAPERS_FRONT_X2 + 5e-4)
     assert float(jnp.min(front[:, 1])) > -8.45
     # the ends are the minimisers of f2 (x1 = -7) and f1 (x1 = 7): one gradient vanishes there
-    _, g = mtl.value_and_task_grad(toys.toy_losses)(front[-1])
+    _, g = jax.jit(mtl.value_and_task_grad(toys.toy_losses))(front[-1])
     assert float(jnp.linalg.norm(g[0])) < 1e-4 < float(jnp.linalg.norm(g[1]))
     # the mean loss is smallest at the middle of the set (the CAGrad paper's star at (0, -8.3552))
-    mean = np.asarray(toys.toy_losses(front).mean(-1))
+    mean = np.asarray(toy_losses(front).mean(-1))
     assert np.argmin(mean) == 20
 
 
