@@ -131,11 +131,18 @@ def test_toy_pareto_script_short_run(tmp_path):
     # exact MGDA's update vanishes on the set: it stays where it lands (PCGrad's does not quite, it slides on)
     assert np.all(res["mgda[frank_wolfe]"].drift < 0.5), res["mgda[frank_wolfe]"].drift
     text = readme.read_text()
-    start, end = "<!-- bench:toy-pareto:start -->", "<!-- bench:toy-pareto:end -->"
-    assert text.count(start) == 1 and text.count(end) == 1
-    i, j = text.index(start), text.index(end)
-    assert text[:i] == before[: before.index(start)] and text[j:] == before[before.index(end) :]  # rest untouched
-    sec = text[i:j]
+
+    def section(name, doc):
+        start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
+        assert doc.count(start) == 1 and doc.count(end) == 1, name
+        return doc.index(start), doc.index(end) + len(end)
+
+    # the intro and the cagrad table are rewritten, everything else (the nash_mtl table included) is untouched
+    (i0, j0), (i1, j1) = section("toy-pareto", text), section("toy-pareto-cagrad", text)
+    (b0, c0), (b1, c1) = section("toy-pareto", before), section("toy-pareto-cagrad", before)
+    assert text[:i0] == before[:b0] and text[j0:i1] == before[c0:b1] and text[j1:] == before[c1:]
+    assert "arXiv:2110.14048" in text[i0:j0]
+    sec = text[i1:j1]
     for row in ("| `mean` | 1/3 |", "| `pcgrad` | 3/3 |", "| `mgda[frank_wolfe]` | 3/3 |"):
         line = next(ln for ln in sec.splitlines() if ln.startswith(row))
         assert line.rstrip().endswith("| yes |"), line  # agrees with the paper's figure
