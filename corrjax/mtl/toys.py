@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from corrjax._checks import as_float_array
 from corrjax.mtl.task_grad import value_and_task_grad
 
 Array = jax.Array
@@ -43,11 +44,9 @@ PAPERS_FRONT_X2 = -8.3552
 
 
 def _check_point(x: Array) -> Array:
-    x = jnp.asarray(x)
+    x = as_float_array(x, "x")  # integers promoted, complex refused
     if x.shape[-1:] != (2,):
         raise ValueError(f"`x` must have a last axis of size 2 (the point (x1, x2)), got shape {x.shape}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(jnp.result_type(float))
     return x
 
 
@@ -55,8 +54,8 @@ def toy_losses(x: Array, f1_scale: float | Array = 1.0) -> Array:
     """The two task losses ``(f1_scale * f1(x), f2(x))`` at ``x`` of shape ``(..., 2)``; returns ``(..., 2)``.
 
     ``f1_scale=1`` is the CAGrad paper's problem, ``f1_scale=0.1`` the Nash-MTL paper's. Both losses are at least
-    ``-20`` (times ``f1_scale`` for ``f1``); the papers' code shifts them by ``21`` for methods that need positive
-    losses (FAMO's ``min_losses = [-21 * scale, -21]``).
+    ``-20`` (times ``f1_scale`` for ``f1``); FAMO's toy code (github.com/Cranial-XIX/FAMO) shifts them by ``21``
+    for its positive-loss weighting (``min_losses = [-21 * scale, -21]``).
     """
     x = _check_point(x)
     x1, x2 = x[..., 0], x[..., 1]

@@ -66,6 +66,9 @@ def test_toy_bad_input_names_the_argument():
         toys.toy_losses(jnp.zeros(3))
     with pytest.raises(ValueError, match="`x`"):
         toys.pareto_stationarity(jnp.zeros((2, 2)))
+    with pytest.raises(TypeError, match="`x`"):
+        toys.toy_losses(jnp.zeros(2, jnp.complex64))
+    np.testing.assert_array_equal(toys.toy_losses(jnp.array([3, 0])), [0.0, 0.0])  # integers are promoted
     with pytest.raises(ValueError, match="`num`"):
         toys.pareto_set(1)
 
