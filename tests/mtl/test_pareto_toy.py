@@ -171,6 +171,28 @@ def test_toy_pareto_discovers_every_method():
         script.methods(script.TOYS["cagrad"], ["no_such_method"])
 
 
+def test_toy_pareto_picks_up_new_methods(monkeypatch):
+    """A method that lands in corrjax.mtl later is run with its defaults (``num_tasks`` filled in when it takes one);
+    one that needs other arguments is reported with the reason, not dropped silently."""
+    script = _load_script()
+    seen = {}
+
+    def new_weighting(num_tasks, temperature=1.0):
+        seen["num_tasks"] = num_tasks
+        return mtl.mean()
+
+    def needs_a_matrix(matrix):
+        return mtl.mean()
+
+    for name, fn in (("new_weighting", new_weighting), ("needs_a_matrix", needs_a_matrix)):
+        monkeypatch.setattr(mtl, name, fn, raising=False)
+    monkeypatch.setattr(mtl, "__all__", [*mtl.__all__, "new_weighting", "needs_a_matrix"])
+    txs, skipped = script.methods(script.TOYS["nash_mtl"])
+    assert "new_weighting" in txs and seen == {"num_tasks": 2}
+    assert list(txs)[-1] == "new_weighting"  # discovered methods come after the listed ones
+    assert set(skipped) == {"needs_a_matrix"} and "matrix" in skipped["needs_a_matrix"]
+
+
 # ------------------------------------------------------------------------------------------ short-budget checks
 
 
