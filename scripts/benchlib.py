@@ -134,8 +134,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(out)
 
 
-def write_section(name: str, markdown: str) -> None:
-    """Replaces (or appends) the ``name`` section of BENCHMARKS.md with ``markdown``.
+def write_section(name: str, markdown: str, path: Path | str | None = None) -> None:
+    """Replaces (or appends) the ``name`` section of ``path`` (default BENCHMARKS.md) with ``markdown``.
 
     The file is locked (``flock``) from the read to the write, so bench scripts that finish at the same time do not
     drop each other's sections. A section whose markers are not one start followed by one end (a hand edit gone
@@ -144,7 +144,8 @@ def write_section(name: str, markdown: str) -> None:
     """
     start, end = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
     block_text = f"{start}\n{markdown.strip()}\n{end}"
-    with open(BENCHMARKS, "a+", encoding="utf-8") as f:
+    path = BENCHMARKS if path is None else Path(path)
+    with open(path, "a+", encoding="utf-8") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             f.seek(0)
@@ -152,7 +153,7 @@ def write_section(name: str, markdown: str) -> None:
             n_start, n_end = text.count(start), text.count(end)
             if (n_start, n_end) not in ((0, 0), (1, 1)) or (n_start and text.index(start) > text.index(end)):
                 raise ValueError(
-                    f"{BENCHMARKS}: the markers of section {name!r} are broken ({n_start} start, {n_end} end); "
+                    f"{path}: the markers of section {name!r} are broken ({n_start} start, {n_end} end); "
                     "fix them by hand first"
                 )
             if n_start:
