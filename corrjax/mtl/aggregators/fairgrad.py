@@ -24,7 +24,7 @@ def _check_positive(value: Any, name: str) -> None:
 
 
 def fair_allocation(
-    gramian: Array, alpha: chex.Numeric = 1.0, *, max_iter: int = 50, tol: float = 1e-10, reg_eps: float = 0.0
+    gramian: Array, alpha: chex.Numeric = 1.0, *, max_iter: int = 50, tol: float | None = None, reg_eps: float = 0.0
 ) -> Array:
     r"""Solves FairGrad's system ``(G w)_i = w_i^{-1/alpha}``, ``w > 0``.
 
@@ -49,7 +49,8 @@ def fair_allocation(
       alpha: fairness ``alpha > 0`` (may be a traced scalar); 1 is proportional fairness (Nash-MTL), large values
         approach max-min fairness, small values the utilitarian (sum) allocation.
       max_iter: Newton iteration cap.
-      tol: stop when the squared Newton decrement is below ``tol`` (the last step is still taken).
+      tol: stop when the squared Newton decrement is below ``tol`` (the last step is still taken, so the final
+        decrement is about ``tol``'s square); default: the dtype's machine epsilon.
       reg_eps: ridge on the normalised Gramian (0: the exact system).
 
     Returns:
@@ -66,6 +67,7 @@ def fair_allocation(
     _check_positive(alpha, "alpha")
     t = g.shape[0]
     dtype = g.dtype
+    tol = float(jnp.finfo(dtype).eps) if tol is None else tol
     g = (g + g.T) / 2
     s = jnp.trace(g) / t
     s = jnp.where(s > 0, s, 1.0)
@@ -110,7 +112,7 @@ def fair_allocation(
 
 
 def fairgrad_weighting(
-    alpha: chex.Numeric = 1.0, max_iter: int = 50, tol: float = 1e-10, reg_eps: float = 0.0
+    alpha: chex.Numeric = 1.0, max_iter: int = 50, tol: float | None = None, reg_eps: float = 0.0
 ) -> GramianWeighting:
     """FairGrad's weights from the Gramian (see :func:`fairgrad`)."""
     _check_positive(alpha, "alpha")
@@ -122,7 +124,7 @@ def fairgrad_weighting(
 
 
 def fairgrad(
-    alpha: chex.Numeric = 1.0, max_iter: int = 50, tol: float = 1e-10, reg_eps: float = 0.0
+    alpha: chex.Numeric = 1.0, max_iter: int = 50, tol: float | None = None, reg_eps: float = 0.0
 ) -> optax.GradientTransformationExtraArgs:
     r"""FairGrad: ``d = J^T w`` with the alpha-fair weights ``(G w)_i = w_i^{-1/alpha}``, ``w > 0``.
 
