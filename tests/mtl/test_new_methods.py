@@ -105,17 +105,20 @@ def _fairgrad_ref(g: np.ndarray, alpha: float) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+_FAIR = jax.jit(fair_allocation)  # alpha traced: one compilation per T and dtype
+
+
 @pytest.mark.parametrize("kind, t", HARD + [("wide", 5), ("wide", 16)])
-def test_fairgrad_matches_the_exact_solution_on_hard_inputs(x64, kind, t, alpha):
+def test_fairgrad_matches_the_exact_solution_on_hard_inputs(x64, kind, t):
     d = 3 if kind == "wide" else max(2 * t, 6)
     j = _hard(kind, t, d, seed=t)
     g = j @ j.T
-    ref = _fairgrad_ref(g, alpha)
-    w = np.asarray(jax.jit(fair_allocation)(jnp.asarray(g), alpha))
-    np.testing.assert_allclose(w, ref, rtol=1e-7, atol=0)
-    if kind == "zero_task":
-        assert w[t // 2] == 0.0
+    for alpha in (0.5, 1.0, 2.0):
+        ref = _fairgrad_ref(g, alpha)
+        w = np.asarray(_FAIR(jnp.asarray(g), alpha))
+        np.testing.assert_allclose(w, ref, rtol=1e-7, atol=0)
+        if kind == "zero_task":
+            assert w[t // 2] == 0.0
 
 
 @pytest.mark.parametrize("kind, t", [("scaled", 3), ("scaled", 8), ("near_duplicate", 4), ("zero_task", 8)])
@@ -140,7 +143,7 @@ def test_fairgrad_scale_behaviour_and_stationarity(x64, j, alpha, c):
     g = j @ j.T
     if np.linalg.eigvalsh(g / max(np.trace(g), 1e-300))[0] < 1e-6:  # (nearly) singular: 0 may be in the hull
         return
-    solve = jax.jit(fair_allocation)
+    solve = _FAIR
     w = np.asarray(solve(jnp.asarray(g), alpha))
     np.testing.assert_allclose(g @ w, w ** (-1 / alpha), rtol=1e-8)
     np.testing.assert_allclose(np.asarray(solve(jnp.asarray(c * g), alpha)), c ** (-alpha / (alpha + 1)) * w, rtol=1e-8)
@@ -154,8 +157,8 @@ def test_fairgrad_closed_forms_and_pareto_stationary_input(x64):
     # orthogonal gradients: w_i = |g_i|^{-2 alpha/(alpha+1)}; T = 1 at alpha = 1 is the unit gradient
     j = np.diag([1e-3, 1.0, 1e3]) @ np.eye(3, 6)
     for alpha in (0.5, 1.0, 4.0):
-        out = _once("fairgrad", j, jnp.float64, alpha=alpha)
-        np.testing.assert_allclose(out[:3], np.array([1e-3, 1.0, 1e3]) ** (1 - 2 * alpha / (alpha + 1)), rtol=1e-12)
+        w = np.asarray(_FAIR(jnp.asarray(j @ j.T), alpha))
+        np.testing.assert_allclose(w, np.array([1e-3, 1.0, 1e3]) ** (-2 * alpha / (alpha + 1)), rtol=1e-12)
     g1 = np.arange(1.0, 7.0)[None]
     np.testing.assert_allclose(_once("fairgrad", g1, jnp.float64), g1[0] / np.linalg.norm(g1), rtol=1e-12)
     # 0 in the hull (opposite gradients): no solution; w diverges along the null direction, the update stays finite
@@ -235,3 +238,346 @@ def test_config_preference_single_task_and_zero_gradients(x64):
         mtl.config_grad(preference=np.ones(2)).update(_tree(j), optax.EmptyState())
     with pytest.raises(ValueError, match="rtol"):
         config_grad_weighting(rtol=-1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stateful methods: NumPy float64 references of LibMTL's code, step by step.
+
+T = 3
+SHAPES = {"a": (4,), "b": (2, 3)}
+
+
+def _params(dtype=jnp.float32):
+    return {k: jnp.zeros(s, dtype) for k, s in SHAPES.items()}
+
+
+def _grads(rng, t=T, scales=None):
+    scales = np.ones(t) if scales is None else np.asarray(scales)
+    return {k: (scales.reshape(-1, *([1] * len(s))) * rng.normal(size=(t, *s))) for k, s in SHAPES.items()}
+
+
+def _mat(tree) -> np.ndarray:
+    return np.concatenate([np.asarray(tree[k], np.float64).reshape(tree[k].shape[0], -1) for k in sorted(tree)], 1)
+
+
+def _vec(tree) -> np.ndarray:
+    return np.concatenate([np.asarray(tree[k], np.float64).reshape(-1) for k in sorted(tree)])
+
+
+def _steps(tx, n=5, seed=0, scales=None, losses_scale=1.0, dtype=jnp.float64):
+    """Runs ``tx`` jitted for ``n`` steps; returns [(J (T, P), losses (T,), out (P,), state)] in float64."""
+    rng = np.random.default_rng(seed)
+    upd = jax.jit(tx.update)
+    state = tx.init(_params(dtype))
+    seen = []
+    for _ in range(n):
+        g = _grads(rng, scales=scales)
+        losses = losses_scale * rng.uniform(0.1, 3.0, size=T)
+        out, state = upd({k: jnp.asarray(v, dtype) for k, v in g.items()}, state, None, task_losses=jnp.asarray(losses))
+        seen.append((_mat(g), losses, _vec(out), state))
+    return seen
+
+
+def _sdmgrad_ref(jacs, lamda, niter, lr=5.0, momentum=0.5):
+    """LibMTL's SDMGrad with the same gradients for zeta, xi1 and xi2 (scale divided exactly)."""
+    t = jacs[0].shape[0]
+    w = np.ones(t) / t
+    outs = []
+    for j in jacs:
+        gg = j @ j.T
+        gg = gg / np.mean(np.sqrt(np.diag(gg))) ** 2
+        gm = gg.mean(1)
+        buf = None
+        for _ in range(niter):
+            grad = gg @ w + lamda * gm
+            buf = grad if buf is None else momentum * buf + grad
+            v = w - lr * buf
+            u = np.sort(v)[::-1]
+            css = np.cumsum(u)
+            rho = np.nonzero(u * np.arange(1, t + 1) > (css - 1))[0][-1]
+            w = np.maximum(v - (css[rho] - 1) / (rho + 1), 0)
+        outs.append(((w @ j) + lamda * j.mean(0)) / (1 + lamda))
+    return outs
+
+
+@pytest.mark.parametrize("lamda, niter", [(0.3, 20), (0.0, 5), (2.0, 1)])
+def test_sdmgrad_matches_libmtls_iterations(x64, lamda, niter):
+    seen = _steps(mtl.sdmgrad(T, lamda, niter), scales=[1e-3, 1.0, 1e2])
+    ref = _sdmgrad_ref([s[0] for s in seen], lamda, niter)
+    for (_, _, out, _), r in zip(seen, ref, strict=True):
+        np.testing.assert_allclose(out, r, rtol=1e-9, atol=1e-12 * np.abs(r).max())
+
+
+def test_sdmgrad_converges_to_the_regularised_min_norm_point(x64):
+    """Many small steps reach the QP optimum ``min_{w in simplex} |J^T w + lamda g0|^2`` (SLSQP to 1e-14)."""
+    rng = np.random.default_rng(5)
+    j = rng.normal(size=(4, 7)) * np.array([[0.1], [1.0], [3.0], [1.0]])
+    lamda = 0.5
+    gg = j @ j.T / np.mean(np.linalg.norm(j, axis=1)) ** 2
+    obj = lambda w: 0.5 * np.sum((w @ j + lamda * j.mean(0)) ** 2)  # noqa: E731
+    res = minimize(
+        obj,
+        np.ones(4) / 4,
+        method="SLSQP",
+        bounds=[(0, None)] * 4,
+        constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}],
+        options={"ftol": 1e-16, "maxiter": 500},
+    )
+    weighting = sdmgrad_weighting(4, lamda, 3000, learning_rate=0.5 / np.linalg.eigvalsh(gg)[-1], momentum=0.0)
+    w, state = jax.jit(weighting.update, static_argnums=2)(jnp.asarray(j @ j.T), weighting.init(), 4)
+    np.testing.assert_allclose(np.asarray(state.simplex_weights), res.x, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(w), (res.x + lamda / 4) / (1 + lamda), atol=1e-6)
+    # scale-free: the same weights for the Jacobian scaled by 1e-6 (LibMTL's +1e-8 would change them)
+    w_small, _ = jax.jit(weighting.update, static_argnums=2)(jnp.asarray(1e-12 * (j @ j.T)), weighting.init(), 4)
+    np.testing.assert_allclose(np.asarray(w_small), np.asarray(w), rtol=1e-10)
+
+
+def _moco_ref(seen, beta=0.5, gamma=0.1, rho=0.0, beta_sigma=0.5, gamma_sigma=0.5):
+    y = np.zeros_like(seen[0][0])
+    lam = np.ones(T) / T
+    outs, lams = [], []
+    for k, (j, losses, _, _) in enumerate(seen, start=1):
+        h = j / (np.linalg.norm(j, axis=1, keepdims=True) + 1e-8) * losses[:, None]
+        y = y - beta / k**beta_sigma * (y - h)
+        z = lam - gamma / k**gamma_sigma * (y @ y.T + rho * np.eye(T)) @ lam
+        lam = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        outs.append(y.T @ lam)
+        lams.append(lam)
+    return outs, lams
+
+
+@pytest.mark.parametrize("kw", [{}, {"beta": 0.9, "gamma": 0.5, "rho": 0.1, "beta_sigma": 0.0, "gamma_sigma": 1.0}])
+def test_moco_matches_libmtls_updates(x64, kw):
+    seen = _steps(mtl.moco(T, **kw), scales=[1e-3, 1.0, 10.0])
+    outs, lams = _moco_ref(seen, **kw)
+    for (_, _, out, state), r, lam in zip(seen, outs, lams, strict=True):
+        np.testing.assert_allclose(out, r, rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(np.asarray(state.weights), lam, rtol=1e-10)
+    assert int(seen[-1][3].count) == len(seen)
+
+
+def _db_mtl_ref(seen, beta=0.9, beta_sigma=0.0):
+    buf = np.zeros_like(seen[0][0])
+    outs = []
+    for k, (j, losses, _, _) in enumerate(seen, start=1):
+        gl = j / (losses[:, None] + 1e-8)
+        buf = gl + beta / k**beta_sigma * (buf - gl)
+        u = np.linalg.norm(buf, axis=1)
+        outs.append((u.max() / u) @ buf)
+    return outs
+
+
+@pytest.mark.parametrize("beta, beta_sigma", [(0.9, 0.0), (0.5, 0.5)])
+def test_db_mtl_matches_libmtls_updates(x64, beta, beta_sigma):
+    seen = _steps(mtl.db_mtl(T, beta, beta_sigma), scales=[1e-6, 1.0, 1e6])
+    for (_, _, out, _), r in zip(seen, _db_mtl_ref(seen, beta, beta_sigma), strict=True):
+        np.testing.assert_allclose(out, r, rtol=1e-10, atol=1e-10 * np.abs(r).max())
+
+
+def test_db_mtl_balances_every_task_to_the_largest_magnitude(x64):
+    """Every task contributes a vector of the largest norm, whatever its loss or gradient scale; a zero task adds 0."""
+    seen = _steps(mtl.db_mtl(T, beta=0.0), n=1, scales=[1e-6, 1.0, 1e6], losses_scale=1e3)
+    j, losses, out, state = seen[0]
+    gl = j / (losses[:, None] + 1e-8)
+    n = np.linalg.norm(gl, axis=1)
+    np.testing.assert_allclose(out, (gl / n[:, None]).sum(0) * n.max(), rtol=1e-10)
+    tx = mtl.db_mtl(T)
+    g = {k: jnp.asarray(v).at[1].set(0.0) for k, v in _grads(np.random.default_rng(1)).items()}
+    out, state = tx.update(g, tx.init(_params(jnp.float64)), task_losses=jnp.ones(T))
+    assert np.isfinite(_vec(out)).all() and float(state.weights[1]) == 0.0
+
+
+def _excess_ref(seen, step=1e-2):
+    acc = np.zeros_like(seen[0][0])
+    lw = np.ones(T)
+    init = None
+    outs = []
+    for j, _, _, _ in seen:
+        acc = acc + j**2
+        w = np.sum(j**2 / np.sqrt(acc + 1e-7), axis=1)
+        if init is None:
+            init = w
+        else:
+            lw = lw * np.exp(w / init * step)
+            lw = lw / lw.sum() * T
+        outs.append(lw @ j)
+    return outs
+
+
+@pytest.mark.parametrize("step", [1e-2, 3.0])
+def test_excess_mtl_matches_the_authors_updates(x64, step):
+    seen = _steps(mtl.excess_mtl(T, step), n=6, scales=[1e-2, 1.0, 5.0])
+    for (_, _, out, _), r in zip(seen, _excess_ref(seen, step), strict=True):
+        np.testing.assert_allclose(out, r, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(float(np.sum(seen[-1][3].weights)), T, rtol=1e-12)
+
+
+def _stch_ref(losses_seq, mu, warmup, average, log=True):
+    ref = np.ones(T) if log else np.zeros(T)
+    acc, n = np.zeros(T), 0
+    out = []
+    for k, losses in enumerate(losses_seq):
+        if k < warmup:
+            out.append(1 / (losses + 1e-20) if log else np.ones(T))
+            if k >= warmup - average:
+                acc, n = acc + losses, n + 1
+            if k == warmup - 1:
+                ref = acc / n
+            continue
+
+        def objective(l):  # noqa: E741
+            f = jnp.log(l / ref + 1e-20) if log else l - ref
+            return mu * jax.scipy.special.logsumexp(f / mu) * T
+
+        with jax.enable_x64(True):
+            out.append(np.asarray(jax.grad(objective)(jnp.asarray(losses, jnp.float64))))
+    return out
+
+
+@pytest.mark.parametrize("mu, warmup, average, log", [(1.0, 3, 2, True), (0.1, 0, None, True), (0.5, 2, None, False)])
+def test_stch_weights_are_the_gradient_of_the_smooth_tchebycheff_loss(x64, mu, warmup, average, log):
+    tx = mtl.stch(T, mu, warmup_steps=warmup, average_steps=average, log_transform=log)
+    seen = _steps(tx, n=6, losses_scale=1e2)
+    ref = _stch_ref([s[1] for s in seen], mu, warmup, warmup if average is None else average, log)
+    for (j, _, out, state), w in zip(seen, ref, strict=True):
+        np.testing.assert_allclose(np.asarray(state.weights), w, rtol=1e-10)
+        np.testing.assert_allclose(out, w @ j, rtol=1e-10, atol=1e-12)
+
+
+def test_stch_small_mu_puts_the_weight_on_the_worst_task(x64):
+    tx = mtl.stch(T, 1e-3)
+    out, state = tx.update(_grads(np.random.default_rng(0)), tx.init(None), task_losses=jnp.array([1.0, 5.0, 2.0]))
+    np.testing.assert_allclose(np.asarray(state.weights), [0.0, T / 5.0, 0.0], atol=1e-12)
+
+
+def _imtl_l_ref(seen, lr=1e-2):
+    s = np.zeros(T)
+    outs, scales = [], []
+    for j, losses, _, _ in seen:
+        w = np.exp(s)
+        outs.append(w @ j)
+        scales.append(w)
+        s = s - lr * (w * losses - 1)
+    return outs, scales
+
+
+def test_imtl_l_matches_the_gradient_of_the_scaled_losses(x64):
+    seen = _steps(mtl.imtl_l(T, 0.1), n=5)
+    outs, _ = _imtl_l_ref(seen, 0.1)
+    for (_, _, out, _), r in zip(seen, outs, strict=True):
+        np.testing.assert_allclose(out, r, rtol=1e-12)
+    # the scales' fixed point: e^s L = 1
+    tx = mtl.imtl_l(T, 0.5)
+    state = tx.init(None)
+    g = _grads(np.random.default_rng(0))
+    losses = jnp.array([0.01, 1.0, 50.0])
+    upd = jax.jit(tx.update)
+    for _ in range(200):
+        _, state = upd(g, state, task_losses=losses)
+    np.testing.assert_allclose(np.exp(np.asarray(state.log_scales)) * np.asarray(losses), 1.0, rtol=1e-6)
+
+
+def test_imtl_is_imtl_g_on_the_scaled_gradients(x64):
+    seen = _steps(mtl.imtl(T, 0.1), n=4, scales=[1e-2, 1.0, 1e2])
+    _, scales = _imtl_l_ref(seen, 0.1)
+    for (j, _, out, _), sc in zip(seen, scales, strict=True):
+        js = sc[:, None] * j
+        # IMTL-G's closed form (Liu et al. 2021): a_{2:T} = g_1 U^T (D U^T)^{-1}, a_1 = 1 - sum a_{2:T}
+        u = js / np.linalg.norm(js, axis=1, keepdims=True)
+        dd, uu = js[0] - js[1:], u[0] - u[1:]
+        a = js[0] @ uu.T @ np.linalg.inv(dd @ uu.T)
+        ref = np.concatenate([[1 - a.sum()], a]) @ js
+        np.testing.assert_allclose(out, ref, rtol=1e-7, atol=1e-9 * np.abs(ref).max())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optax plumbing shared by all nine.
+
+ALL = {
+    "fairgrad": ((), {"alpha": 2.0}),
+    "config_grad": ((), {}),
+    "sdmgrad": ((T,), {}),
+    "moco": ((T,), {}),
+    "db_mtl": ((T,), {}),
+    "excess_mtl": ((T,), {}),
+    "stch": ((T,), {"warmup_steps": 1}),
+    "imtl_l": ((T,), {}),
+    "imtl": ((T,), {}),
+}
+STATIC = {"fairgrad": (), "config_grad": ()}
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_chain_adam_jit_abstract_init_dtypes_and_plain_array_state(name):
+    args, kw = ALL[name]
+    tx = optax.chain(getattr(mtl, name)(*args, **kw), optax.adam(1e-2))
+    params = {"a": jnp.zeros((4,), jnp.bfloat16), "b": jnp.zeros((2, 3), jnp.float32)}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    state_shapes = jax.eval_shape(tx.init, abstract)
+    state = tx.init(params)
+    assert jax.tree.structure(state_shapes) == jax.tree.structure(state)
+    rng = np.random.default_rng(0)
+    g = {k: jnp.asarray(v, params[k].dtype) for k, v in _grads(rng).items()}
+    upd = jax.jit(tx.update)
+    for _ in range(3):
+        out, state = upd(g, state, params, task_losses=jnp.array([0.5, 1.0, 2.0]))
+    assert out["a"].dtype == jnp.bfloat16 and out["b"].dtype == jnp.float32
+    assert all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in jax.tree.leaves(out))
+    # states are plain arrays: np.asarray round-trips them (what an orbax/npz save needs)
+    leaves = jax.tree.leaves(state)
+    restored = jax.tree.unflatten(jax.tree.structure(state), [jnp.asarray(np.asarray(x)) for x in leaves])
+    out2, _ = upd(g, restored, params, task_losses=jnp.array([0.5, 1.0, 2.0]))
+    out3, _ = upd(g, state, params, task_losses=jnp.array([0.5, 1.0, 2.0]))
+    for x, y in zip(jax.tree.leaves(out2), jax.tree.leaves(out3), strict=True):
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_inject_hyperparams(name):
+    args, kw = ALL[name]
+    static = ("num_tasks",) if args else ()
+    kwargs = {"num_tasks": T, **kw} if args else kw
+    tx = optax.inject_hyperparams(getattr(mtl, name), static_args=static)(**kwargs)
+    state = tx.init(_params())
+    out, state = jax.jit(tx.update)(_grads(np.random.default_rng(0)), state, _params(), task_losses=jnp.ones(T))
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(out))
+
+
+@pytest.mark.parametrize("name", sorted(n for n, (a, _) in ALL.items() if a))
+def test_errors_name_the_argument(name):
+    args, kw = ALL[name]
+    with pytest.raises(ValueError, match="num_tasks"):
+        getattr(mtl, name)(0, **kw)
+    tx = getattr(mtl, name)(*args, **kw)
+    two = {k: v[:2] for k, v in _grads(np.random.default_rng(0)).items()}
+    with pytest.raises(ValueError, match="task axis|num_tasks"):
+        tx.update(two, tx.init(_params()), task_losses=jnp.ones(2))
+    if name in ("moco", "db_mtl", "excess_mtl"):
+        with pytest.raises(ValueError, match="init\\(params\\)"):
+            tx.init(None)
+    if name not in ("sdmgrad", "excess_mtl"):  # these read no losses
+        with pytest.raises(ValueError, match="task_losses"):
+            tx.update(_grads(np.random.default_rng(0)), tx.init(_params()))
+
+
+def test_hyperparameter_validation():
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="alpha"):
+            mtl.fairgrad(alpha=bad)
+        with pytest.raises(ValueError, match="mu"):
+            mtl.stch(T, mu=bad)
+    with pytest.raises(ValueError, match="niter"):
+        mtl.sdmgrad(T, niter=-1)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        mtl.stch(T, warmup_steps=1.5)
+    with pytest.raises(ValueError, match="preference"):
+        mtl.stch(T, preference=np.ones(2))
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_nan_gradients_propagate(name):
+    args, kw = ALL[name]
+    tx = getattr(mtl, name)(*args, **kw)
+    g = {k: jnp.asarray(v, jnp.float32).at[0].set(jnp.nan) for k, v in _grads(np.random.default_rng(0)).items()}
+    out, _ = tx.update(g, tx.init(_params()), task_losses=jnp.ones(T))
+    assert any(np.any(np.isnan(np.asarray(x))) for x in jax.tree.leaves(out))
