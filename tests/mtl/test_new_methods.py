@@ -230,7 +230,7 @@ def test_config_preference_single_task_and_zero_gradients(x64):
     j = rng.normal(size=(3, 7))
     pref = np.array([1.0, 2.0, 0.5])
     tx = mtl.config_grad(preference=pref)
-    out, _ = tx.update(_tree(j), tx.init(None))
+    out, _ = jax.jit(tx.update)(_tree(j), tx.init(None))
     np.testing.assert_allclose(_flat(out), _config_ref(j, pref), rtol=1e-10)
     np.testing.assert_allclose(_once("config_grad", j[:1]), j[0], rtol=1e-12)  # T = 1 gives g
     assert np.all(_once("config_grad", np.zeros((3, 7))) == 0.0)
@@ -530,6 +530,10 @@ def test_chain_adam_jit_abstract_init_dtypes_and_plain_array_state(name):
     out3, _ = upd(g, state, params, task_losses=jnp.array([0.5, 1.0, 2.0]))
     for x, y in zip(jax.tree.leaves(out2), jax.tree.leaves(out3), strict=True):
         np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+    # non-finite task gradients are not hidden: they give NaN updates
+    bad = {k: v.at[0].set(jnp.nan) for k, v in g.items()}
+    out, _ = upd(bad, state, params, task_losses=jnp.array([0.5, 1.0, 2.0]))
+    assert all(np.any(np.isnan(np.asarray(x, np.float32))) for x in jax.tree.leaves(out))
 
 
 @pytest.mark.parametrize("name", sorted(ALL))
@@ -572,12 +576,3 @@ def test_hyperparameter_validation():
         mtl.stch(T, warmup_steps=1.5)
     with pytest.raises(ValueError, match="preference"):
         mtl.stch(T, preference=np.ones(2))
-
-
-@pytest.mark.parametrize("name", sorted(ALL))
-def test_nan_gradients_propagate(name):
-    args, kw = ALL[name]
-    tx = getattr(mtl, name)(*args, **kw)
-    g = {k: jnp.asarray(v, jnp.float32).at[0].set(jnp.nan) for k, v in _grads(np.random.default_rng(0)).items()}
-    out, _ = tx.update(g, tx.init(_params()), task_losses=jnp.ones(T))
-    assert any(np.any(np.isnan(np.asarray(x))) for x in jax.tree.leaves(out))
