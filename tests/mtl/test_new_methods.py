@@ -108,7 +108,7 @@ def _fairgrad_ref(g: np.ndarray, alpha: float) -> np.ndarray:
 _FAIR = jax.jit(fair_allocation)  # alpha traced: one compilation per T and dtype
 
 
-@pytest.mark.parametrize("kind, t", HARD + [("wide", 5), ("wide", 16)])
+@pytest.mark.parametrize("kind, t", [*HARD, ("wide", 5), ("wide", 16)])
 def test_fairgrad_matches_the_exact_solution_on_hard_inputs(x64, kind, t):
     d = 3 if kind == "wide" else max(2 * t, 6)
     j = _hard(kind, t, d, seed=t)
@@ -189,7 +189,7 @@ def _config_ref(j: np.ndarray, pref=None) -> np.ndarray:
     return np.sum(j @ unit) * unit
 
 
-@pytest.mark.parametrize("kind, t", HARD + [("wide", 5), ("wide", 16)])
+@pytest.mark.parametrize("kind, t", [*HARD, ("wide", 5), ("wide", 16)])
 def test_config_matches_the_pinv_reference_on_hard_inputs(x64, kind, t):
     d = 3 if kind == "wide" else max(2 * t, 6)
     j = _hard(kind, t, d, seed=100 + t)
@@ -314,7 +314,7 @@ def test_sdmgrad_converges_to_the_regularised_min_norm_point(x64):
     j = rng.normal(size=(4, 7)) * np.array([[0.1], [1.0], [3.0], [1.0]])
     lamda = 0.5
     gg = j @ j.T / np.mean(np.linalg.norm(j, axis=1)) ** 2
-    obj = lambda w: 0.5 * np.sum((w @ j + lamda * j.mean(0)) ** 2)  # noqa: E731
+    obj = lambda w: 0.5 * np.sum((w @ j + lamda * j.mean(0)) ** 2)
     res = minimize(
         obj,
         np.ones(4) / 4,
@@ -446,7 +446,7 @@ def test_stch_weights_are_the_gradient_of_the_smooth_tchebycheff_loss(x64, mu, w
 
 def test_stch_small_mu_puts_the_weight_on_the_worst_task(x64):
     tx = mtl.stch(T, 1e-3)
-    out, state = tx.update(_grads(np.random.default_rng(0)), tx.init(None), task_losses=jnp.array([1.0, 5.0, 2.0]))
+    _, state = tx.update(_grads(np.random.default_rng(0)), tx.init(None), task_losses=jnp.array([1.0, 5.0, 2.0]))
     np.testing.assert_allclose(np.asarray(state.weights), [0.0, T / 5.0, 0.0], atol=1e-12)
 
 
@@ -554,10 +554,10 @@ def test_errors_name_the_argument(name):
         getattr(mtl, name)(0, **kw)
     tx = getattr(mtl, name)(*args, **kw)
     two = {k: v[:2] for k, v in _grads(np.random.default_rng(0)).items()}
-    with pytest.raises(ValueError, match="task axis|num_tasks"):
+    with pytest.raises(ValueError, match=r"task axis|num_tasks"):
         tx.update(two, tx.init(_params()), task_losses=jnp.ones(2))
     if name in ("moco", "db_mtl", "excess_mtl"):
-        with pytest.raises(ValueError, match="init\\(params\\)"):
+        with pytest.raises(ValueError, match=r"init\(params\)"):
             tx.init(None)
     if name not in ("sdmgrad", "excess_mtl"):  # these read no losses
         with pytest.raises(ValueError, match="task_losses"):
