@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from corrjax.mtl.aggregators import _tracked
 from corrjax.mtl.aggregators.imtl import imtl_g
 from corrjax.mtl.weighting import _check_num_tasks, _combine, _float_dtype, _task_losses
 
@@ -100,7 +101,7 @@ def imtl_l(
         )
         return _combine(weights, updates, reduce), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _tracked.checked(optax.GradientTransformationExtraArgs(init_fn, update_fn), "imtl_l")
 
 
 def imtl(
@@ -140,4 +141,4 @@ def imtl(
         out, gradient_state = gradient.update(scaled, state.gradient, params, **extra_args)
         return out, IMTLState(scaling=scaling_state, gradient=gradient_state)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _tracked.checked(optax.GradientTransformationExtraArgs(init_fn, update_fn), "imtl")

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from corrjax.mtl.aggregators import _tracked
 from corrjax.mtl.weighting import _check_num_tasks, _combine, _float_dtype, _task_losses
 
 __all__ = ["STCHState", "stch"]
@@ -152,4 +153,4 @@ def stch(
         )
         return _combine(weights, updates, reduce), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _tracked.checked(optax.GradientTransformationExtraArgs(init_fn, update_fn), "stch")

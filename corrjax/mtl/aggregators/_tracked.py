@@ -34,7 +34,7 @@ def stacked_zeros(params: Any, num_tasks: int, name: str) -> Any:
 
 def check_buffers(updates: Any, buffers: Any, num_tasks: int, name: str) -> int:
     """Checks that ``updates`` is task-stacked with ``T = num_tasks`` and shaped like the state's buffers."""
-    t = _gramian.num_tasks(updates, "updates")
+    t = check_gradients(updates, name)
     if t != num_tasks:
         raise ValueError(f"{name}: the gradient's leading task axis is {t} but num_tasks={num_tasks}")
     u_struct, b_struct = jax.tree.structure(updates), jax.tree.structure(buffers)
@@ -71,3 +71,26 @@ def task_sq_norms(tree: Any) -> Array:
     leaves = jax.tree.leaves(tree)
     sq = [jnp.sum(jnp.square(x.astype(acc_dtype(x.dtype))).reshape(x.shape[0], -1), axis=1) for x in leaves]
     return sum(sq[1:], sq[0])
+
+
+def check_gradients(updates: Any, name: str) -> int:
+    """Returns ``T`` after checking that ``updates`` is task-stacked with ``T >= 1`` and real floating leaves."""
+    t = _gramian.num_tasks(updates, "updates")
+    if t < 1:
+        shapes = [tuple(x.shape) for x in jax.tree.leaves(updates)]
+        raise ValueError(f"{name}: `updates` has T = 0 tasks (leaf shapes {shapes}); expected T >= 1")
+    for u in jax.tree.leaves(updates):
+        if not jnp.issubdtype(u.dtype, jnp.floating):
+            raise TypeError(f"{name}: `updates` must be real floating point, got a leaf of dtype {u.dtype}")
+    return t
+
+
+def checked(tx: Any, name: str) -> Any:
+    """``tx`` whose ``update`` first runs :func:`check_gradients` on the task-stacked gradients."""
+    import optax
+
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
+        check_gradients(updates, name)
+        return tx.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update_fn)

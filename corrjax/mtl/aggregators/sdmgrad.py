@@ -11,6 +11,7 @@ import optax
 
 from corrjax.mtl import solvers
 from corrjax.mtl.aggregators._base import GramianWeighting, from_weighting, nan_if_nonfinite
+from corrjax.mtl.aggregators._tracked import checked
 from corrjax.mtl.weighting import _check_num_tasks
 
 Array = jax.Array
@@ -109,4 +110,5 @@ def sdmgrad(
     Reference: Xiao, Ban & Ji, "Direction-oriented Multi-objective Learning: Simple and Provable Stochastic
     Algorithms", NeurIPS 2023 (Algorithm 1); LibMTL ``SDMGrad``.
     """
-    return from_weighting(sdmgrad_weighting(num_tasks, lamda, niter, learning_rate=learning_rate, momentum=momentum))
+    weighting = sdmgrad_weighting(num_tasks, lamda, niter, learning_rate=learning_rate, momentum=momentum)
+    return checked(from_weighting(weighting), "sdmgrad")
