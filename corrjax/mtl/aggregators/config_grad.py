@@ -69,7 +69,9 @@ def config_grad(preference: Any = None, rtol: float | None = None) -> optax.Grad
     tasks) are thereby treated as one direction, as are the dependent directions when ``T > d``, where the update is
     ``pinv``'s least-squares direction (and ``g_i . d >= 0`` may fail). A zero-gradient task is a zero row of ``U``
     (TorchJD's ``nan_to_num``): it gets weight 0. All gradients zero give 0. Output scale: ``T = 1`` gives ``g``.
-    The weights are invariant to per-task rescaling of the gradients up to the scale of the sum of projections.
+    The direction does not depend on the gradients' norms (only on the unit gradients); the length is the sum of
+    the projections. In float32 the Gramian's rounding (~1e-7 relative) limits the accuracy for near-duplicate
+    tasks to about ``1e-7 / lambda_min(C)``.
 
     Args:
       preference: ``(T,)`` preference vector ``p`` (default ones; TorchJD's ``pref_vector``).
