@@ -231,6 +231,9 @@ def train_seeds(
     seeds = [int(s) for s in seeds]
     _check(cfg, seeds, run_dirs, seed_batch)
     run_dirs = [Path(d).absolute() for d in run_dirs]
+    overrides = [list(o) for o in overrides] if overrides is not None else [[f"seed={s}"] for s in seeds]
+    if len(overrides) != len(seeds):
+        raise ValueError(f"{len(overrides)} `overrides` lists for {len(seeds)} `seeds`")
     with contextlib.ExitStack() as held:
         for d in run_dirs:
             held.enter_context(rundir.claim(d, resume=False, overwrite=bool(cfg.trainer.overwrite)))
@@ -241,7 +244,7 @@ def _train_seeds(
     cfg: DictConfig,
     seeds: list[int],
     run_dirs: list[Path],
-    overrides: Sequence[Sequence[str]] | None,
+    overrides: list[list[str]],
     seed_batch: int,
 ) -> list[dict[str, Any]]:
     """:func:`train_seeds`' body, in the run directories it holds."""
@@ -249,9 +252,6 @@ def _train_seeds(
     from corrjax.train import evaluate, tracking, writers
     from corrjax.train.loop import every
 
-    overrides = [list(o) for o in overrides] if overrides is not None else [[f"seed={s}"] for s in seeds]
-    if len(overrides) != len(seeds):
-        raise ValueError(f"{len(overrides)} `overrides` lists for {len(seeds)} `seeds`")
     tc = cfg.trainer
 
     setup, states, train_stack, eval_stack = _build_seeds(cfg, seeds)
