@@ -88,18 +88,21 @@ def _exponent_limits(dtype: Any) -> tuple[int, int]:
 
 
 def pow2(k: Array, dtype: Any) -> Array:
-    """``2**k`` exactly, built from its bits; ``k`` (integers) must lie in the dtype's normal exponent range."""
+    """``2**k`` exactly, built from its bits, for integers ``k`` clipped to ``[minexp, maxexp - 2]`` (normal, and
+    so is ``2**-k``)."""
     fi = jnp.finfo(dtype)
     uint = {16: jnp.uint16, 32: jnp.uint32, 64: jnp.uint64}[fi.bits]
-    biased = (jnp.asarray(k, jnp.int32) + (int(fi.maxexp) - 1)).astype(uint)
+    k = jnp.clip(jnp.asarray(k, jnp.int32), *_exponent_limits(dtype))
+    biased = (k + (int(fi.maxexp) - 1)).astype(uint)
     return lax.bitcast_convert_type(biased << jnp.asarray(int(fi.nmant), uint), dtype)
 
 
-def mul_pow2(v: Array, k: Array, parts: int = 2) -> Array:
+def mul_pow2(v: Array, k: Array, parts: int = 4) -> Array:
     """``v * 2**k`` for integer ``k`` up to ``parts`` times the exponent range, as ``parts`` exact multiplications.
 
     The factors are ``2**(k // parts)``-sized steps of the same sign, so each intermediate lies between ``v`` and
     the result in magnitude: nothing overflows or underflows unless the result does. Differentiable in ``v``.
+    (Every exponent difference of two clamped column exponents, and every sum of two, is within 4 ranges.)
     """
     k = jnp.asarray(k, jnp.int32)
     for i in range(parts, 0, -1):
@@ -112,9 +115,10 @@ def mul_pow2(v: Array, k: Array, parts: int = 2) -> Array:
 def column_exponent(x: Array, axis_name: AxisName, *, axes: Any = 0) -> Array:
     """Per column (reducing ``axes``, default the observation axis 0), the int32 ``e`` with ``max |x| < 2**e``.
 
-    Non-finite entries are ignored (they propagate through the data themselves), a column of zeros gets 0, and
-    ``e`` is clamped to the range where ``2**e`` and ``2**-e`` are normal (at the ends of the range the scaled data
-    are at most 4 in magnitude). With ``axis_name`` the maximum is a ``pmax`` over the shards. Not differentiated.
+    Non-finite entries are ignored (they propagate through the data themselves), and ``e`` is clamped to the range
+    where ``2**e`` and ``2**-e`` are normal (at the ends of the range the scaled data are at most 4 in magnitude). A
+    column of zeros gets the lowest exponent, so that merging it with any other data keeps the other's scale. With
+    ``axis_name`` the maximum is a ``pmax`` over the shards. Not differentiated.
     """
     x = lax.stop_gradient(x)
     if x.size == 0:
@@ -124,7 +128,12 @@ def column_exponent(x: Array, axis_name: AxisName, *, axes: Any = 0) -> Array:
         a = lax.pmax(a, axis_name)
     lo, hi = _exponent_limits(x.dtype)
     e = jnp.clip(jnp.frexp(a)[1], lo, hi)
-    return jnp.where(a > 0, e, jnp.zeros_like(e))
+    return jnp.where(a > 0, e, jnp.full_like(e, lo))
+
+
+def lowest_exponent(dtype: Any) -> int:
+    """The exponent :func:`column_exponent` gives a column of zeros (the identity of ``max`` over exponents)."""
+    return _exponent_limits(dtype)[0]
 
 
 def reference_row(x: Array, axis_name: AxisName) -> Array:

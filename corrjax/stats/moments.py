@@ -88,8 +88,8 @@ def _prepare(x: Any, y: Any) -> tuple[Array, bool, Array | None, bool]:
 
 def _out_dtype(x: Any, y: Any = None) -> Any:
     """The dtype results are returned in: the inputs' common float dtype (half precision stays half)."""
-    dt = jnp.asarray(x).dtype if y is None else jnp.result_type(jnp.asarray(x).dtype, jnp.asarray(y).dtype)
-    return dt if jnp.issubdtype(dt, jnp.floating) else jnp.result_type(float)
+    dt = as_float_array(x, "x").dtype
+    return dt if y is None else jnp.result_type(dt, as_float_array(y, "y").dtype)
 
 
 @shard_rows("x", "y", "fweights", "aweights")
