@@ -121,12 +121,12 @@ def column_exponent(x: Array, axis_name: AxisName, *, axes: Any = 0) -> Array:
     ``axis_name`` the maximum is a ``pmax`` over the shards. Not differentiated.
     """
     x = lax.stop_gradient(x)
+    lo, hi = _exponent_limits(x.dtype)
     if x.size == 0:
-        return jnp.zeros(jnp.sum(x, axis=axes).shape, jnp.int32)
+        return jnp.full(jnp.sum(x, axis=axes).shape, lo, jnp.int32)
     a = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), jnp.zeros_like(x)), axis=axes)
     if axis_name is not None:
         a = lax.pmax(a, axis_name)
-    lo, hi = _exponent_limits(x.dtype)
     e = jnp.clip(jnp.frexp(a)[1], lo, hi)
     return jnp.where(a > 0, e, jnp.full_like(e, lo))
 

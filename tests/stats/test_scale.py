@@ -455,3 +455,14 @@ def test_covariance_regularisers_multiply_back_exactly():
             covariance_weight=s**-2,
         )
         np.testing.assert_allclose(float(v) / s**2, float(v0), rtol=1e-5)
+
+
+def test_correlation_gradients_scale_as_one_over_the_scale():
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((16, 3)).astype(np.float32)
+    grad = jax.jit(jax.grad(lambda a: jnp.sum(jnp.triu(cs.corrcoef(a), 1) ** 2)))
+    g0 = np.asarray(grad(x))
+    for k in (-110, 110):
+        gk = np.asarray(grad(np.ldexp(x, k)))
+        assert np.all(np.isfinite(gk))
+        np.testing.assert_allclose(np.ldexp(gk, k), g0, rtol=1e-5, atol=1e-6)
