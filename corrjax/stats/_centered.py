@@ -11,6 +11,16 @@ Everything that reduces over observations goes through :func:`centered`, which
 
 This is the classical two-pass algorithm (Chan, Golub & LeVeque 1983, "Algorithms for computing the sample
 variance"), made exact across shards because every shard centres with the same global mean.
+
+Scale. Products of raw data under- or overflow long before the data do (float32 squares of 1e20 or 1e-20), so the
+kernels that form second moments first divide every column by a power of two ``2**e`` with ``max |x| < 2**e``
+(:func:`column_exponent`, a ``pmax`` over shards, so every shard uses the same scale): the scaled data lie in
+(-1, 1), their products and sums stay far from the ends of the dtype's range, and the division is exact (a power of
+two only changes the exponent), so in the normal range the scaled moments are the unscaled ones times ``2**-2e``
+bit for bit. Correlations are scale-free and use the scaled moments directly; covariances are multiplied back with
+:func:`mul_pow2`, which never overflows or underflows when the result itself is representable (as scipy and pandas,
+which rescale before they multiply). Half-precision input (float16, bfloat16) is computed in float32
+(:func:`compute_dtype`) and the results are returned in the input dtype.
 """
 
 from __future__ import annotations
@@ -66,6 +76,66 @@ def _is_first_shard(axis_name: AxisName) -> Array:
     return linear_index(axis_name) == 0
 
 
+def compute_dtype(dtype: Any) -> Any:
+    """The dtype statistics are accumulated in: ``dtype``, or float32 for half precision (float16, bfloat16)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _exponent_limits(dtype: Any) -> tuple[int, int]:
+    """Exponents ``e`` for which both ``2**e`` and ``2**-e`` are normal numbers of ``dtype``, as ``(lo, hi)``."""
+    fi = jnp.finfo(dtype)
+    return int(fi.minexp), int(fi.maxexp) - 2
+
+
+def pow2(k: Array, dtype: Any) -> Array:
+    """``2**k`` exactly, built from its bits, for integers ``k`` clipped to ``[minexp, maxexp - 2]`` (normal, and
+    so is ``2**-k``)."""
+    fi = jnp.finfo(dtype)
+    uint = {16: jnp.uint16, 32: jnp.uint32, 64: jnp.uint64}[fi.bits]
+    k = jnp.clip(jnp.asarray(k, jnp.int32), *_exponent_limits(dtype))
+    biased = (k + (int(fi.maxexp) - 1)).astype(uint)
+    return lax.bitcast_convert_type(biased << jnp.asarray(int(fi.nmant), uint), dtype)
+
+
+def mul_pow2(v: Array, k: Array, parts: int = 4) -> Array:
+    """``v * 2**k`` for integer ``k`` up to ``parts`` times the exponent range, as ``parts`` exact multiplications.
+
+    The factors are ``2**(k // parts)``-sized steps of the same sign, so each intermediate lies between ``v`` and
+    the result in magnitude: nothing overflows or underflows unless the result does. Differentiable in ``v``.
+    (Every exponent difference of two clamped column exponents, and every sum of two, is within 4 ranges.)
+    """
+    k = jnp.asarray(k, jnp.int32)
+    for i in range(parts, 0, -1):
+        step = jnp.floor_divide(k, i) if i > 1 else k
+        v = v * pow2(step, v.dtype)
+        k = k - step
+    return v
+
+
+def column_exponent(x: Array, axis_name: AxisName, *, axes: Any = 0) -> Array:
+    """Per column (reducing ``axes``, default the observation axis 0), the int32 ``e`` with ``max |x| < 2**e``.
+
+    Non-finite entries are ignored (they propagate through the data themselves), and ``e`` is clamped to the range
+    where ``2**e`` and ``2**-e`` are normal (at the ends of the range the scaled data are at most 4 in magnitude). A
+    column of zeros gets the lowest exponent, so that merging it with any other data keeps the other's scale. With
+    ``axis_name`` the maximum is a ``pmax`` over the shards. Not differentiated.
+    """
+    x = lax.stop_gradient(x)
+    lo, hi = _exponent_limits(x.dtype)
+    if x.size == 0:
+        return jnp.full(jnp.sum(x, axis=axes).shape, lo, jnp.int32)
+    a = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), jnp.zeros_like(x)), axis=axes)
+    if axis_name is not None:
+        a = lax.pmax(a, axis_name)
+    e = jnp.clip(jnp.frexp(a)[1], lo, hi)
+    return jnp.where(a > 0, e, jnp.full_like(e, lo))
+
+
+def lowest_exponent(dtype: Any) -> int:
+    """The exponent :func:`column_exponent` gives a column of zeros (the identity of ``max`` over exponents)."""
+    return _exponent_limits(dtype)[0]
+
+
 def reference_row(x: Array, axis_name: AxisName) -> Array:
     """The first observation (row 0 of ``x``) of the first shard, the same on every shard; zeros if ``n == 0``."""
     if x.shape[0] == 0:
@@ -92,6 +162,42 @@ def centering(x: Array, w: Array | None, axis_name: AxisName) -> tuple[Array, Ar
         sum_d = psum(jnp.tensordot(w, d, axes=(0, 0), precision=PRECISION), axis_name)
     mean_d = sum_d / jnp.where(wsum != 0, wsum, jnp.ones_like(wsum))  # no weight: the shift stands in
     return shift, mean_d, wsum
+
+
+class Frame(NamedTuple):
+    """A scaled, shifted centring of data ``x`` (see :func:`scaled_centering`): ``apply(x) = (x - mean) / 2**exp``."""
+
+    exp: Array  # int32 power-of-two exponent per column (observation axis removed)
+    inv: Array  # 2**-exp
+    shift: Array  # the reference row times ``inv``
+    mean: Array  # the weighted mean of ``x * inv - shift``
+    wsum: Array  # global sum of weights (n unweighted)
+
+    def apply(self, x: Array) -> Array:
+        """The scaled centred data ``(x * inv - shift) - mean``: entries below 2 in magnitude (8 at the range ends)."""
+        return (x * self.inv - self.shift) - self.mean
+
+
+def scaled_centering(x: Array, w: Array | None, axis_name: AxisName, exp: Array | None = None) -> Frame:
+    """The global scaled centring of ``x`` (observations along axis 0): one pass for the scale, one for the mean.
+
+    ``exp`` (default :func:`column_exponent`) may be given to share one scale between variables (it must
+    broadcast against a row of ``x``). Scaling before the shift keeps ``x - shift`` from overflowing near the
+    largest finite numbers; being a power of two it changes no rounding in the normal range.
+    """
+    if exp is None:
+        exp = column_exponent(x, axis_name)
+    inv = pow2(-exp, x.dtype)
+    shift = reference_row(x, axis_name) * inv
+    d = x * inv - shift  # fused into the reductions below: no (n, d) temporary
+    if w is None:
+        wsum = jnp.asarray(global_n(x.shape[0], axis_name), x.dtype)
+        sum_d = psum(jnp.sum(d, axis=0), axis_name)
+    else:
+        wsum = psum(jnp.sum(w), axis_name)
+        sum_d = psum(jnp.tensordot(w, d, axes=(0, 0), precision=PRECISION), axis_name)
+    mean = sum_d / jnp.where(wsum != 0, wsum, jnp.ones_like(wsum))
+    return Frame(jnp.broadcast_to(exp, mean.shape), inv, shift, mean, wsum)
 
 
 def centered(x: Array, w: Array | None, axis_name: AxisName) -> tuple[Array, Array, Array]:
@@ -198,33 +304,41 @@ def comoment(xc: Array, yc: Array | None, w: Array | None, axis_name: AxisName) 
 
 
 class CenteredMoments(NamedTuple):
-    """Second moments about the global (weighted) mean, summed over all shards (see :func:`centered_comoment`)."""
+    """Second moments about the global (weighted) mean, summed over all shards (see :func:`centered_comoment`).
+
+    From :func:`scaled_comoment` they are those of the scaled data ``x / 2**exp_x`` (and ``y / 2**exp_y``);
+    from :func:`centered_comoment` those of the data themselves (``exp_x``, ``exp_y`` are then zero).
+    """
 
     comoment: Array  # (d, e): sum_k w_k xc_k yc_k^T (symmetric (d, d) when y is None)
     sxx: Array | None  # (d,): sum_k w_k xc_k^2, with ``sumsq`` and a cross block
     syy: Array | None  # (e,)
     wsum: Array  # sum of weights (n unweighted)
+    exp_x: Array  # (d,) int32
+    exp_y: Array  # (e,) int32 (``exp_x`` when y is None)
 
 
-def centered_comoment(
+def scaled_comoment(
     x: Array, y: Array | None, w: Array | None, axis_name: AxisName, *, sumsq: bool = False
 ) -> CenteredMoments:
-    """Centred (co-)moments of raw data without materialising the centred copy (row blocks, :func:`block_rows`).
+    """Centred (co-)moments of the column-scaled data without materialising a centred copy (row blocks,
+    :func:`block_rows`).
 
-    Same numerics as :func:`centered` followed by :func:`comoment`: each block is centred as
-    ``(x - shift) - mean_d`` with the global shift and mean.
+    Each block is centred as :meth:`Frame.apply` with the global scale, shift and mean, so the sums are those of
+    :func:`scaled_centering` followed by :func:`comoment`; scaled entries are below 2 in magnitude, so nothing
+    over- or underflows whatever the magnitude of the data. Correlations are formed from these directly.
     """
-    sx, mx, wsum = centering(x, w, axis_name)
-    sy, my = (None, None) if y is None else centering(y, w, axis_name)[:2]
+    fx = scaled_centering(x, w, axis_name)
+    fy = None if y is None else scaled_centering(y, w, axis_name)
     d = x.shape[1]
     k = triangle_blocks(d)
 
     def block(xb: Array, yb: Array | None, wb: Array | None) -> dict[str, Any]:
-        xc = (xb - sx) - mx
+        xc = fx.apply(xb)
         xw = xc if wb is None else xc * wb[:, None]
         if yb is None:
             return {"c": gram_block_rows(xc, xw, k)}
-        yc = (yb - sy) - my
+        yc = fy.apply(yb)
         out = {"c": jnp.matmul(xw.T, yc, precision=PRECISION)}
         if sumsq:
             out["sxx"] = jnp.sum(xw * xc, axis=0)
@@ -234,7 +348,32 @@ def centered_comoment(
     width = d + (0 if y is None else y.shape[1])
     sums = psum(sum_over_row_blocks(block, x, y, w, rows=block_rows(width)), axis_name)
     c = assemble_gram(sums["c"], d) if y is None else sums["c"]
-    return CenteredMoments(c, sums.get("sxx"), sums.get("syy"), wsum)
+    return CenteredMoments(c, sums.get("sxx"), sums.get("syy"), fx.wsum, fx.exp, fx.exp if fy is None else fy.exp)
+
+
+def unscale_outer(c: Array, exp_x: Array, exp_y: Array) -> Array:
+    """``c_ij * 2**(exp_x_i + exp_y_j)`` for a ``(d, e)`` moment of scaled data (exact; see :func:`mul_pow2`)."""
+    return mul_pow2(c, exp_x[:, None] + exp_y[None, :])
+
+
+def centered_comoment(
+    x: Array, y: Array | None, w: Array | None, axis_name: AxisName, *, sumsq: bool = False
+) -> CenteredMoments:
+    """:func:`scaled_comoment` multiplied back to the units of the data (an entry overflows only when it must).
+
+    Divide by the normalisation before calling :func:`unscale_outer` yourself to keep covariances of huge data
+    representable; these sums of ``n`` products are returned as they are.
+    """
+    m = scaled_comoment(x, y, w, axis_name, sumsq=sumsq)
+    zx, zy = jnp.zeros_like(m.exp_x), jnp.zeros_like(m.exp_y)
+    return CenteredMoments(
+        unscale_outer(m.comoment, m.exp_x, m.exp_y),
+        None if m.sxx is None else mul_pow2(m.sxx, 2 * m.exp_x),
+        None if m.syy is None else mul_pow2(m.syy, 2 * m.exp_y),
+        m.wsum,
+        zx,
+        zy,
+    )
 
 
 def normalize_comoment(c: Array, sxx: Array, syy: Array, *, symmetric: bool) -> Array:

@@ -6,6 +6,13 @@ cross-correlations) are reduced with ``lax.psum`` so the value is the one of the
 reference implementations of Barlow Twins and VICReg do with their all-reduce/all-gather. Means are centred in two
 passes (shifted by a reference row), so float32 inputs with large offsets are safe.
 
+Scale: the data are divided by a power of two ``2**e > max |x|`` before any product (per column for the
+correlations, one for both columns of a concordance pair, one per call for the covariance-type regularisers), so the
+correlation losses hold their range at any magnitude of the data in the dtype's normal range; epsilons are applied
+in the same units, and the covariance-type values (DeCov, VICReg) are multiplied back exactly. The gradient flows
+through the exact scaled computation (the scale is a constant). float16/bfloat16 inputs are computed in float32
+and the loss is returned in their dtype.
+
 References:
   Lin. A Concordance Correlation Coefficient to Evaluate Reproducibility. Biometrics 1989.
   Cogswell, Ahmed, Girshick, Zitnick, Batra. Reducing Overfitting in Deep Networks by Decorrelating
@@ -24,7 +31,16 @@ import jax.numpy as jnp
 from jax import lax
 
 from corrjax._checks import as_columns
-from corrjax.stats._centered import PRECISION, AxisName, centered, centering, psum
+from corrjax.stats._centered import (
+    PRECISION,
+    AxisName,
+    column_exponent,
+    compute_dtype,
+    mul_pow2,
+    pow2,
+    psum,
+    scaled_centering,
+)
 from corrjax.stats._explicit import shard_rows
 from corrjax.stats.softsort import soft_rank
 
@@ -34,7 +50,8 @@ __all__ = ["barlow_twins_loss", "concordance_loss", "decov_loss", "pearson_loss"
 
 
 def _pair(x: Any, y: Any, xname: str, yname: str) -> tuple[Array, Array]:
-    """Both as ``(n, d)`` with a common float dtype; shapes must match exactly."""
+    """Both as ``(n, d)`` with a common float dtype (float32 for half precision: see :func:`_out`); shapes must
+    match exactly."""
     x2, _ = as_columns(x, xname)
     y2, _ = as_columns(y, yname)
     if x2.shape != y2.shape:
@@ -42,29 +59,46 @@ def _pair(x: Any, y: Any, xname: str, yname: str) -> tuple[Array, Array]:
             f"`{xname}` and `{yname}` must have the same shape (n,) or (n, d): "
             f"got {xname}.shape={tuple(jnp.shape(x))} and {yname}.shape={tuple(jnp.shape(y))}"
         )
-    dtype = jnp.promote_types(x2.dtype, y2.dtype)
+    dtype = compute_dtype(jnp.promote_types(x2.dtype, y2.dtype))
     return x2.astype(dtype), y2.astype(dtype)
+
+
+def _out(value: Array, *inputs: Any) -> Array:
+    """``value`` in the inputs' common float dtype (a half-precision input gets a half-precision loss)."""
+    dtypes = [jnp.asarray(a).dtype for a in inputs]
+    dt = jnp.result_type(*[d if jnp.issubdtype(d, jnp.floating) else jnp.result_type(float) for d in dtypes])
+    return value.astype(dt)
+
+
+def _scaled_eps(eps: Any, exp: Array, dtype: Any) -> Array:
+    """An epsilon in data units, expressed for data divided by ``2**exp`` (``eps * 2**-2exp``), capped far below
+    overflow (a cap only binds where ``eps`` dwarfs the variance anyway)."""
+    e = mul_pow2(jnp.asarray(eps, dtype), -2 * exp)
+    return jnp.minimum(e, jnp.asarray(jnp.finfo(dtype).max / 16, dtype))
 
 
 def _global_n(x: Array, axis_name: AxisName) -> int:
     return x.shape[0] * (1 if axis_name is None else lax.axis_size(axis_name))
 
 
-def _moments(x: Array, y: Array, axis_name: AxisName) -> tuple[Array, Array, Array, Array, int]:
+def _moments(x: Array, y: Array, axis_name: AxisName, *, common: bool) -> tuple[Array, ...]:
     """Per column: the mean difference ``mean_x - mean_y``, biased variances and covariance of ``x, y: (n, d)`` over
-    the (global) batch.
+    the (global) batch, for the data divided by ``2**exp_x`` and ``2**exp_y`` (returned last; ``common``: one
+    exponent per pair of columns, as the concordance needs).
 
     The mean difference is formed from the reference shifts and the shifted means, so a location shift of the size
     of the spread keeps its digits in float32 when the means are ~1e4 (the difference of two rounded means would not).
     """
     n = _global_n(x, axis_name)
-    shift_x, dmean_x, _ = centering(x, None, axis_name)
-    shift_y, dmean_y, _ = centering(y, None, axis_name)
-    xc, yc = (x - shift_x) - dmean_x, (y - shift_y) - dmean_y
+    ex, ey = column_exponent(x, axis_name), column_exponent(y, axis_name)
+    if common:
+        ex = ey = jnp.maximum(ex, ey)
+    fx, fy = scaled_centering(x, None, axis_name, exp=ex), scaled_centering(y, None, axis_name, exp=ey)
+    xc, yc = fx.apply(x), fy.apply(y)
     sxx = psum(jnp.sum(xc * xc, axis=0), axis_name) / n
     syy = psum(jnp.sum(yc * yc, axis=0), axis_name) / n
     sxy = psum(jnp.sum(xc * yc, axis=0), axis_name) / n
-    return (shift_x - shift_y) + (dmean_x - dmean_y), sxx, syy, sxy, n
+    return (fx.shift - fy.shift) + (fx.mean - fy.mean), sxx, syy, sxy, ex, ey
 
 
 @shard_rows("pred", "target")
@@ -72,7 +106,8 @@ def pearson_loss(pred: Any, target: Any, *, eps: float = 0.0, axis_name: AxisNam
     """``1 - r``, with ``r`` Pearson's correlation between ``pred`` and ``target`` over the batch.
 
     ``r = cov(pred, target) / sqrt((var(pred) + eps)(var(target) + eps))`` with biased (1/n) moments. For ``(n, d)``
-    inputs the loss is the mean over the ``d`` columns of ``1 - r_j``. Values lie in ``[0, 2]``.
+    inputs the loss is the mean over the ``d`` columns of ``1 - r_j``. Values lie in ``[0, 2]`` (``r`` is clipped
+    to [-1, 1]) at any magnitude of the data; half-precision inputs are computed in float32.
 
     Args:
       pred, target: ``(n,)`` or ``(n, d)`` of the same shape.
@@ -80,9 +115,10 @@ def pearson_loss(pred: Any, target: Any, *, eps: float = 0.0, axis_name: AxisNam
       axis_name: reduce the batch statistics over this mapped axis (data-parallel batch).
     """
     x, y = _pair(pred, target, "pred", "target")
-    _, sxx, syy, sxy, _ = _moments(x, y, axis_name)
-    r = sxy / jnp.sqrt((sxx + eps) * (syy + eps))
-    return jnp.mean(1 - r)
+    _, sxx, syy, sxy, ex, ey = _moments(x, y, axis_name, common=False)
+    den = jnp.sqrt(sxx + _scaled_eps(eps, ex, x.dtype)) * jnp.sqrt(syy + _scaled_eps(eps, ey, x.dtype))
+    r = jnp.clip(sxy / den, -1.0, 1.0)
+    return _out(jnp.mean(1 - r), pred, target)
 
 
 @shard_rows("pred", "target")
@@ -90,22 +126,27 @@ def concordance_loss(pred: Any, target: Any, *, axis_name: AxisName = None) -> A
     """``1 - CCC``, Lin's concordance correlation coefficient (Lin, 1989) over the batch.
 
     ``CCC = 2 s_xy / (s_x² + s_y² + (m_x - m_y)²)`` with biased (1/n) moments; it penalises both poor correlation
-    and shifts in location or scale. For ``(n, d)`` inputs, the mean over columns. NaN only when both columns are
-    constant and equal.
+    and shifts in location or scale. For ``(n, d)`` inputs, the mean over columns. Values lie in ``[0, 2]`` at any
+    magnitude of the data. NaN only when both columns are constant and equal.
 
     Args:
       pred, target: ``(n,)`` or ``(n, d)`` of the same shape.
       axis_name: reduce the batch statistics over this mapped axis.
     """
     x, y = _pair(pred, target, "pred", "target")
-    dmean, sxx, syy, sxy, _ = _moments(x, y, axis_name)
-    ccc = 2 * sxy / (sxx + syy + dmean**2)
-    return jnp.mean(1 - ccc)
+    dmean, sxx, syy, sxy, _, _ = _moments(x, y, axis_name, common=True)
+    ccc = jnp.clip(2 * sxy / (sxx + syy + dmean**2), -1.0, 1.0)
+    return _out(jnp.mean(1 - ccc), pred, target)
 
 
 def _features(z: Any, name: str) -> Array:
     arr, _ = as_columns(z, name)
-    return arr
+    return arr.astype(compute_dtype(arr.dtype))
+
+
+def _scaled(z: Array, exp: Array, axis_name: AxisName) -> Array:
+    """The centred ``z / 2**exp`` over the (global) batch."""
+    return scaled_centering(z, None, axis_name, exp=exp).apply(z)
 
 
 @shard_rows("h")
@@ -121,9 +162,10 @@ def decov_loss(h: Any, *, axis_name: AxisName = None) -> Array:
     """
     x = _features(h, "h")
     n = _global_n(x, axis_name)
-    xc = centered(x, None, axis_name)[0]
+    e = column_exponent(x, axis_name, axes=None)  # one scale: the loss is a fourth power of the data
+    xc = _scaled(x, e, axis_name)
     c = psum(jnp.matmul(xc.T, xc, precision=PRECISION), axis_name) / n
-    return 0.5 * (jnp.sum(c * c) - jnp.sum(jnp.diagonal(c) ** 2))
+    return _out(mul_pow2(0.5 * (jnp.sum(c * c) - jnp.sum(jnp.diagonal(c) ** 2)), 4 * e, parts=8), h)
 
 
 def _check_views(z1: Any, z2: Any) -> tuple[Array, Array]:
@@ -155,16 +197,17 @@ def barlow_twins_loss(
     a, b = _check_views(z1, z2)
     n = _global_n(a, axis_name)
 
-    def standardise(z):
-        zc = centered(z, None, axis_name)[0]
+    def standardise(z):  # per feature, on the feature divided by a power of two (eps in the same units)
+        e = column_exponent(z, axis_name)
+        zc = _scaled(z, e, axis_name)
         var = psum(jnp.sum(zc * zc, axis=0), axis_name) / n
-        return zc / jnp.sqrt(var + eps)
+        return zc / jnp.sqrt(var + _scaled_eps(eps, e, z.dtype))
 
     c = psum(jnp.matmul(standardise(a).T, standardise(b), precision=PRECISION), axis_name) / n
     diag = jnp.diagonal(c)
     on = jnp.sum((1 - diag) ** 2)
     off = jnp.sum(c * c) - jnp.sum(diag * diag)
-    return on + lambda_offdiag * off
+    return _out(on + lambda_offdiag * off, z1, z2)
 
 
 def vicreg_loss(
@@ -197,21 +240,27 @@ def vicreg_loss(
     """
     a, b = _check_views(z1, z2)
     n, d = _global_n(a, axis_name), a.shape[1]
-    diff = a - b
-    invariance = psum(jnp.sum(diff * diff), axis_name) / (n * d)
+    # One power of two for both views (the terms are in data units): every product is of the scaled data, and each
+    # term is multiplied back exactly, so it over- or underflows only when its value does.
+    e = jnp.maximum(column_exponent(a, axis_name, axes=None), column_exponent(b, axis_name, axes=None))
+    inv = pow2(-e, a.dtype)
+    diff = a * inv - b * inv
+    invariance = mul_pow2(psum(jnp.sum(diff * diff), axis_name) / (n * d), 2 * e)
+    eps_s = _scaled_eps(eps, e, a.dtype)
 
     def var_cov(z):
-        zc = centered(z, None, axis_name)[0]
+        zc = _scaled(z, e, axis_name)
         cov = psum(jnp.matmul(zc.T, zc, precision=PRECISION), axis_name) / (n - 1)
         var = jnp.diagonal(cov)
-        std = jnp.sqrt(var + eps)
+        std = mul_pow2(jnp.sqrt(var + eps_s), e)
         v = jnp.mean(jax.nn.relu(gamma - std))
-        c = (jnp.sum(cov * cov) - jnp.sum(var * var)) / d
+        c = mul_pow2((jnp.sum(cov * cov) - jnp.sum(var * var)) / d, 4 * e, parts=8)
         return v, c
 
     va, ca = var_cov(a)
     vb, cb = var_cov(b)
-    return invariance_weight * invariance + variance_weight * (va + vb) / 2 + covariance_weight * (ca + cb)
+    loss = invariance_weight * invariance + variance_weight * (va + vb) / 2 + covariance_weight * (ca + cb)
+    return _out(loss, z1, z2)
 
 
 def _average_ranks(t: Array) -> Array:
@@ -252,10 +301,11 @@ def spearman_loss(
         the whole batch) and every shard returns the global loss, whose gradient flows back to each shard.
     """
     x, y = _pair(pred, target, "pred", "target")
+    out_dtype = _out(jnp.zeros(()), pred, target).dtype
     if axis_name is not None:
         # Invariant gathers: the loss is the same value on every shard and each shard's gradient is its own slice.
         x = lax.all_gather(x, axis_name, axis=0, tiled=True, to="invarying")
         y = lax.all_gather(y, axis_name, axis=0, tiled=True, to="invarying")
     rx = soft_rank(x, regularization_strength=regularization_strength, regularization=regularization, axis=0)
     ry = jax.vmap(_average_ranks, in_axes=1, out_axes=1)(lax.stop_gradient(y))
-    return pearson_loss(rx, ry)
+    return pearson_loss(rx, ry).astype(out_dtype)

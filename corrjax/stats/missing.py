@@ -11,7 +11,10 @@ and the pairwise-centred sums follow as ``Sxy - Sx Sy / N`` (and ``Sxx - Sx^2 / 
 over row blocks (``_centered.sum_over_row_blocks``), so the mask and the shifted copy are never materialised whole.
 The shift is, per column, an observed value near the column's centre (see ``_shift``), so the sums are of deviations
 of size ~spread (no float32 cancellation when the mean is far larger than the spread, and integer-valued data stay
-exact).
+exact). Before the products every column is divided by a power of two ``2**e > max |x|`` (over its finite entries,
+the same on every shard), so the sums neither over- nor underflow at any magnitude of the data; the division is
+exact, correlations are scale-free and covariances are multiplied back after the normalisation
+(``_centered.unscale_outer``). float16/bfloat16 input is computed in float32 and returned in its dtype.
 """
 
 from __future__ import annotations
@@ -28,10 +31,14 @@ from corrjax.stats._centered import (
     AxisName,
     axis_size,
     block_rows,
+    column_exponent,
+    compute_dtype,
     linear_index,
+    pow2,
     psum,
     squeeze_1d,
     sum_over_row_blocks,
+    unscale_outer,
 )
 from corrjax.stats._explicit import shard_rows
 
@@ -79,10 +86,11 @@ def _shift(x: Array, mask: Array, axis_name: AxisName) -> Array:
     return lax.stop_gradient(jnp.where(has_head, head_value, fallback))
 
 
-def _masked(x: Array, shift: Array) -> tuple[Array, Array]:
-    """``(x0, m)``: the shifted data with missing entries 0, and the observed-mask as ``x``'s dtype."""
+def _masked(x: Array, inv: Array, shift: Array) -> tuple[Array, Array]:
+    """``(x0, m)``: the scaled shifted data ``x * inv - shift`` with missing entries 0, and the observed-mask as
+    ``x``'s dtype (``shift`` is already scaled)."""
     mask = jnp.isfinite(x)
-    return jnp.where(mask, x - shift, jnp.zeros_like(x)), mask.astype(x.dtype)
+    return jnp.where(mask, x * inv - shift, jnp.zeros_like(x)), mask.astype(x.dtype)
 
 
 def _mm(a: Array, b: Array) -> Array:
@@ -96,15 +104,20 @@ def _pairwise_sums(x: Any, y: Any, axis_name: AxisName, need_var: bool):
     else:
         y2, y1 = as_columns(y, "y")
         check_same_n(x2, y2)
-    dtype = x2.dtype if y2 is None else jnp.result_type(x2.dtype, y2.dtype)
+    out_dtype = x2.dtype if y2 is None else jnp.result_type(x2.dtype, y2.dtype)
+    dtype = compute_dtype(out_dtype)
     x2 = x2.astype(dtype)
     y2 = None if y2 is None else y2.astype(dtype)
-    shift_x = _shift(x2, jnp.isfinite(x2), axis_name)
-    shift_y = None if y2 is None else _shift(y2, jnp.isfinite(y2), axis_name)
+    exp_x = column_exponent(x2, axis_name)
+    exp_y = exp_x if y2 is None else column_exponent(y2, axis_name)
+    inv_x, inv_y = pow2(-exp_x, dtype), pow2(-exp_y, dtype)
+    # The shift of the scaled data (a scaled data value: exact), so the head mean near the top of the range is finite.
+    shift_x = _shift(x2 * inv_x, jnp.isfinite(x2), axis_name)
+    shift_y = None if y2 is None else _shift(y2 * inv_y, jnp.isfinite(y2), axis_name)
 
     def block(xb: Array, yb: Array | None) -> dict[str, Array]:
-        x0, mx = _masked(xb, shift_x)
-        y0, my = (x0, mx) if yb is None else _masked(yb, shift_y)
+        x0, mx = _masked(xb, inv_x, shift_x)
+        y0, my = (x0, mx) if yb is None else _masked(yb, inv_y, shift_y)
         sums = {"n": _mm(mx, my), "sx": _mm(x0, my), "sxy": _mm(x0, y0)}
         if yb is not None:
             sums["sy"] = _mm(mx, y0)
@@ -120,7 +133,7 @@ def _pairwise_sums(x: Any, y: Any, axis_name: AxisName, need_var: bool):
     sy = sx.T if y2 is None else s["sy"]
     safe_n = jnp.where(n > 0, n, 1.0)
     cxy = s["sxy"] - sx * sy / safe_n
-    out = {"n": n, "cxy": cxy, "x1": x1, "y1": y1, "sym": y2 is None}
+    out = {"n": n, "cxy": cxy, "x1": x1, "y1": y1, "sym": y2 is None, "exp": (exp_x, exp_y), "dtype": out_dtype}
     if need_var:
         sxx = s["sxx"]
         syy = sxx.T if y2 is None else s["syy"]
@@ -150,7 +163,9 @@ def nancov(x: Any, y: Any = None, *, ddof: int = 1, min_periods: int = 1, axis_n
       axis_name: mapped axis over which the rows are sharded.
 
     Returns:
-      ``(d, d)``/``(d, e)`` (1-D axes dropped); NaN where ``N_ij < min_periods`` or ``N_ij - ddof <= 0``.
+      ``(d, d)``/``(d, e)`` (1-D axes dropped); NaN where ``N_ij < min_periods`` or ``N_ij - ddof <= 0``. An
+      entry over- or underflows only when its value is outside the dtype's range; float16/bfloat16 input is
+      computed in float32 and returned in its dtype.
     """
     check_ddof(ddof)
     minp = _check_min_periods(min_periods)
@@ -161,7 +176,8 @@ def nancov(x: Any, y: Any = None, *, ddof: int = 1, min_periods: int = 1, axis_n
     c = jnp.where(ok, cxy / jnp.where(ok, denom, 1.0), jnp.nan)
     if s["sym"]:
         c = 0.5 * (c + c.T)
-    return squeeze_1d(c, s["x1"], s["y1"])
+    c = unscale_outer(c, *s["exp"])  # after the division: overflows only when the covariance does
+    return squeeze_1d(c.astype(s["dtype"]), s["x1"], s["y1"])
 
 
 @shard_rows("x", "y")
@@ -179,7 +195,9 @@ def nancorrcoef(x: Any, y: Any = None, *, min_periods: int = 1, axis_name: AxisN
 
     Returns:
       ``(d, d)``/``(d, e)`` (1-D axes dropped), clipped to [-1, 1], unit diagonal where defined; NaN where
-      ``N_ij < min_periods`` or either column is constant on the shared rows.
+      ``N_ij < min_periods`` or either column is constant on the shared rows. Columns are scaled by powers of two
+      before the products, so any magnitude in the dtype's normal range works; float16/bfloat16 input is computed
+      in float32 and returned in its dtype.
     """
     minp = _check_min_periods(min_periods)
     s = _pairwise_sums(x, y, axis_name, need_var=True)
@@ -191,4 +209,4 @@ def nancorrcoef(x: Any, y: Any = None, *, min_periods: int = 1, axis_name: AxisN
         r = 0.5 * (r + r.T)
         eye = jnp.eye(r.shape[0], dtype=bool)
         r = jnp.where(eye & ~jnp.isnan(r), jnp.ones_like(r), r)
-    return squeeze_1d(r, s["x1"], s["y1"])
+    return squeeze_1d(r.astype(s["dtype"]), s["x1"], s["y1"])

@@ -19,13 +19,15 @@ from jax.scipy import special
 from corrjax._checks import as_columns, as_float_array, check_ddof, check_same_n
 from corrjax.stats._centered import (
     AxisName,
-    centered,
-    centered_comoment,
-    centering,
+    column_exponent,
+    compute_dtype,
     global_n,
     normalize_comoment,
     psum,
+    scaled_centering,
+    scaled_comoment,
     squeeze_1d,
+    unscale_outer,
 )
 from corrjax.stats._explicit import shard_rows
 
@@ -74,13 +76,20 @@ def _weights(n: int, fweights: Any, aweights: Any, dtype: Any) -> tuple[Array | 
 
 
 def _prepare(x: Any, y: Any) -> tuple[Array, bool, Array | None, bool]:
+    """Both as ``(n, d)`` columns in the common dtype in which they are computed (float32 for half precision)."""
     x2, x1 = as_columns(x, "x")
     if y is None:
-        return x2, x1, None, x1
+        return x2.astype(compute_dtype(x2.dtype)), x1, None, x1
     y2, y1 = as_columns(y, "y")
     check_same_n(x2, y2)
-    dtype = jnp.result_type(x2.dtype, y2.dtype)
+    dtype = compute_dtype(jnp.result_type(x2.dtype, y2.dtype))
     return x2.astype(dtype), x1, y2.astype(dtype), y1
+
+
+def _out_dtype(x: Any, y: Any = None) -> Any:
+    """The dtype results are returned in: the inputs' common float dtype (half precision stays half)."""
+    dt = as_float_array(x, "x").dtype
+    return dt if y is None else jnp.result_type(dt, as_float_array(y, "y").dtype)
 
 
 @shard_rows("x", "y", "fweights", "aweights")
@@ -107,12 +116,16 @@ def cov(
 
     Returns:
       ``(d, d)`` (or ``(d, e)``); axes of 1-D inputs are dropped, so two vectors give a scalar. Entries are NaN when
-      the normalisation ``n - ddof`` (weighted: numpy's factor) is not positive. NaN input propagates.
+      the normalisation ``n - ddof`` (weighted: numpy's factor) is not positive. NaN input propagates. The
+      products are formed from column-scaled data and multiplied back at the end, so an entry over- or underflows
+      only when its value is outside the dtype's range; float16/bfloat16 input is accumulated in float32 and the
+      result returned in the input dtype.
     """
     check_ddof(ddof)
+    out_dtype = _out_dtype(x, y)
     x2, x1, y2, y1 = _prepare(x, y)
     w, aw = _weights(x2.shape[0], fweights, aweights, x2.dtype)
-    m = centered_comoment(x2, y2, w, axis_name)
+    m = scaled_comoment(x2, y2, w, axis_name)
     c, wsum = m.comoment, m.wsum
     if y2 is None:
         c = 0.5 * (c + c.T)  # exactly symmetric
@@ -120,7 +133,8 @@ def cov(
     correction = 1.0 if aw is None or ddof == 0 else psum(jnp.sum(w * aw), axis_name) / wsum
     fact = wsum - ddof * correction
     c = c * jnp.where(fact > 0, 1.0 / jnp.where(fact > 0, fact, 1.0), jnp.nan).astype(c.dtype)
-    return squeeze_1d(c, x1, y1)
+    c = unscale_outer(c, m.exp_x, m.exp_y)  # after the division: overflows only when the covariance does
+    return squeeze_1d(c.astype(out_dtype), x1, y1)
 
 
 @shard_rows("x", "y", "fweights", "aweights")
@@ -146,17 +160,21 @@ def corrcoef(
     Returns:
       ``(d, d)`` or ``(d, e)`` (1-D axes dropped), clipped to [-1, 1], with an exact unit diagonal for ``y=None``.
       Entries involving a zero-variance column are NaN (numpy gives NaN with a warning); NaN input propagates.
+      Each column is scaled by a power of two before the products, so any non-constant data between the smallest
+      and the largest normal number of the dtype give the correlation; float16/bfloat16 input is accumulated in
+      float32 and the result returned in the input dtype.
     """
+    out_dtype = _out_dtype(x, y)
     x2, x1, y2, y1 = _prepare(x, y)
     w, _ = _weights(x2.shape[0], fweights, aweights, x2.dtype)
-    m = centered_comoment(x2, y2, w, axis_name, sumsq=True)
+    m = scaled_comoment(x2, y2, w, axis_name, sumsq=True)
     if y2 is None:
         c = 0.5 * (m.comoment + m.comoment.T)
         var = jnp.diagonal(c)
         r = normalize_comoment(c, var, var, symmetric=True)
     else:
         r = normalize_comoment(m.comoment, m.sxx, m.syy, symmetric=False)
-    return squeeze_1d(r, x1, y1)
+    return squeeze_1d(r.astype(out_dtype), x1, y1)
 
 
 def _broadcast_pair(x: Any, y: Any, axis: int) -> tuple[Array, Array]:
@@ -201,13 +219,17 @@ def pearsonr(x: Any, y: Any, *, axis: int = 0, axis_name: AxisName = None) -> Pe
     Returns:
       ``PearsonRResult(statistic, pvalue)`` with the broadcast shape minus ``axis``. A constant input gives NaN for
       both; ``n == 2`` gives ``r = +-1`` and ``p = 1`` as scipy. Use :func:`fisher_z_ci` for a confidence interval.
+      Each variable is scaled by a power of two before the products (any magnitude of non-constant data in the
+      dtype's normal range works); float16/bfloat16 input is computed in float32 and returned in its dtype.
     """
     xa, ya = _broadcast_pair(x, y, axis)
+    out_dtype = xa.dtype
+    xa, ya = xa.astype(compute_dtype(out_dtype)), ya.astype(compute_dtype(out_dtype))
     n = global_n(xa.shape[0], axis_name)
     if n < 2:
         raise ValueError(f"`x` and `y` need at least 2 observations along axis {axis}, got {n}")
-    xc, _, _ = centered(xa, None, axis_name)
-    yc, _, _ = centered(ya, None, axis_name)
+    fx, fy = scaled_centering(xa, None, axis_name), scaled_centering(ya, None, axis_name)
+    xc, yc = fx.apply(xa), fy.apply(ya)
     sxy = psum(jnp.sum(xc * yc, axis=0), axis_name)
     sxx = psum(jnp.sum(xc * xc, axis=0), axis_name)
     syy = psum(jnp.sum(yc * yc, axis=0), axis_name)
@@ -218,10 +240,10 @@ def pearsonr(x: Any, y: Any, *, axis: int = 0, axis_name: AxisName = None) -> Pe
     if n == 2:
         r = jnp.round(r)
         p = jnp.where(jnp.isnan(r), jnp.nan, jnp.ones_like(r))
-        return PearsonRResult(r, p)
+        return PearsonRResult(r.astype(out_dtype), p.astype(out_dtype))
     p = _pearson_pvalue(_nan_to_zero(r), n)
     p = jnp.where(jnp.isnan(r), jnp.nan, jnp.clip(p, 0.0, 1.0))
-    return PearsonRResult(r, p)
+    return PearsonRResult(r.astype(out_dtype), p.astype(out_dtype))
 
 
 # Above this many observations, float32 p-values use the normal approximation below: XLA's float32 betainc loses
@@ -259,17 +281,21 @@ def fisher_z_ci(statistic: Any, n: Any, *, confidence_level: float = 0.95) -> Co
       statistic: Pearson ``r`` (any shape).
       n: number of observations (scalar or broadcastable to ``statistic``).
       confidence_level: in (0, 1).
+
+    float16/bfloat16 ``statistic`` is computed in float32 and the interval returned in its dtype.
     """
     if not 0.0 < float(confidence_level) < 1.0:
         raise ValueError(f"`confidence_level` must be in (0, 1), got {confidence_level}")
     r = as_float_array(statistic, "statistic")
+    out_dtype = r.dtype
+    r = r.astype(compute_dtype(out_dtype))
     n = jnp.asarray(n, r.dtype)
     h = special.ndtri(jnp.asarray(0.5 + confidence_level / 2.0, r.dtype))
     zr = jnp.arctanh(r)
     se = 1.0 / jnp.sqrt(jnp.where(n > 3, n - 3, 1.0))
     small = n <= 3
-    low = jnp.where(small, -1.0, jnp.tanh(zr - h * se)).astype(r.dtype)
-    high = jnp.where(small, 1.0, jnp.tanh(zr + h * se)).astype(r.dtype)
+    low = jnp.where(small, -1.0, jnp.tanh(zr - h * se)).astype(out_dtype)
+    high = jnp.where(small, 1.0, jnp.tanh(zr + h * se)).astype(out_dtype)
     return ConfidenceInterval(low, high)
 
 
@@ -286,22 +312,28 @@ def concordance(x: Any, y: Any, *, axis_name: AxisName = None) -> Array:
       axis_name: mapped axis over which the rows are sharded.
 
     Returns:
-      ``(d,)`` (a scalar for two 1-D inputs). NaN when both columns are constant and equal (0/0).
+      ``(d,)`` (a scalar for two 1-D inputs), in [-1, 1]. NaN when both columns are constant and equal (0/0).
+      Each pair of columns is scaled by one common power of two before the products (the coefficient is not
+      invariant to scaling them apart), so any magnitude in the dtype's normal range works; float16/bfloat16
+      input is computed in float32 and returned in its dtype.
     """
+    out_dtype = _out_dtype(x, y)
     x2, x1, y2, y1 = _prepare(x, y)
     if x2.shape[1] != y2.shape[1] and 1 not in (x2.shape[1], y2.shape[1]):
         raise ValueError(f"`x` and `y` must have the same number of columns, got {x2.shape} and {y2.shape}")
     n = jnp.asarray(global_n(x2.shape[0], axis_name), x2.dtype)
-    shift_x, dmean_x, _ = centering(x2, None, axis_name)
-    shift_y, dmean_y, _ = centering(y2, None, axis_name)
-    xc, yc = (x2 - shift_x) - dmean_x, (y2 - shift_y) - dmean_y
+    shape = (x2.shape[0], max(x2.shape[1], y2.shape[1]))  # a single column pairs with each of d
+    x2, y2 = jnp.broadcast_to(x2, shape), jnp.broadcast_to(y2, shape)
+    exp = jnp.maximum(column_exponent(x2, axis_name), column_exponent(y2, axis_name))  # one scale per pair
+    fx, fy = scaled_centering(x2, None, axis_name, exp=exp), scaled_centering(y2, None, axis_name, exp=exp)
+    xc, yc = fx.apply(x2), fy.apply(y2)
     # mean_x - mean_y from the shifts and the shifted means: the difference of two rounded means ~1e4 would lose the
     # digits of a location shift of size ~spread in float32.
-    dmean = (shift_x - shift_y) + (dmean_x - dmean_y)
+    dmean = (fx.shift - fy.shift) + (fx.mean - fy.mean)
     sxy = psum(jnp.sum(xc * yc, axis=0), axis_name) / n
     sxx = psum(jnp.sum(xc * xc, axis=0), axis_name) / n
     syy = psum(jnp.sum(yc * yc, axis=0), axis_name) / n
-    out = 2.0 * sxy / (sxx + syy + dmean**2)
+    out = jnp.clip(2.0 * sxy / (sxx + syy + dmean**2), -1.0, 1.0).astype(out_dtype)
     return out[0] if (x1 and y1) else out
 
 
@@ -317,10 +349,14 @@ def partial_corr(x: Any, *, axis_name: AxisName = None) -> Array:
       axis_name: mapped axis over which the rows are sharded.
 
     Returns:
-      ``(d, d)``, clipped to [-1, 1], unit diagonal where defined; rows of zero-variance columns are NaN.
+      ``(d, d)``, clipped to [-1, 1], unit diagonal where defined; rows of zero-variance columns are NaN. The
+      co-moments are those of column-scaled data (any magnitude in the dtype's normal range works);
+      float16/bfloat16 input is computed in float32 and the result returned in its dtype.
     """
     x2, _ = as_columns(x, "x")
-    c = cov(x2, axis_name=axis_name)
+    out_dtype = x2.dtype
+    m = scaled_comoment(x2.astype(compute_dtype(out_dtype)), None, None, axis_name)
+    c = 0.5 * (m.comoment + m.comoment.T)  # scaled co-moments: the correlation matrix below is scale-free
     var = jnp.diagonal(c)
     # A zero-variance variable is set apart as an identity row/column, so the pseudo-inverse of the others is exact
     # (a zero row left in would pick up rounding noise from the eigensolver and give garbage, not NaN); its row and
@@ -335,4 +371,4 @@ def partial_corr(x: Any, *, axis_name: AxisName = None) -> Array:
     p = 0.5 * (p + p.T)
     dp = jnp.diagonal(p)
     out = normalize_comoment(-p, dp, dp, symmetric=True)
-    return jnp.where(apart, jnp.full_like(out, jnp.nan), out)
+    return jnp.where(apart, jnp.full_like(out, jnp.nan), out).astype(out_dtype)

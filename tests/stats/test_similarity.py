@@ -215,7 +215,10 @@ def test_minibatch_cka_is_ratio_of_summed_hsic1_unequal_batches():
         sums_xx += [hsic_unbiased(k, k) for k in kx]
         sums_yy += [hsic_unbiased(g, g) for g in ky]
     assert int(state.count) == 3
-    np.testing.assert_allclose(state.hsic_xy, sums_xy, rtol=1e-4, atol=1e-4)
+    # The state holds the sums of the activations divided by 2**exp (per layer): multiply them back.
+    ex, ey = np.asarray(state.exp_x), np.asarray(state.exp_y)
+    unscaled = np.ldexp(np.asarray(state.hsic_xy, np.float64), 2 * ex[:, None] + 2 * ey[None, :])
+    np.testing.assert_allclose(unscaled, sums_xy, rtol=1e-4, atol=1e-4)
     expect = sums_xy / np.sqrt(sums_xx[:, None] * sums_yy[None, :])
     np.testing.assert_allclose(cka_finalize(state), expect, rtol=1e-4, atol=1e-6)
 

@@ -122,7 +122,7 @@ def test_state_is_a_pytree_that_vmaps():
     for b in range(5):
         np.testing.assert_allclose(out[b], np.cov(np.asarray(xb[b]), rowvar=False), rtol=1e-5, atol=1e-6)
     leaves = jax.tree_util.tree_leaves(cs.cov_init(2, 3))
-    assert len(leaves) == 8
+    assert len(leaves) == 10  # 8 statistics and the two per-column scale exponents
 
 
 def test_cross_state_correlation_of_affine_float32_columns_is_clipped():
