@@ -104,7 +104,7 @@ def _average_ranks(g: Array, start: Array, end: Array) -> Array:
     """``(lo, hi)`` in sorted coordinates for ``g`` (.., n), 0/1 flags in sorted order, and tie runs ``[start, end]``:
     the flagged entries before each entry's tie run and up to its end, so the average rank among the flagged
     entries is ``lo + (hi - lo + 1) / 2`` (callers mask the unflagged entries)."""
-    c = jnp.cumsum(g, axis=-1, dtype=jnp.int32)
+    c = lax.associative_scan(jnp.add, g, axis=g.ndim - 1)  # XLA:CPU cumsum is ~5x slower (reduce-window)
     lo = jnp.take_along_axis(c - g, jnp.broadcast_to(start, c.shape), axis=-1)
     hi = jnp.take_along_axis(c, jnp.broadcast_to(end, c.shape), axis=-1)
     return lo, hi
