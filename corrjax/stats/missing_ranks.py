@@ -19,7 +19,7 @@ on its complete rows by masking:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -86,18 +86,28 @@ def pearsonr_omit(xa: Array, ya: Array, alternative: str, axis_name: AxisName) -
     return r, p
 
 
-class _SortInfo:
+class _SortInfo(NamedTuple):
     """Per column (rows of the transposed ``(k, n)`` data): the sort permutation, its inverse, the tie runs in
-    sorted coordinates and the observed mask in sorted order."""
+    sorted coordinates and the observed mask in row and in sorted order."""
 
-    def __init__(self, cols: Array, observed: Array):
+    perm: Array
+    inv: Array
+    start: Array
+    end: Array
+    obs: Array
+    obs_sorted: Array
+
+    @classmethod
+    def of(cls, cols: Array, observed: Array) -> _SortInfo:
         keys = _sorting.order_key(cols)  # (k, n)
-        self.perm = _sorting.stable_argsort(keys)
-        self.inv = _sorting.invert_permutation(self.perm)
-        sk = jnp.take_along_axis(keys, self.perm, axis=-1)
-        self.start, self.end = _sorting.runs(_sorting.run_starts(sk))
-        self.obs = observed  # (k, n) in row order
-        self.obs_sorted = jnp.take_along_axis(observed, self.perm, axis=-1)
+        perm = _sorting.stable_argsort(keys)
+        sk = jnp.take_along_axis(keys, perm, axis=-1)
+        start, end = _sorting.runs(_sorting.run_starts(sk))
+        obs_sorted = jnp.take_along_axis(observed, perm, axis=-1)
+        return cls(perm, _sorting.invert_permutation(perm), start, end, observed, obs_sorted)
+
+    def columns(self, idx: Array) -> _SortInfo:
+        return _SortInfo(*(a[idx] for a in self))
 
 
 def _average_ranks(g: Array, start: Array, end: Array) -> Array:
@@ -140,17 +150,51 @@ def pairwise_spearman(
     are NaN where a column is constant on the shared rows or ``N_ij < 2``; the diagonal is 1 where defined.
     """
     xt = x2.T
-    xs = _SortInfo(xt, observed(xt))
-    ys = xs if y2 is None else _SortInfo(y2.T, observed(y2.T))
-    sxy, sxx, syy, count = lax.map(lambda i: _spearman_row(i, xs, ys, dtype), jnp.arange(x2.shape[1]))
+    d = xt.shape[0]
+    xs = _SortInfo.of(xt, observed(xt))
+    if y2 is not None:
+        ys = _SortInfo.of(y2.T, observed(y2.T))
+        sxy, sxx, syy, count = lax.map(lambda i: _spearman_row(i, xs, ys, dtype), jnp.arange(d))
+        return _rho(sxy, sxx, syy, count, dtype), count
+    if d < 4:
+        sxy, sxx, syy, count = lax.map(lambda i: _spearman_row(i, xs, xs, dtype), jnp.arange(d))
+        rho = _rho(sxy, sxx, syy, count, dtype)
+        rho = 0.5 * (rho + rho.T)
+    else:
+        # Each unordered pair once (at cyclic distance 1..d//2; for even d the pairs at distance d/2 twice): row i
+        # is paired with columns i+1, ..., i+d//2 (mod d), about half the work of the full matrix.
+        h = d // 2
+
+        def row(i: Array) -> tuple[Array, ...]:
+            idx = (i + 1 + jnp.arange(h)) % d
+            return _spearman_row(i, xs, xs.columns(idx), dtype)
+
+        sxy, sxx, syy, cnt = lax.map(row, jnp.arange(d))
+        half = _rho(sxy, sxx, syy, cnt, dtype)  # (d, h)
+        ii = np.repeat(np.arange(d), h)
+        jj = (ii + 1 + np.tile(np.arange(h), d)) % d
+        rho = jnp.full((d, d), jnp.nan, dtype).at[ii, jj].set(half.reshape(-1)).at[jj, ii].set(half.reshape(-1))
+        count = jnp.zeros((d, d), jnp.int32).at[ii, jj].set(cnt.reshape(-1)).at[jj, ii].set(cnt.reshape(-1))
+        # The diagonal: the column's observed count, and rho = 1 where it has two distinct observed values.
+        nobs = jnp.sum(xs.obs, axis=-1, dtype=jnp.int32)
+        keys = _sorting.order_key(xt)
+        top = jnp.asarray(np.iinfo(keys.dtype).max, keys.dtype)
+        kmin = jnp.min(jnp.where(xs.obs, keys, top), axis=-1)
+        kmax = jnp.max(jnp.where(xs.obs, keys, jnp.zeros_like(keys)), axis=-1)
+        varied = kmax > kmin
+        diag = jnp.where(varied & (nobs >= 2), 1.0, jnp.nan).astype(dtype)
+        eye = np.arange(d)
+        rho = rho.at[eye, eye].set(diag)
+        count = count.at[eye, eye].set(nobs)
+        return rho, count
+    eye = jnp.eye(d, dtype=bool)
+    return jnp.where(eye & ~jnp.isnan(rho), jnp.ones_like(rho), rho), count
+
+
+def _rho(sxy: Array, sxx: Array, syy: Array, count: Array, dtype: Any) -> Array:
     ok = (sxx > 0) & (syy > 0) & (count >= 2)
     den = jnp.sqrt(jnp.where(ok, sxx, 1.0)) * jnp.sqrt(jnp.where(ok, syy, 1.0))
-    rho = jnp.where(ok, jnp.clip(sxy / den, -1.0, 1.0), jnp.nan).astype(dtype)
-    if y2 is None:
-        rho = 0.5 * (rho + rho.T)
-        eye = jnp.eye(rho.shape[0], dtype=bool)
-        rho = jnp.where(eye & ~jnp.isnan(rho), jnp.ones_like(rho), rho)
-    return rho, count
+    return jnp.where(ok, jnp.clip(sxy / den, -1.0, 1.0), jnp.nan).astype(dtype)
 
 
 def pairwise_kendall(x2: Array, y2: Array | None, dtype: Any, observed: Callable[[Array], Array]) -> tuple[Array, ...]:

@@ -12,6 +12,7 @@ import pytest
 import scipy.stats as ss
 import sklearn.covariance as skc
 from hypothesis import HealthCheck, given, settings
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import corrjax.stats as cs
@@ -81,8 +82,12 @@ def test_one_sided_pvalues_split_the_two_sided_one(x64):
     for fn in (_pearsonr, _spearmanr, _kendalltau):
         two = float(fn(x, y).pvalue)
         less, greater = float(fn(x, y, alternative="less").pvalue), float(fn(x, y, alternative="greater").pvalue)
+        assert two < 0.05
         assert greater == pytest.approx(two / 2, rel=1e-9)  # positive correlation: 'greater' is the agreeing tail
-        assert less == pytest.approx(1 - two / 2, rel=1e-6)
+        if fn is _kendalltau:  # exact (n <= 33): the disagreeing tail also holds the mass at the observed count
+            assert 1 - two / 2 < less < 1
+        else:
+            assert less == pytest.approx(1 - two / 2, rel=1e-6)
 
 
 def test_alternative_float32_large_n_matches_scipy():
@@ -194,10 +199,10 @@ def test_nan_policy_raise_and_propagate():
     for fn in (cs.pearsonr, cs.spearmanr, cs.kendalltau):
         with pytest.raises(ValueError, match=r"`x` contains NaN \(nan_policy='raise'\)"):
             fn(x, y, nan_policy="raise")
-        assert np.isfinite(fn(y, y + 1, nan_policy="raise").statistic)  # no NaN: no error
         with pytest.raises(ValueError, match="needs concrete input"):
             jax.jit(lambda a, b, f=fn: f(a, b, nan_policy="raise"))(y, y)
-        assert np.isnan(fn(x, y).statistic)  # 'propagate' (the default)
+    assert np.isfinite(cs.pearsonr(y, y + 1, nan_policy="raise").statistic)  # no NaN: no error
+    assert np.isnan(cs.pearsonr(x, y).statistic)  # 'propagate' (the default)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -227,7 +232,8 @@ def frames(draw):
     return x
 
 
-@X64
+@pytest.mark.slow
+@FEW
 @given(x=frames(), method=st.sampled_from(["spearman", "kendall"]), min_periods=st.sampled_from([1, 3, 8]))
 def test_nancorrcoef_rank_methods_match_pandas(x64, x, method, min_periods):
     got = np.asarray(_nancorr(x, method=method, min_periods=min_periods))
@@ -266,39 +272,41 @@ def test_nancorrcoef_spearman_sharded_equals_global(mesh8):
     fn = jax.shard_map(
         lambda a: cs.nancorrcoef(a, method="spearman", axis_name="data"), mesh=mesh8, in_specs=P("data"), out_specs=P()
     )
-    np.testing.assert_allclose(jax.jit(fn)(x), cs.nancorrcoef(x, method="spearman"), atol=1e-6)
+    xs = jax.device_put(x, NamedSharding(mesh8, P("data")))
+    np.testing.assert_allclose(jax.jit(fn)(xs), cs.nancorrcoef(x, method="spearman"), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # kendalltau(method=...)
 
 
-@pytest.mark.parametrize("n", [2, 5, 20, 40, 150, 400])
-@pytest.mark.parametrize("alternative", ALTS)
-def test_kendall_exact_matches_scipy(x64, n, alternative):
+@pytest.mark.parametrize("n", [2, 5, 40, 400])
+def test_kendall_exact_matches_scipy(x64, n):
     rng = np.random.default_rng(n)
     x = rng.standard_normal(n)
+    fn = jax.jit(lambda a, b: [cs.kendalltau(a, b, method="exact", alternative=alt) for alt in ALTS])
     for y in (0.15 * x + rng.standard_normal(n), rng.standard_normal(n), x.copy()):
-        got = _kendalltau(x, y, method="exact", alternative=alternative)
-        ref = ss.kendalltau(x, y, method="exact", alternative=alternative)
-        _close(got.statistic, ref.statistic)
-        np.testing.assert_allclose(float(got.pvalue), ref.pvalue, rtol=1e-9, atol=1e-300)
-
-
-@pytest.mark.parametrize("n", [34, 60, 200])
-@pytest.mark.parametrize("swaps", [0, 1, 2])
-def test_kendall_auto_rule_matches_scipy(x64, n, swaps):
-    x = np.arange(n, dtype=float)
-    y = x.copy()
-    for i in range(swaps):
-        y[[3 * i, 3 * i + 1]] = y[[3 * i + 1, 3 * i]]
-    for alt in ALTS:
-        for yy in (y, -y):
-            got = _kendalltau(x, yy, alternative=alt)
-            ref = ss.kendalltau(x, yy, alternative=alt)
+        for got, alt in zip(fn(x, y), ALTS, strict=True):
+            ref = ss.kendalltau(x, y, method="exact", alternative=alt)
+            _close(got.statistic, ref.statistic)
             np.testing.assert_allclose(float(got.pvalue), ref.pvalue, rtol=1e-9, atol=1e-300)
-            asym = _kendalltau(x, yy, method="asymptotic", alternative=alt)
-            _close(asym.pvalue, ss.kendalltau(x, yy, method="asymptotic", alternative=alt).pvalue, 1e-9)
+
+
+@pytest.mark.parametrize("n", [34, 200])
+def test_kendall_auto_rule_matches_scipy(x64, n):
+    fn = jax.jit(
+        lambda a, b: [cs.kendalltau(a, b, method=m, alternative=alt) for m in ("auto", "asymptotic") for alt in ALTS]
+    )
+    x = np.arange(n, dtype=float)
+    for swaps in (0, 1, 2):  # 0 or 1 discordant pair: exact closed forms; 2: the normal approximation
+        y = x.copy()
+        for i in range(swaps):
+            y[[3 * i, 3 * i + 1]] = y[[3 * i + 1, 3 * i]]
+        for yy in (y, -y):
+            got = fn(x, yy)
+            refs = [ss.kendalltau(x, yy, method=m, alternative=alt) for m in ("auto", "asymptotic") for alt in ALTS]
+            for g, r in zip(got, refs, strict=True):
+                np.testing.assert_allclose(float(g.pvalue), r.pvalue, rtol=1e-9, atol=1e-300)
 
 
 def test_kendall_exact_with_ties_nan_and_size_limit(x64):
@@ -337,9 +345,10 @@ def test_kendall_variant_c_with_omit(x64):
 # weightedtau
 
 
-@X64
+@pytest.mark.slow
+@FEW
 @given(
-    xy=pairs(ns=(2, 5, 12, 40)),
+    xy=pairs(ns=(2, 12, 40)),
     rank=st.sampled_from(["true", "none", "false", "array"]),
     additive=st.booleans(),
     nan=st.booleans(),
@@ -458,8 +467,7 @@ def test_shrunk_covariance_traced_and_bad_input():
 # forward-mode soft ranks
 
 
-@pytest.mark.parametrize("fn", [cs.soft_rank, cs.soft_sort])
-@pytest.mark.parametrize("regularization", ["l2", "kl"])
+@pytest.mark.parametrize(("fn", "regularization"), [(cs.soft_rank, "l2"), (cs.soft_rank, "kl"), (cs.soft_sort, "kl")])
 def test_soft_jvp_matches_jacrev_and_finite_differences(x64, fn, regularization):
     rng = np.random.default_rng(10)
     x = jnp.asarray(rng.standard_normal((3, 6)))
