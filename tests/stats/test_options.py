@@ -241,6 +241,7 @@ def test_nancorrcoef_rank_methods_match_pandas(x64, x, method, min_periods):
     np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_nancorrcoef_rank_methods_cross_block_1d_and_float32():
     rng = np.random.default_rng(5)
     x = _with_nans(rng, rng.standard_normal((40, 3)), 0.2)
