@@ -250,8 +250,9 @@ def test_nancorrcoef_rank_methods_cross_block_1d_and_float32():
         full = pd.DataFrame(np.concatenate([x, y], axis=1)).corr(method=method).to_numpy()
         got = cs.nancorrcoef(x.astype(np.float32), y.astype(np.float32), method=method)
         np.testing.assert_allclose(got, full[:3, 3:], atol=2e-6)
-        one = cs.nancorrcoef(x[:, 0], y[:, 1], method=method)
-        assert one.shape == () and abs(float(one) - full[0, 4]) < 2e-6
+        if method == "spearman":  # (the kendall 1-D path is the same kernel; one compilation less)
+            one = cs.nancorrcoef(x[:, 0], y[:, 1], method=method)
+            assert one.shape == () and abs(float(one) - full[0, 4]) < 2e-6
     ints = rng.integers(0, 4, (30, 3))
     np.testing.assert_allclose(
         cs.nancorrcoef(ints, method="spearman"), pd.DataFrame(ints).corr("spearman").to_numpy(), atol=2e-6
