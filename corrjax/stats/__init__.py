@@ -3,6 +3,7 @@
 Data are ``(n, d)`` with observations in rows; see DESIGN.md for the shared conventions.
 """
 
+from corrjax.stats.inference import PartialCorrResult, partial_corr_test
 from corrjax.stats.losses import (
     barlow_twins_loss,
     concordance_loss,
@@ -23,7 +24,7 @@ from corrjax.stats.moments import (
     pearsonr,
 )
 from corrjax.stats.ranks import KendallTauResult, SpearmanRResult, kendalltau, rankdata, spearmanr
-from corrjax.stats.shrinkage import ShrunkCovariance, ledoit_wolf, oas
+from corrjax.stats.shrinkage import ShrunkCovariance, ledoit_wolf, oas, shrunk_covariance
 from corrjax.stats.similarity import (
     CKAState,
     cka_finalize,
@@ -44,15 +45,18 @@ from corrjax.stats.streaming import (
     cov_merge,
     cov_update,
 )
+from corrjax.stats.weighted_tau import WeightedTauResult, weightedtau
 
 __all__ = [
     "CKAState",
     "ConfidenceInterval",
     "CovState",
     "KendallTauResult",
+    "PartialCorrResult",
     "PearsonRResult",
     "ShrunkCovariance",
     "SpearmanRResult",
+    "WeightedTauResult",
     "barlow_twins_loss",
     "cka_finalize",
     "cka_init",
@@ -78,13 +82,16 @@ __all__ = [
     "nancov",
     "oas",
     "partial_corr",
+    "partial_corr_test",
     "pearson_loss",
     "pearsonr",
     "rankdata",
     "rbf_cka",
+    "shrunk_covariance",
     "soft_rank",
     "soft_sort",
     "spearman_loss",
     "spearmanr",
     "vicreg_loss",
+    "weightedtau",
 ]

@@ -1,4 +1,4 @@
-"""Isotonic regression by pool-adjacent-violators (PAV) in pure JAX, with exact custom VJPs.
+"""Isotonic regression by pool-adjacent-violators (PAV) in pure JAX, with exact custom JVPs (forward and reverse mode).
 
 Both solvers fit a *non-increasing* sequence to one row ``(n,)`` (``jax.vmap`` them for batches). PAV scans the
 row once and keeps a stack of blocks; each step either pushes the next element or pools the two top blocks when
@@ -9,7 +9,8 @@ they violate the order, so a row takes at most ``2n`` steps of O(1) work in one 
   ``logsumexp(s_B) - logsumexp(w_B)``.
 
 The solution is piecewise given by its blocks, so its Jacobian is block diagonal (Blondel et al., 2020, Sec. 5):
-block averaging for l2, a per-block softmax for kl. The backward passes apply exactly these Jacobians.
+block averaging for l2, a per-block softmax for kl. The custom JVPs apply exactly these Jacobians; reverse mode
+transposes them.
 
 References:
   Blondel, Teboul, Berthet, Djolonga. Fast Differentiable Sorting and Ranking. ICML 2020.
@@ -167,54 +168,46 @@ def _block_average(g: Array, b: _Blocks) -> Array:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Isotonic regressions.
+# Isotonic regressions. Each has a custom JVP that is linear in the tangents (built from segment sums, gathers and
+# products with primal-only residuals), so forward mode (jax.jvp, jacfwd) uses it directly and reverse mode
+# (jax.grad, vjp, jacrev) transposes it: the transpose of the block Jacobians below is the VJP of Blondel et al.
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def isotonic_l2(y: Array) -> Array:
     """Non-increasing l2 isotonic regression of one row ``y: (n,)``; returns ``v: (n,)``.
 
-    ``v`` minimises ``½‖v - y‖²`` subject to ``v_1 >= v_2 >= ... >= v_n``. The VJP is block averaging.
+    ``v`` minimises ``½‖v - y‖²`` subject to ``v_1 >= v_2 >= ... >= v_n``. Jacobian: block averaging (symmetric).
     """
     return _block_mean(y, _partition_l2(y))[0]
 
 
-def _isotonic_l2_fwd(y: Array) -> tuple[Array, _Blocks]:
+@isotonic_l2.defjvp
+def _isotonic_l2_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+    (y,), (ty,) = primals, tangents
     b = _partition_l2(y)
-    return _block_mean(y, b)[0], b
+    return _block_mean(y, b)[0], _block_average(ty, b)
 
 
-def _isotonic_l2_bwd(b: _Blocks, g: Array) -> tuple[Array]:
-    return (_block_average(g, b),)
-
-
-isotonic_l2.defvjp(_isotonic_l2_fwd, _isotonic_l2_bwd)
-
-
-@jax.custom_vjp
+@jax.custom_jvp
 def isotonic_kl(s: Array, w: Array) -> Array:
     """Non-increasing KL isotonic regression of one row; ``s, w: (n,)``, returns ``v: (n,)``.
 
     ``v`` minimises ``<exp(s - v), 1> + <exp(w), v>`` subject to ``v_1 >= ... >= v_n``; on each block ``B``,
-    ``v_B = logsumexp(s_B) - logsumexp(w_B)``. The VJP is a per-block softmax of ``s`` (and of ``-w``).
+    ``v_B = logsumexp(s_B) - logsumexp(w_B)``, so ``dv = Σ_B softmax_B(s) ds - Σ_B softmax_B(w) dw``.
     """
-    return _isotonic_kl_fwd(s, w)[0]
+    b = _partition_kl(s, w)
+    return _block_logsumexp(s, b)[0] - _block_logsumexp(w, b)[0]
 
 
-def _isotonic_kl_fwd(s: Array, w: Array) -> tuple[Array, tuple[_Blocks, Array, Array]]:
+@isotonic_kl.defjvp
+def _isotonic_kl_jvp(primals: tuple[Array, Array], tangents: tuple[Array, Array]) -> tuple[Array, Array]:
+    (s, w), (ts, tw) = primals, tangents
     b = _partition_kl(s, w)
     lse_s, log_ps = _block_logsumexp(s, b)
     lse_w, log_pw = _block_logsumexp(w, b)
-    return lse_s - lse_w, (b, log_ps, log_pw)
-
-
-def _isotonic_kl_bwd(res: tuple[_Blocks, Array, Array], g: Array) -> tuple[Array, Array]:
-    b, log_ps, log_pw = res
-    total = _segment_sum(g, b.block_id)[b.block_id]
-    return jnp.exp(log_ps) * total, -jnp.exp(log_pw) * total
-
-
-isotonic_kl.defvjp(_isotonic_kl_fwd, _isotonic_kl_bwd)
+    dv = _segment_sum(jnp.exp(log_ps) * ts - jnp.exp(log_pw) * tw, b.block_id)[b.block_id]
+    return lse_s - lse_w, dv
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -222,48 +215,40 @@ isotonic_kl.defvjp(_isotonic_kl_fwd, _isotonic_kl_bwd)
 # (kl), formed block-relatively so that no large common offset cancels (Blondel et al., 2020, Prop. 3).
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def project_l2(a: Array, b: Array) -> Array:
     """``a - isotonic_l2(a - b)`` for one row (``a`` non-increasing); per block ``a_j - mean_B(a) + mean_B(b)``.
 
-    VJP: ``(I - A) g`` for ``a`` and ``A g`` for ``b``, with ``A`` the block-averaging matrix.
+    JVP: ``(I - A) da + A db`` with ``A`` the block-averaging matrix (symmetric, so the VJP has the same form).
     """
-    return _project_l2_fwd(a, b)[0]
-
-
-def _project_l2_fwd(a: Array, b: Array) -> tuple[Array, _Blocks]:
     blocks = _partition_l2(a - b)
-    return _block_mean(a, blocks)[1] + _block_mean(b, blocks)[0], blocks
+    return _block_mean(a, blocks)[1] + _block_mean(b, blocks)[0]
 
 
-def _project_l2_bwd(blocks: _Blocks, g: Array) -> tuple[Array, Array]:
-    avg = _block_average(g, blocks)
-    return g - avg, avg
+@project_l2.defjvp
+def _project_l2_jvp(primals: tuple[Array, Array], tangents: tuple[Array, Array]) -> tuple[Array, Array]:
+    (a, b), (ta, tb) = primals, tangents
+    blocks = _partition_l2(a - b)
+    out = _block_mean(a, blocks)[1] + _block_mean(b, blocks)[0]
+    return out, ta + _block_average(tb - ta, blocks)
 
 
-project_l2.defvjp(_project_l2_fwd, _project_l2_bwd)
-
-
-@jax.custom_vjp
+@jax.custom_jvp
 def project_kl(a: Array, b: Array) -> Array:
     """``a - isotonic_kl(a, b)`` for one row; per block ``log_softmax_B(a)_j + logsumexp(b_B)``.
 
-    VJP: ``g - p_a Σ_B g`` for ``a`` and ``p_b Σ_B g`` for ``b``, with ``p`` the block softmaxes.
+    JVP: ``da - Σ_B p_a da + Σ_B p_b db`` with ``p`` the block softmaxes (the VJP is its transpose,
+    ``(g - p_a Σ_B g, p_b Σ_B g)``).
     """
-    return _project_kl_fwd(a, b)[0]
+    blocks = _partition_kl(a, b)
+    return _block_logsumexp(a, blocks)[1] + _block_logsumexp(b, blocks)[0]
 
 
-def _project_kl_fwd(a: Array, b: Array) -> tuple[Array, tuple[_Blocks, Array, Array]]:
+@project_kl.defjvp
+def _project_kl_jvp(primals: tuple[Array, Array], tangents: tuple[Array, Array]) -> tuple[Array, Array]:
+    (a, b), (ta, tb) = primals, tangents
     blocks = _partition_kl(a, b)
     _, log_pa = _block_logsumexp(a, blocks)
     lse_b, log_pb = _block_logsumexp(b, blocks)
-    return log_pa + lse_b, (blocks, log_pa, log_pb)
-
-
-def _project_kl_bwd(res: tuple[_Blocks, Array, Array], g: Array) -> tuple[Array, Array]:
-    blocks, log_pa, log_pb = res
-    total = _segment_sum(g, blocks.block_id)[blocks.block_id]
-    return g - jnp.exp(log_pa) * total, jnp.exp(log_pb) * total
-
-
-project_kl.defvjp(_project_kl_fwd, _project_kl_bwd)
+    mix = _segment_sum(jnp.exp(log_pb) * tb - jnp.exp(log_pa) * ta, blocks.block_id)[blocks.block_id]
+    return log_pa + lse_b, ta + mix

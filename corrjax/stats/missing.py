@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from corrjax._checks import as_columns, check_ddof, check_same_n
+from corrjax._checks import as_columns, check_choice, check_ddof, check_same_n
 from corrjax.stats._centered import (
     PRECISION,
     AxisName,
@@ -41,6 +41,7 @@ from corrjax.stats._centered import (
     unscale_outer,
 )
 from corrjax.stats._explicit import shard_rows
+from corrjax.stats.missing_ranks import rank_nancorrcoef
 
 Array = jax.Array
 
@@ -181,17 +182,24 @@ def nancov(x: Any, y: Any = None, *, ddof: int = 1, min_periods: int = 1, axis_n
 
 
 @shard_rows("x", "y")
-def nancorrcoef(x: Any, y: Any = None, *, min_periods: int = 1, axis_name: AxisName = None) -> Array:
-    """Pairwise-complete Pearson correlation, like ``pandas.DataFrame.corr(min_periods=...)``.
+def nancorrcoef(
+    x: Any, y: Any = None, *, method: str = "pearson", min_periods: int = 1, axis_name: AxisName = None
+) -> Array:
+    """Pairwise-complete correlation, like ``pandas.DataFrame.corr(method=..., min_periods=...)``.
 
-    Entry ``(i, j)`` is the Pearson correlation of columns ``i`` and ``j`` over the rows where both are finite, with
-    means and variances taken over those same rows (as pandas).
+    Entry ``(i, j)`` is the correlation of columns ``i`` and ``j`` over the rows where both are finite (NaN and
+    +-inf are missing, as pandas). ``'pearson'``: means and variances over those same rows. ``'spearman'``: each
+    pair's complete rows are ranked again (average ranks for ties) and correlated, as pandas' ``nancorr_spearman``.
+    ``'kendall'``: Kendall's tau-b of each pair's complete rows (pandas/scipy); its diagonal is 1 wherever the
+    column has at least ``min_periods`` values, even for a constant column (pandas' convention). See
+    :mod:`corrjax.stats.missing_ranks` for the static-shape algorithms.
 
     Args:
       x: ``(n, d)`` or ``(n,)``.
       y: optional ``(n, e)`` or ``(n,)``; then the ``(d, e)`` cross block.
+      method: ``'pearson'``, ``'spearman'`` or ``'kendall'`` (static).
       min_periods: fewer than this many complete pairs gives NaN (values below 1 act as 1).
-      axis_name: mapped axis over which the rows are sharded.
+      axis_name: mapped axis over which the rows are sharded (rank methods all-gather the rows).
 
     Returns:
       ``(d, d)``/``(d, e)`` (1-D axes dropped), clipped to [-1, 1], unit diagonal where defined; NaN where
@@ -199,7 +207,10 @@ def nancorrcoef(x: Any, y: Any = None, *, min_periods: int = 1, axis_name: AxisN
       before the products, so any magnitude in the dtype's normal range works; float16/bfloat16 input is computed
       in float32 and returned in its dtype.
     """
+    check_choice(method, "method", ("pearson", "spearman", "kendall"))
     minp = _check_min_periods(min_periods)
+    if method != "pearson":
+        return rank_nancorrcoef(x, y, method, minp, axis_name)
     s = _pairwise_sums(x, y, axis_name, need_var=True)
     n, cxy, vx, vy = s["n"], s["cxy"], s["vx"], s["vy"]
     ok = (n >= minp) & (vx > 0) & (vy > 0)

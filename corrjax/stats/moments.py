@@ -30,6 +30,8 @@ from corrjax.stats._centered import (
     unscale_outer,
 )
 from corrjax.stats._explicit import shard_rows
+from corrjax.stats._pvalues import check_alternative, check_nan_policy, pearson_pvalue
+from corrjax.stats.missing_ranks import pearsonr_omit
 
 Array = jax.Array
 
@@ -204,15 +206,30 @@ def _broadcast_pair(x: Any, y: Any, axis: int) -> tuple[Array, Array]:
 
 
 @shard_rows("x", "y")
-def pearsonr(x: Any, y: Any, *, axis: int = 0, axis_name: AxisName = None) -> PearsonRResult:
-    """Pearson correlation of ``x`` and ``y`` along ``axis`` with its two-sided p-value, like ``scipy.stats.pearsonr``.
+def pearsonr(
+    x: Any,
+    y: Any,
+    *,
+    alternative: str = "two-sided",
+    nan_policy: str = "propagate",
+    axis: int = 0,
+    axis_name: AxisName = None,
+) -> PearsonRResult:
+    """Pearson correlation of ``x`` and ``y`` along ``axis`` with its p-value, like ``scipy.stats.pearsonr``.
 
     Under independent normal samples ``r`` follows a Beta(n/2 - 1, n/2 - 1) law on [-1, 1], so the two-sided
-    p-value is ``2 * I_{(1 - |r|)/2}(n/2 - 1, n/2 - 1)`` (regularised incomplete beta; exact, as scipy). ``x`` and
+    p-value is ``2 * I_{(1 - |r|)/2}(n/2 - 1, n/2 - 1)`` (regularised incomplete beta; exact, as scipy); the
+    one-sided ones are the cdf (``'less'``) and survival function (``'greater'``) of that law at ``r``. ``x`` and
     ``y`` are broadcast against each other after left-padding their ranks, as scipy does.
 
     Args:
       x, y: arrays with the same length ``n >= 2`` along ``axis``.
+      alternative: ``'two-sided'``, ``'less'`` (negative correlation) or ``'greater'`` (static).
+      nan_policy: ``'propagate'`` (NaN in a slice gives NaN), ``'omit'`` (per slice, the positions where ``x`` or
+        ``y`` is NaN are masked out and ``n`` becomes the traced count of complete pairs; fewer than 2 give NaN,
+        exactly 2 give ``r = +-1, p = 1``), or ``'raise'`` (a ``ValueError`` for NaN in concrete input; refused under
+        ``jit``, see :mod:`corrjax.stats._pvalues`). scipy's pearsonr has no ``nan_policy``; ``'omit'`` equals
+        scipy on the complete pairs.
       axis: the observation axis (static).
       axis_name: mapped axis over which the observations are sharded; ``n`` is then the global length.
 
@@ -222,12 +239,17 @@ def pearsonr(x: Any, y: Any, *, axis: int = 0, axis_name: AxisName = None) -> Pe
       Each variable is scaled by a power of two before the products (any magnitude of non-constant data in the
       dtype's normal range works); float16/bfloat16 input is computed in float32 and returned in its dtype.
     """
+    check_alternative(alternative)
+    check_nan_policy(nan_policy, x=x, y=y)
     xa, ya = _broadcast_pair(x, y, axis)
     out_dtype = xa.dtype
     xa, ya = xa.astype(compute_dtype(out_dtype)), ya.astype(compute_dtype(out_dtype))
     n = global_n(xa.shape[0], axis_name)
     if n < 2:
         raise ValueError(f"`x` and `y` need at least 2 observations along axis {axis}, got {n}")
+    if nan_policy == "omit":
+        r, p = pearsonr_omit(xa, ya, alternative, axis_name)
+        return PearsonRResult(r.astype(out_dtype), p.astype(out_dtype))
     fx, fy = scaled_centering(xa, None, axis_name), scaled_centering(ya, None, axis_name)
     xc, yc = fx.apply(xa), fy.apply(ya)
     sxy = psum(jnp.sum(xc * yc, axis=0), axis_name)
@@ -241,61 +263,43 @@ def pearsonr(x: Any, y: Any, *, axis: int = 0, axis_name: AxisName = None) -> Pe
         r = jnp.round(r)
         p = jnp.where(jnp.isnan(r), jnp.nan, jnp.ones_like(r))
         return PearsonRResult(r.astype(out_dtype), p.astype(out_dtype))
-    p = _pearson_pvalue(_nan_to_zero(r), n)
-    p = jnp.where(jnp.isnan(r), jnp.nan, jnp.clip(p, 0.0, 1.0))
-    return PearsonRResult(r.astype(out_dtype), p.astype(out_dtype))
+    return PearsonRResult(r.astype(out_dtype), pearson_pvalue(r, n, alternative).astype(out_dtype))
 
 
-# Above this many observations, float32 p-values use the normal approximation below: XLA's float32 betainc loses
-# accuracy for large shape parameters (its log-prefactor cancels), ~1e-4 relative at n = 1000 and ~10% at n = 1e5.
-_F32_BETAINC_MAX_N = 2000
+def fisher_z_ci(
+    statistic: Any, n: Any, *, confidence_level: float = 0.95, alternative: str = "two-sided"
+) -> ConfidenceInterval:
+    """Fisher-z confidence interval for a Pearson correlation from ``n`` observations.
 
-
-def _pearson_pvalue(r: Array, n: int) -> Array:
-    """Two-sided p-value of Pearson's r from ``n`` observations under bivariate normal independence.
-
-    Exact (as scipy): ``2 I_{(1-|r|)/2}(n/2 - 1, n/2 - 1)``. For float32 with large ``n`` the equivalent Student-t
-    tail is evaluated with the Gaver-Kafadar normal approximation ``z^2 = -(n - 2.5) log(1 - r^2)`` (Gaver & Kafadar
-    1984, "A retrievable recipe for inverse t", Am. Stat. 38:308), whose relative error is ~1e-4 at n = 2000 and
-    falls like 1/n^2, below float32 resolution from n ~ 1e4.
-    """
-    if jnp.finfo(r.dtype).bits >= 64 or n <= _F32_BETAINC_MAX_N:
-        ab = jnp.asarray(n / 2.0 - 1.0, r.dtype)
-        return 2.0 * special.betainc(ab, ab, 0.5 * (1.0 - jnp.abs(r)))
-    z = jnp.sqrt(-(n - 2.5) * jnp.log1p(-r * r))
-    return special.erfc(z / jnp.sqrt(jnp.asarray(2.0, r.dtype)))
-
-
-def _nan_to_zero(r: Array) -> Array:
-    """Replaces NaN by 0 before ``betainc`` so that its gradient stays finite in the masked-out branch."""
-    return jnp.where(jnp.isnan(r), jnp.zeros_like(r), r)
-
-
-def fisher_z_ci(statistic: Any, n: Any, *, confidence_level: float = 0.95) -> ConfidenceInterval:
-    """Two-sided Fisher-z confidence interval for a Pearson correlation from ``n`` observations.
-
-    ``tanh(arctanh(r) -+ z_{(1 + level)/2} / sqrt(n - 3))``, as ``scipy.stats.pearsonr(...).confidence_interval()``;
+    As ``scipy.stats.pearsonr(...).confidence_interval()``: with ``z = arctanh(r)`` and ``se = 1 / sqrt(n - 3)``,
+    ``'two-sided'`` is ``tanh(z -+ ndtri((1 + level)/2) se)``; ``'less'`` (the one-sided interval matching a test
+    of ``rho < r``) is ``[-1, tanh(z + ndtri(level) se)]`` and ``'greater'`` is ``[tanh(z - ndtri(level) se), 1]``.
     ``n <= 3`` gives the trivial interval [-1, 1].
 
     Args:
       statistic: Pearson ``r`` (any shape).
       n: number of observations (scalar or broadcastable to ``statistic``).
       confidence_level: in (0, 1).
+      alternative: ``'two-sided'``, ``'less'`` or ``'greater'`` (static).
 
     float16/bfloat16 ``statistic`` is computed in float32 and the interval returned in its dtype.
     """
+    check_alternative(alternative)
     if not 0.0 < float(confidence_level) < 1.0:
         raise ValueError(f"`confidence_level` must be in (0, 1), got {confidence_level}")
     r = as_float_array(statistic, "statistic")
     out_dtype = r.dtype
     r = r.astype(compute_dtype(out_dtype))
     n = jnp.asarray(n, r.dtype)
-    h = special.ndtri(jnp.asarray(0.5 + confidence_level / 2.0, r.dtype))
+    q = 0.5 + confidence_level / 2.0 if alternative == "two-sided" else float(confidence_level)
+    h = special.ndtri(jnp.asarray(q, r.dtype))
     zr = jnp.arctanh(r)
     se = 1.0 / jnp.sqrt(jnp.where(n > 3, n - 3, 1.0))
     small = n <= 3
-    low = jnp.where(small, -1.0, jnp.tanh(zr - h * se)).astype(out_dtype)
-    high = jnp.where(small, 1.0, jnp.tanh(zr + h * se)).astype(out_dtype)
+    low = -1.0 if alternative == "less" else jnp.tanh(zr - h * se)
+    high = 1.0 if alternative == "greater" else jnp.tanh(zr + h * se)
+    low = jnp.broadcast_to(jnp.where(small, -1.0, low), jnp.broadcast_shapes(r.shape, n.shape)).astype(out_dtype)
+    high = jnp.broadcast_to(jnp.where(small, 1.0, high), low.shape).astype(out_dtype)
     return ConfidenceInterval(low, high)
 
 

@@ -20,13 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.scipy import special
 
 from corrjax._checks import as_array, as_columns, check_choice, check_same_n
-from corrjax.stats import _sorting
+from corrjax.stats import _kendall, _sorting
 from corrjax.stats._centered import squeeze_1d
 from corrjax.stats._explicit import shard_rows
-from corrjax.stats.moments import _pearson_pvalue
+from corrjax.stats._pvalues import check_alternative, check_nan_policy, pearson_pvalue
 
 Array = jax.Array
 AxisName = Any
@@ -150,30 +149,32 @@ def _gather_rows(a: Array, axis_name: AxisName) -> Array:
     return lax.psum(full, axis_name)
 
 
-def _t_pvalue(r: Array, dof: int) -> Array:
-    """Two-sided p-value of a correlation ``r`` under Student's t with ``dof >= 1`` degrees of freedom.
-
-    ``2 sf(|t|)`` with ``t = r sqrt(dof / (1 - r^2))`` equals the exact null p-value of Pearson's r from
-    ``n = dof + 2`` observations, ``2 I_{(1 - |r|)/2}(n/2 - 1, n/2 - 1)``, whose argument ``(1 - |r|)/2`` keeps
-    small p-values to relative accuracy (``1 - I_{r^2}(1/2, dof/2)`` cancels to 0 below ~eps); see
-    :func:`corrjax.stats.moments._pearson_pvalue`, which also covers large float32 ``n``.
-    """
-    p = _pearson_pvalue(jnp.where(jnp.isnan(r), jnp.zeros_like(r), r), dof + 2)
-    return jnp.where(jnp.isnan(r), jnp.asarray(jnp.nan, r.dtype), jnp.clip(p, 0.0, 1.0))
-
-
 @shard_rows("x", "y")
-def spearmanr(x: Any, y: Any = None, *, axis_name: AxisName = None) -> SpearmanRResult:
+def spearmanr(
+    x: Any,
+    y: Any = None,
+    *,
+    alternative: str = "two-sided",
+    nan_policy: str = "propagate",
+    axis_name: AxisName = None,
+) -> SpearmanRResult:
     """Spearman rank correlation matrix of the columns of ``x`` (or the cross block with ``y``) and p-values.
 
     rho is Pearson's correlation of the average ranks (ties get the mean of their positions), as
     ``scipy.stats.spearmanr``; the centred ranks ``r - (n + 1) / 2`` are exact, so only the final products round.
-    The p-value is scipy's two-sided t-test with ``n - 2`` degrees of freedom (asymptotic; exact for no n).
+    The p-value is scipy's t-test with ``n - 2`` degrees of freedom (asymptotic; exact for no n), two-sided or
+    one-sided (``alternative``).
 
     Args:
       x: ``(n, d)`` or ``(n,)``.
       y: optional ``(n, e)`` or ``(n,)``; then the ``(d, e)`` cross block (scipy returns the full
         ``(d + e) x (d + e)`` matrix of the concatenated columns instead).
+      alternative: ``'two-sided'``, ``'less'`` or ``'greater'`` (static).
+      nan_policy: ``'propagate'`` (a column containing NaN gives NaN), ``'omit'`` or ``'raise'`` (``ValueError`` on
+        concrete input containing NaN; refused under ``jit``). ``'omit'`` is scipy's: each pair of columns is ranked
+        again on the rows where both are not NaN (pairwise-complete, ``N_ij`` rows, computed with static shapes by
+        masking) and its p-value uses ``N_ij - 2`` degrees of freedom; ``+-inf`` stays a value. Unlike scipy, a
+        diagonal entry is 1 (p = 0) only where the column has two distinct values (scipy fills 1 / 0 always).
       axis_name: mapped axis over which the rows are sharded; the rows are all-gathered (ranks need every
         observation) and every shard returns the global result.
 
@@ -182,6 +183,8 @@ def spearmanr(x: Any, y: Any = None, *, axis_name: AxisName = None) -> SpearmanR
       [-1, 1] with an exact unit diagonal for ``y=None``. A constant column, a column containing NaN, or
       ``n < 2`` give NaN; ``n == 2`` gives p = NaN (t has no degrees of freedom), as scipy.
     """
+    check_alternative(alternative)
+    check_nan_policy(nan_policy, x=x, y=y)
     x2, x1 = as_columns(as_array(x, "x"), "x")
     y2, y1 = (None, False) if y is None else as_columns(as_array(y, "y"), "y")
     if y2 is not None:
@@ -191,6 +194,12 @@ def spearmanr(x: Any, y: Any = None, *, axis_name: AxisName = None) -> SpearmanR
     y2 = None if y2 is None else _gather_rows(y2, axis_name)
     n, d = x2.shape
     y_1d = x1 if y2 is None else y1
+    if nan_policy == "omit":
+        from corrjax.stats.missing_ranks import pairwise_spearman  # imports this module
+
+        rho, count = pairwise_spearman(x2, y2, dtype, observed=lambda a: ~jnp.isnan(a))
+        p = jnp.where(count > 2, pearson_pvalue(rho, count, alternative), jnp.nan)
+        return SpearmanRResult(squeeze_1d(rho, x1, y_1d), squeeze_1d(p.astype(rho.dtype), x1, y_1d))
     cols = x2 if y2 is None else jnp.concatenate([x2.astype(dtype), y2.astype(dtype)], axis=1)
     if n < 2:
         nan = jnp.full((d, d if y2 is None else y2.shape[1]), jnp.nan, dtype)
@@ -209,32 +218,25 @@ def spearmanr(x: Any, y: Any = None, *, axis_name: AxisName = None) -> SpearmanR
     if y2 is None:
         eye = jnp.eye(d, dtype=bool)
         rho = jnp.where(eye & ~jnp.isnan(rho), jnp.ones_like(rho), rho)
-    p = jnp.full_like(rho, jnp.nan) if n == 2 else _t_pvalue(rho, n - 2)
+    p = jnp.full_like(rho, jnp.nan) if n == 2 else pearson_pvalue(rho, n, alternative)
     return SpearmanRResult(squeeze_1d(rho, x1, y_1d), squeeze_1d(p, x1, y_1d))
 
 
-def _run_sizes(is_first: Array) -> Array:
-    start, end = _sorting.runs(is_first)
-    return end - start + 1
-
-
-def _kendall_exact_cdf(n: int) -> np.ndarray:
-    """P(at most k discordant pairs) for k = 0..n(n-1)/2 under independence with no ties (Mahonian numbers,
-    Kendall 1970), float64, built at trace time by the recursion that adds one element at a time."""
-    dist = np.ones(1)
-    for j in range(2, n + 1):
-        # Inserting the j-th element adds 0..j-1 inversions, each with probability 1/j.
-        csum = np.concatenate([[0.0], np.cumsum(dist)])
-        m = dist.size + j - 1
-        hi = np.minimum(np.arange(m) + 1, dist.size)
-        lo = np.maximum(np.arange(m) - j + 1, 0)
-        dist = (csum[hi] - csum[lo]) / j
-    return np.cumsum(dist)
+_KENDALL_METHODS = ("auto", "exact", "asymptotic")
 
 
 @shard_rows("x", "y")
-def kendalltau(x: Any, y: Any, *, variant: str = "b", axis_name: AxisName = None) -> KendallTauResult:
-    """Kendall's tau-b or tau-c of two 1-D samples with its two-sided p-value, like ``scipy.stats.kendalltau``.
+def kendalltau(
+    x: Any,
+    y: Any,
+    *,
+    variant: str = "b",
+    method: str = "auto",
+    alternative: str = "two-sided",
+    nan_policy: str = "propagate",
+    axis_name: AxisName = None,
+) -> KendallTauResult:
+    """Kendall's tau-b or tau-c of two 1-D samples with its p-value, like ``scipy.stats.kendalltau``.
 
     With ``P``/``Q`` the concordant/discordant pairs, ``T``/``U`` the pairs tied in ``x``/``y`` only and ``n0 =
     n(n-1)/2``: tau-b ``= (P - Q) / sqrt((n0 - T_x)(n0 - T_y))`` and tau-c ``= 2 (P - Q) / (n^2 (m - 1) / m)`` with
@@ -242,22 +244,33 @@ def kendalltau(x: Any, y: Any, *, variant: str = "b", axis_name: AxisName = None
     ``(x, y)`` (stable radix passes), then count the strict inversions of the y-ranks with ``ceil(log2 n)`` bit
     passes; O(n log n) time, O(n) memory.
 
-    The p-value follows scipy's ``method='auto'``: without ties and with ``n <= 33`` (or at most one discordant /
-    concordant pair) the exact null distribution of Q (Kendall 1970); otherwise the normal approximation with the
-    tie-corrected variance (Kendall & Gibbons 1990). Counts are integers; with 64-bit types disabled their sums are
-    accumulated in float32 (exact block sums, then rounded), so the statistic is float32-accurate.
+    p-values (scipy's ``method``): ``'exact'`` uses the exact null distribution of the number of concordant pairs
+    without ties (Kendall 1970), built once per ``n`` at trace time in float64 (``n <= 1000``; ``n <= 100`` with
+    ``nan_policy='omit'``, where ``n`` is traced); with ties it gives NaN (scipy raises ``ValueError``, which a
+    traced value cannot). ``'asymptotic'`` is the normal approximation with the tie-corrected variance (Kendall &
+    Gibbons 1990). ``'auto'`` is scipy's rule: exact without ties when ``n <= 33`` or at most one pair is
+    discordant (or concordant), asymptotic otherwise. Counts are integers; with 64-bit types disabled their sums
+    are accumulated in float32 (exact block sums, then rounded), so the statistic is float32-accurate.
 
     Args:
       x, y: 1-D samples of the same length ``n`` (float or integer; integers are compared exactly).
       variant: ``"b"`` or ``"c"`` (static).
+      method: ``'auto'``, ``'exact'`` or ``'asymptotic'`` (static).
+      alternative: ``'two-sided'``, ``'less'`` or ``'greater'`` (static).
+      nan_policy: ``'propagate'``, ``'omit'`` (the positions where ``x`` or ``y`` is NaN are masked out: the counts
+        and ``n`` are those of the complete pairs, as scipy's, with static shapes) or ``'raise'`` (concrete input
+        only; refused under ``jit``).
       axis_name: mapped axis over which the samples are sharded; they are all-gathered, every shard returns the
         global result.
 
     Returns:
       ``KendallTauResult(statistic, pvalue)`` (scalars, float32 or float64). NaN if either sample is constant,
-      contains NaN, or ``n < 2``.
+      contains NaN (``'propagate'``), or has fewer than 2 (complete) observations.
     """
     check_choice(variant, "variant", ("b", "c"))
+    check_choice(method, "method", _KENDALL_METHODS)
+    check_alternative(alternative)
+    check_nan_policy(nan_policy, x=x, y=y)
     xa, ya = as_array(x, "x"), as_array(y, "y")
     if xa.ndim != 1 or ya.ndim != 1:
         raise ValueError(f"`x` and `y` must be 1-D samples, got x.shape={xa.shape} and y.shape={ya.shape}")
@@ -268,69 +281,38 @@ def kendalltau(x: Any, y: Any, *, variant: str = "b", axis_name: AxisName = None
     nan = jnp.asarray(jnp.nan, dtype)
     if n < 2:
         return KendallTauResult(nan, nan)
-    x64 = jax.config.jax_enable_x64
-    acc = jnp.float64 if x64 else jnp.float32
-    isum = jnp.int64 if x64 else acc
-
-    kx, ky = _sorting.order_key(xa), _sorting.order_key(ya)
-    # Order by y (stable), then stably by x: the sequence is sorted by (x, y, original index).
-    py = _sorting.stable_argsort(ky)
-    sy = ky[py]
-    fy = _sorting.run_starts(sy)
-    ystart, yend = _sorting.runs(fy)
-    ymin = jnp.zeros((n,), jnp.int32).at[py].set(ystart, unique_indices=True, mode="promise_in_bounds")
-    k = jnp.arange(n, dtype=jnp.int32)
-    below = jnp.concatenate([jnp.where(fy, k, yend + 1), jnp.full((1,), n, jnp.int32)])
-    order = py[_sorting.stable_argsort(kx[py])]
-    sx, sy_x = kx[order], ky[order]
-    fx = _sorting.run_starts(sx)
-    fxy = fx | _sorting.run_starts(sy_x)
-    # Discordant pairs: strict inversions of the y min-ranks in (x, y) order (x-ties are ascending in y).
-    dis = _sorting.wide_sum(_sorting.count_inversions(ymin[order], below), 2 * n, isum).astype(acc)
-
-    cx, cy, cxy = _run_sizes(fx), yend - ystart + 1, _run_sizes(fxy)
-    # Summing a per-group quantity g(c) over elements gives sum_groups c * g(c); these are the tie statistics.
-    xtie = _sorting.wide_sum(cx - 1, n, isum).astype(acc) / 2
-    ytie = _sorting.wide_sum(cy - 1, n, isum).astype(acc) / 2
-    ntie = _sorting.wide_sum(cxy - 1, n, isum).astype(acc) / 2
-    tot = jnp.asarray(n * (n - 1) // 2, acc)
-    cmd = tot - xtie - ytie + ntie - 2 * dis
-
-    if variant == "b":
-        tau = cmd / jnp.sqrt((tot - xtie) * (tot - ytie))
-    else:
-        m = jnp.minimum(jnp.sum(fx, dtype=jnp.int32), jnp.sum(fy, dtype=jnp.int32)).astype(acc)
-        tau = 2 * cmd / (jnp.asarray(float(n) ** 2, acc) * (m - 1) / m)
-    tau = jnp.clip(tau, -1.0, 1.0)
-
-    # Normal approximation with the tie-corrected variance (scipy's formula), arranged to avoid float32 overflow.
-    cxf, cyf = cx.astype(acc), cy.astype(acc)
-    x0 = jnp.sum((cxf - 1) * (cxf - 2))
-    x1 = jnp.sum((cxf - 1) * (2 * cxf + 5))
-    y0 = jnp.sum((cyf - 1) * (cyf - 2))
-    y1 = jnp.sum((cyf - 1) * (2 * cyf + 5))
-    mm = jnp.asarray(float(n) * (n - 1), acc)
-    var = (mm * (2 * n + 5) - x1 - y1) / 18 + 2 * (xtie / mm) * ytie
-    if n > 2:
-        var = var + (x0 / (9 * mm)) * (y0 / (n - 2))
-    z = cmd / jnp.sqrt(var)
-    p = special.erfc(jnp.abs(z) / jnp.sqrt(jnp.asarray(2.0, acc)))
-
-    # scipy's exact branch: no ties and (n <= 33 or min(Q, n0 - Q) <= 1).
-    c = jnp.minimum(dis, tot - dis)
-    if n <= 33:
-        cdf = jnp.asarray(_kendall_exact_cdf(n), acc)
-        p_exact = jnp.minimum(1.0, 2 * cdf[jnp.clip(c, 0, cdf.shape[0] - 1).astype(jnp.int32)])
-        use_exact = jnp.asarray(True)
-    else:
-        p0 = 2.0 / math.factorial(n) if n < 171 else 0.0
-        p1 = 2.0 / math.factorial(n - 1) if n < 172 else 0.0
-        p_exact = jnp.where(c == 0, jnp.asarray(p0, acc), jnp.asarray(p1, acc))
-        use_exact = c <= 1
-    no_ties = (xtie == 0) & (ytie == 0)
-    p = jnp.where(no_ties & use_exact, p_exact, p)
-
-    undefined = (xtie == tot) | (ytie == tot) | _has_nan(xa) | _has_nan(ya)
+    omit = nan_policy == "omit"
+    if method == "exact":
+        _kendall.check_exact_size(n, omit)
+    keep = _complete(xa, ya) if omit else None
+    counts = _kendall.kendall_counts(xa, ya, keep)
+    tau = _kendall.tau_from_counts(counts, variant)
+    p = kendall_pvalue(counts, n, method, alternative, traced_n=omit)
+    undefined = jnp.isnan(tau) | (counts.n < 2)
+    if not omit:
+        undefined = undefined | _has_nan(xa) | _has_nan(ya)
     tau = jnp.where(undefined, jnp.nan, tau).astype(dtype)
     p = jnp.where(undefined, jnp.nan, jnp.clip(p, 0.0, 1.0)).astype(dtype)
     return KendallTauResult(tau, p)
+
+
+def _complete(xa: Array, ya: Array) -> Array:
+    """Positions where neither sample is NaN (integers are never NaN)."""
+    return ~(_isnan(xa) | _isnan(ya))
+
+
+def _isnan(a: Array) -> Array:
+    return jnp.isnan(a) if jnp.issubdtype(a.dtype, jnp.floating) else jnp.zeros(a.shape, bool)
+
+
+def kendall_pvalue(counts: _kendall.KendallCounts, n: int, method: str, alternative: str, *, traced_n: bool) -> Array:
+    """scipy's p-value of Kendall's tau for ``method`` from the pair counts (``n`` the static sample length)."""
+    no_ties = (counts.xtie == 0) & (counts.ytie == 0)
+    if method == "asymptotic":
+        return _kendall.asymptotic_pvalue(counts, alternative)
+    if method == "exact":
+        p = _kendall.exact_pvalue(counts, n, alternative, traced_n=traced_n, full=True)
+        return jnp.where(no_ties, p, jnp.nan)
+    p_exact = _kendall.exact_pvalue(counts, n, alternative, traced_n=traced_n, full=False)
+    p_norm = _kendall.asymptotic_pvalue(counts, alternative)
+    return jnp.where(no_ties & ~jnp.isnan(p_exact), p_exact, p_norm)

@@ -4,9 +4,10 @@
 input onto the permutahedron (the convex hull of the permutations of ``(n, n-1, ..., 1)``, or of the values for
 sorting), regularised by a quadratic (``"l2"``) or entropic (``"kl"``) term of strength ``ε``. The projection
 reduces to an isotonic regression solved by pool-adjacent-violators in O(n log n) (the sort) plus O(n) (PAV), in
-pure JAX: it jits, vmaps, and differentiates through exact custom VJPs (block averaging for l2, block softmax for
-kl). As ``ε -> 0`` the outputs equal the hard sort/ranks (ties get their average rank); as ``ε -> ∞`` they tend
-to constants (the mean value for l2 sorting, ``(n + 1) / 2`` for ranks).
+pure JAX: it jits, vmaps, and differentiates in forward (``jax.jvp``, ``jacfwd``) and reverse mode through exact
+custom JVPs that reverse mode transposes (block averaging for l2, block softmax for kl). As ``ε -> 0`` the outputs
+equal the hard sort/ranks (ties get their average rank); as ``ε -> ∞`` they tend to constants (the mean value for
+l2 sorting, ``(n + 1) / 2`` for ranks).
 
 Conventions follow the paper's reference code (``google-research/fast-soft-sort``) for ascending order: for
 ``x: (n,)`` ranks run from 1 (smallest) to n (largest). Operations act along ``axis`` (default the last), so a
@@ -90,16 +91,17 @@ def _sorted_and_positions(theta: Array) -> tuple[Array, Array]:
     return s, q
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _soft_rank_theta(theta: Array, regularization: str) -> Array:
-    return _soft_rank_theta_fwd(theta, regularization)[0]
+    return _soft_rank_theta_parts(theta, regularization)[0]
 
 
-def _soft_rank_theta_fwd(theta: Array, regularization: str) -> tuple[Array, tuple[Array, ...]]:
+def _soft_rank_theta_parts(theta: Array, regularization: str) -> tuple[Array, tuple[Array, ...]]:
     """Ranks of one row ``theta = x / ε``: the permutahedron projection in sorted coordinates, read back per element.
 
-    Residuals are per element in the input order (its block, the block size or block softmax), so the VJP needs no
-    permutation: for l2 it is ``g - mean_B(g)``; for kl, with ``h = g * r``, ``h - softmax_B(θ) Σ_B h``.
+    Residuals are per element in the input order (its block, the block size or block softmax), so the Jacobian
+    needs no permutation: for l2 it is ``I - A`` (``A`` block averaging, symmetric); for kl, ``J t = r ⊙ (t - Σ_B
+    softmax_B(θ) t)`` (its transpose ``h - softmax_B(θ) Σ_B h`` with ``h = g ⊙ r`` is the VJP of Blondel et al.).
     """
     n = theta.shape[0]
     s, q = _sorted_and_positions(theta)
@@ -116,17 +118,16 @@ def _soft_rank_theta_fwd(theta: Array, regularization: str) -> tuple[Array, tupl
     return ranks, (blocks.block_id[q], jnp.exp(log_ps)[q], ranks)
 
 
-def _soft_rank_theta_bwd(regularization: str, res: tuple[Array, ...], g: Array) -> tuple[Array]:
-    n = g.shape[0]
+@_soft_rank_theta.defjvp
+def _soft_rank_theta_jvp(regularization: str, primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+    (theta,), (t,) = primals, tangents
+    n = theta.shape[0]
+    ranks, res = _soft_rank_theta_parts(theta, regularization)
     if regularization == "l2":
         block_of, count = res
-        return (g - jax.ops.segment_sum(g, block_of, num_segments=n)[block_of] / count,)
-    block_of, p, ranks = res
-    h = g * ranks
-    return (h - p * jax.ops.segment_sum(h, block_of, num_segments=n)[block_of],)
-
-
-_soft_rank_theta.defvjp(_soft_rank_theta_fwd, _soft_rank_theta_bwd)
+        return ranks, t - jax.ops.segment_sum(t, block_of, num_segments=n)[block_of] / count
+    block_of, p, _ = res
+    return ranks, ranks * (t - jax.ops.segment_sum(p * t, block_of, num_segments=n)[block_of])
 
 
 def _rank_row(x: Array, strength: Array, regularization: str) -> Array:
