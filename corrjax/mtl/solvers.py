@@ -363,7 +363,7 @@ def project_dual_cone(
 def nash_bargaining(
     gramian: Array,
     *,
-    max_iter: int = 30,
+    max_iter: int = 200,
     tol: float | None = None,
     reg_eps: float = 1e-6,
 ) -> Array:
@@ -386,7 +386,8 @@ def nash_bargaining(
 
     Args:
       gramian: ``(T, T)`` PSD Gramian.
-      max_iter: Newton iteration cap.
+      max_iter: Newton iteration cap (default 200: near a Pareto-stationary point the damped phase is long, ``b`` grows
+        to ~``1 / sqrt(reg_eps)``; elsewhere a handful of steps).
       tol: stop when the squared Newton decrement is below ``tol`` (default ``100 eps`` of the dtype; a last full
         step follows, so ``b`` is then accurate to about ``tol``).
       reg_eps: ridge on the cosine matrix (relative to each task's squared norm).

@@ -85,15 +85,16 @@ def cagrad_solve(gramian: Array, c: float | Array, *, max_iter: int | None = Non
         # reduced costs rho(x) = rho_0 + x rho_1 (zero on F, >= 0 off F at a solution of the translated problem)
         r0 = gs @ w0 - mu0
         r1 = gs @ w1 + b - mu1
-        # rounding-level values of w_0 and rho_0 are exact zeros (degenerate breakpoints at the current x): without
-        # this, noise of either sign decides whether the path may stop at x -> 0
-        w0 = jnp.where(jnp.abs(w0) <= t * tol * jnp.sum(jnp.abs(w0)), 0.0, w0)
-        r_scale = jnp.max(jnp.abs(gs)) * jnp.sum(jnp.abs(w0)) + jnp.abs(mu0)
-        r0 = jnp.where(jnp.abs(r0) <= t * tol * r_scale, 0.0, r0)
+        # Values below the rounding of their own terms are exact zeros: a Gramian entry carries ~eps |g_i| |g_j|, so
+        # the scale of (G w)_j is |g_j| (|w| . |g|) (per task, so norms 1e12 apart are not mistaken for rounding).
+        # Degenerate w_0 / rho_0 are breakpoints at the current x (noise of either sign would decide whether the path
+        # may stop at x -> 0); zero slopes are not breakpoints at all.
+        w0 = jnp.where(jnp.abs(w0) * n <= t * tol * (jnp.abs(w0) @ n), 0.0, w0)
+        r0 = jnp.where(jnp.abs(r0) <= t * tol * (n * (jnp.abs(w0) @ n) + jnp.abs(mu0)), 0.0, r0)
         a0, b0, c0 = w0 @ gs @ w0, w0 @ gs @ w1, w1 @ gs @ w1
         # |J^T w_0|^2 below the rounding of a Gramian quadratic form: J^T w_0 = 0 (0 is in the support's affine hull),
         # so the root is at x -> 0 and the limit m + w_1 applies (|B| <= sqrt(A C) vanishes with A)
-        flat = a0 <= tol * jnp.max(jnp.abs(gs)) * jnp.sum(jnp.abs(w0)) ** 2
+        flat = a0 <= tol * (jnp.abs(w0) @ n) ** 2
         a0 = jnp.where(flat, 0.0, a0)
         b0 = jnp.where(flat, 0.0, b0)
         a2 = c0 - phi2
@@ -103,8 +104,8 @@ def cagrad_solve(gramian: Array, c: float | Array, *, max_iter: int | None = Non
         xr = jnp.where(has, jnp.where(den > 0, jnp.maximum(a0, 0.0) / jnp.where(den > 0, den, 1.0), 0.0), jnp.inf)
         xr = jnp.maximum(xr, x)
         # slopes below the rounding of their own terms are zero (not candidates for a breakpoint)
-        wt = t * tol * jnp.sum(jnp.abs(w1))
-        rt = t * tol * (jnp.max(jnp.abs(gs)) * jnp.sum(jnp.abs(w1)) + jnp.max(jnp.abs(b)) + jnp.abs(mu1))
+        wt = t * tol * (jnp.abs(w1) @ n) / n
+        rt = t * tol * (n * (jnp.abs(w1) @ n + jnp.abs(m) @ n) + jnp.abs(mu1))
         cand_w = free & (w1 < -wt)
         cand_r = ~free & (r1 < -rt)
         xw = -w0 / jnp.where(cand_w, w1, -1.0)

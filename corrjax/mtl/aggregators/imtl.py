@@ -32,7 +32,11 @@ def imtl_g_weights(gramian: Array) -> Array:
     lam, vec = jnp.linalg.eigh(cos)
     keep = lam > 10.0 * t * jnp.finfo(g.dtype).eps * jnp.max(lam)
     inv = jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0)
-    b = vec @ (inv * (vec.T @ live.astype(g.dtype)))
+    proj = vec.T @ live.astype(g.dtype)
+    # components of 1 at rounding level along kept eigenvectors are 0 (1 orthogonal to C's range gives b = 0, the
+    # zero update, instead of amplified noise)
+    proj = jnp.where(jnp.abs(proj) <= 10.0 * t * jnp.finfo(g.dtype).eps * jnp.sqrt(t), 0.0, proj)
+    b = vec @ (inv * proj)
     a = jnp.where(live, b / norms, 0.0)
     total = jnp.sum(a)
     w = jnp.where(total != 0, a / jnp.where(total != 0, total, 1.0), 0.0)

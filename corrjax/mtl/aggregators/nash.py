@@ -13,7 +13,7 @@ from corrjax.mtl.aggregators._base import GramianWeighting, from_weighting
 Array = jax.Array
 
 
-def nash_mtl_weighting(max_iter: int = 30, tol: float | None = None, reg_eps: float = 1e-6) -> GramianWeighting:
+def nash_mtl_weighting(max_iter: int = 200, tol: float | None = None, reg_eps: float = 1e-6) -> GramianWeighting:
     """Nash-MTL's weights ``alpha`` from the Gramian (see :func:`nash_mtl`)."""
 
     def update(g: Array, state: Any, t: int, **_: Any) -> tuple[Array, Any]:
@@ -23,7 +23,7 @@ def nash_mtl_weighting(max_iter: int = 30, tol: float | None = None, reg_eps: fl
 
 
 def nash_mtl(
-    max_iter: int = 30, tol: float | None = None, reg_eps: float = 1e-6
+    max_iter: int = 200, tol: float | None = None, reg_eps: float = 1e-6
 ) -> optax.GradientTransformationExtraArgs:
     """Nash-MTL: ``d = sum_t alpha_t g_t`` with ``alpha > 0`` solving ``G alpha = 1 / alpha``.
 
