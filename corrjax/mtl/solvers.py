@@ -56,17 +56,12 @@ def default_tol(dtype: jnp.dtype) -> float:
     return 100.0 * float(jnp.finfo(dtype).eps)
 
 
-def _normalized(g: Array, reg_eps: float) -> tuple[Array, Array]:
-    """``(G / s + r I, s)`` with ``s = trace(G) / T`` (1 when the trace vanishes), ``r = max(reg_eps, 64 eps)``.
-
-    The floor at 64 machine epsilons of ``G``'s dtype keeps the ridge visible after rounding (in float32 a smaller
-    ridge vanishes into the diagonal and duplicated gradients make the restricted systems singular).
-    """
+def _normalized(g: Array) -> Array:
+    """``G / s`` (symmetrised) with ``s = trace(G) / T`` (1 when the trace vanishes): Frank-Wolfe's scale."""
     t = g.shape[0]
     s = jnp.trace(g) / t
     s = jnp.where(s > 0, s, 1.0)
-    r = max(float(reg_eps), 64 * float(jnp.finfo(g.dtype).eps)) if reg_eps > 0 else 0.0
-    return (g + g.T) / (2 * s) + r * jnp.eye(t, dtype=g.dtype), s
+    return (g + g.T) / (2 * s)
 
 
 def _nan_unless_finite(x: Array, *inputs: Array) -> Array:
@@ -302,7 +297,7 @@ def min_norm_simplex(
     if method == "active_set":
         return _nan_unless_finite(_min_norm_exact(g, max_iter, tol, reg_eps, qp_method), g)
     tol = 1e-6 if tol is None else float(tol)
-    gn, _ = _normalized(g, 0.0)
+    gn = _normalized(g)
     max_iter = 250 if max_iter is None else int(max_iter)
 
     def body(state: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:

@@ -31,7 +31,8 @@ from corrjax.mtl.aggregators import (
 )
 from corrjax.mtl.aggregators.cagrad import cagrad_solve
 
-TS = (2, 3, 5, 8, 16, 32)
+TS = (2, 3, 5, 8, 16, pytest.param(32, marks=pytest.mark.slow))
+TS_ALL = (2, 3, 5, 8, 16, 32)
 KINDS = ("generic", "scales", "near_dup", "zero", "wide", "stationary")
 TOL = {np.float64: 1e-7, np.float32: 1e-4}
 
@@ -131,7 +132,7 @@ def test_min_norm_matches_nnls_float32(t, kind):
     _check_mgda(_jacobian(1, t, kind), np.float32)
 
 
-@given(st.sampled_from(TS), st.sampled_from(KINDS), st.integers(0, 2**31 - 1))
+@given(st.sampled_from(TS_ALL), st.sampled_from(KINDS), st.integers(0, 2**31 - 1))
 def test_min_norm_property(t, kind, seed):
     with jax.enable_x64(True):
         _check_mgda(_jacobian(seed, t, kind), np.float64)
@@ -271,8 +272,8 @@ def _cagrad_certificate(j, a, c):
     g0 = j.T @ m
     phi = c * np.linalg.norm(g0)
     d = j.T @ a
-    s = np.sum(a - m)  # = 1 / x, with w = (a - m) x on the simplex
-    w = (a - m) / s
+    s = np.sum(a - m)  # = 1 / x, with w = (a - m) x on the simplex (0 at the x -> 0 limit)
+    w = (a - m) / s if s != 0 else m
     gw = j.T @ w
     return d, phi, (j @ d).min(), gw @ g0 + phi * np.linalg.norm(gw), w
 
@@ -307,7 +308,7 @@ def test_cagrad_issue_case_zero_row(x64):
     """A zero task at T = 8: the optimum of the dual is 0 (w on the zero task); c >= 1 conflicts with no task."""
     j = _jacobian(5, 8, "zero")
     for c in (1.0, 3.0):
-        d = j.T @ np.asarray(cagrad_solve(jnp.asarray(j @ j.T), c))
+        d = j.T @ np.asarray(_jit("cagrad", cagrad_solve)(jnp.asarray(j @ j.T), c))
         assert (j @ d).min() >= -1e-13 * np.abs(j).max() ** 2
 
 

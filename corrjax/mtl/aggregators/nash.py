@@ -32,7 +32,10 @@ def nash_mtl(
     convex programs. Output scale: the paper's, ``sum_t alpha_t g_t`` with ``g_t . d = 1 / alpha_t`` (for orthogonal
     gradients ``alpha_t = 1 / |g_t|``, so ``d = sum_t g_t / |g_t|``). The weights are recomputed at every step
     (the paper's ``update_weights_every=1``) and not norm-clipped; chain ``optax.clip_by_global_norm`` to reproduce
-    LibMTL's ``max_norm``. Zero-gradient tasks get weight 0.
+    LibMTL's ``max_norm``. Zero-gradient tasks get weight 0. The optional ridge ``reg_eps`` (default 1e-6) is added
+    to the task-gradient cosine matrix, after the per-task rescaling, so the update does not depend on any task's
+    gradient scale (Nash bargaining is invariant to it); ``reg_eps=0`` is the exact system, which has no solution at a
+    Pareto-stationary point (the ridge keeps ``|d|^2 <= T`` there).
 
     Reference: Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022.
     """
