@@ -16,16 +16,35 @@ from jax.sharding import NamedSharding, PartitionSpec
 Array = jax.Array
 
 
-def num_tasks(task_grads: Any, name: str = "updates") -> int:
-    """Returns ``T``, the common leading axis of every leaf; raises ``ValueError`` if the leaves disagree."""
+def num_tasks(task_grads: Any, name: str = "updates", *, floating: bool = False) -> int:
+    """Returns ``T >= 1``, the common leading axis of every leaf, checking the pytree at trace time.
+
+    Raises ``ValueError`` if there is no leaf, a leaf is a scalar, the leaves disagree on ``T`` or ``T = 0``, and
+    ``TypeError`` if a leaf is complex, or (with ``floating=True``, as the aggregators ask) not real floating point
+    (integer or boolean gradients), naming ``name`` and the leaves' shapes / dtypes.
+    """
     leaves = jax.tree.leaves(task_grads)
     if not leaves:
         raise ValueError(f"`{name}` has no array leaves; expected a task-stacked pytree (leading task axis T)")
+    dtypes = [jnp.result_type(x) for x in leaves]
+
+    def ok(dt: Any) -> bool:
+        if floating:
+            return bool(jnp.issubdtype(dt, jnp.floating))
+        return not jnp.issubdtype(dt, jnp.complexfloating)
+
+    if not all(ok(dt) for dt in dtypes):
+        what = "real floating-point" if floating else "real"
+        raise TypeError(f"every leaf of `{name}` must be a {what} array; got leaf dtypes {[str(d) for d in dtypes]}")
     sizes = {jnp.shape(x)[0] if jnp.ndim(x) >= 1 else None for x in leaves}
     if None in sizes or len(sizes) != 1:
         shapes = [tuple(jnp.shape(x)) for x in leaves]
         raise ValueError(f"every leaf of `{name}` must share a leading task axis T; got leaf shapes {shapes}")
-    return int(sizes.pop())
+    t = int(sizes.pop())
+    if t == 0:
+        shapes = [tuple(jnp.shape(x)) for x in leaves]
+        raise ValueError(f"`{name}` has T = 0 tasks (leaf shapes {shapes}); at least one task gradient is needed")
+    return t
 
 
 def _gram_dtype(leaves: list[Array]) -> jnp.dtype:

@@ -37,9 +37,26 @@ class GramianWeighting(NamedTuple):
 
 
 class KeyState(NamedTuple):
-    """State of randomised aggregators: a PRNG key split at every update."""
+    """State of randomised aggregators: a PRNG key split at every update.
+
+    Stored as its raw ``uint32`` key data (``jax.random.key_data``, as optax stores keys), so ``np.asarray`` and
+    checkpointers save it as a plain array.
+    """
 
     key: Array
+
+
+def key_data(key: int | Array) -> Array:
+    """The raw ``uint32`` data of :func:`as_key` ``(key)``: what the states store."""
+    return jax.random.key_data(as_key(key))
+
+
+def split_key(key: Array) -> tuple[Array, Array]:
+    """``(next, sub)``: the raw data of the state's next key and a typed subkey for this update's draws.
+
+    ``key`` is the state's raw key data (a typed key is accepted too)."""
+    k, sub = jax.random.split(as_key(key))
+    return jax.random.key_data(k), sub
 
 
 def as_key(key: int | Array) -> Array:
@@ -81,7 +98,7 @@ def from_weighting(weighting: GramianWeighting) -> optax.GradientTransformationE
 
     def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
         del params
-        t = _gramian.num_tasks(updates)
+        t = _gramian.num_tasks(updates, floating=True)
         g = _gramian.gramian(updates) if weighting.needs_gramian else None
         weights, state = weighting.update(g, state, t, **extra_args)
         return _gramian.combine(weights, updates), state

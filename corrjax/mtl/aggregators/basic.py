@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from corrjax.mtl.aggregators._base import GramianWeighting, KeyState, as_key, from_weighting
+from corrjax.mtl.aggregators._base import GramianWeighting, KeyState, from_weighting, key_data, split_key
 
 Array = jax.Array
 
@@ -69,12 +69,12 @@ def rlw_weighting(key: int | Array = 0) -> GramianWeighting:
     """Random weights ``softmax(z)``, ``z ~ N(0, I_T)`` drawn afresh at every update from the key in the state."""
 
     def update(g: Array | None, state: KeyState, t: int, **_: Any) -> tuple[Array, KeyState]:
-        k, sub = jax.random.split(state.key)
+        k, sub = split_key(state.key)
         # float32 draws whatever the precision (the same weights for a key), normalised in the default float dtype
         z = jax.random.normal(sub, (t,), jnp.float32).astype(_weight_dtype())
         return jax.nn.softmax(z), KeyState(k)
 
-    return GramianWeighting(init=lambda: KeyState(as_key(key)), update=update, needs_gramian=False)
+    return GramianWeighting(init=lambda: KeyState(key_data(key)), update=update, needs_gramian=False)
 
 
 def rlw(key: int | Array = 0) -> optax.GradientTransformationExtraArgs:

@@ -44,7 +44,8 @@ def upgrad(
     Each ``g_t`` is projected onto ``{x : J x >= 0}`` (the directions that conflict with no task) and the projections
     are combined with the preference weights (default ``1/T``): ``d = sum_t p_t pi_J(g_t)``. Output scale: the mean of
     the projections (TorchJD's default), so with non-conflicting gradients it equals :func:`mean`; ``J d >= 0`` up to
-    the ridge ``reg_eps`` (relative to ``trace(G)``) on the normalised Gramian, TorchJD's default.
+    the ridge ``reg_eps`` (relative to ``trace(G)``) on the normalised Gramian, TorchJD's default. That ridged QP is
+    solved to rounding (quadprog's answer on the same problem; :func:`corrjax.mtl.solvers.project_dual_cone`).
 
     Reference: Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024 (TorchJD ``UPGrad``).
     """
@@ -68,6 +69,7 @@ def dualproj(
     """DualProj: project the preference-weighted combination (default the mean) onto the dual cone of the gradients.
 
     ``d = pi_J(sum_t p_t g_t)``; output on the scale of :func:`mean` (equal to it when no task conflicts with the mean).
+    Same ridged QP as :func:`upgrad`, solved to rounding.
 
     Reference: Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024 (TorchJD ``DualProj``).
     """

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from corrjax.mtl import _gramian
-from corrjax.mtl.aggregators._base import KeyState, as_key
+from corrjax.mtl.aggregators._base import KeyState, key_data, split_key
 
 Array = jax.Array
 
@@ -30,13 +30,13 @@ def graddrop(key: int | Array = 0, leak: float = 0.0) -> optax.GradientTransform
 
     def init_fn(params: Any) -> KeyState:
         del params
-        return KeyState(as_key(key))
+        return KeyState(key_data(key))
 
     def update_fn(updates: Any, state: KeyState, params: Any = None, **extra_args: Any) -> tuple[Any, KeyState]:
         del params, extra_args
-        _gramian.num_tasks(updates)
+        _gramian.num_tasks(updates, floating=True)
         leaves, treedef = jax.tree.flatten(updates)
-        k, sub = jax.random.split(state.key)
+        k, sub = split_key(state.key)
         keys = jax.random.split(sub, len(leaves))
 
         def drop(leaf: Array, lk: Array) -> Array:

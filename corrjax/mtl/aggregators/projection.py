@@ -14,7 +14,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from corrjax.mtl.aggregators._base import GramianWeighting, KeyState, as_key, from_weighting, nan_if_nonfinite
+from corrjax.mtl.aggregators._base import (
+    GramianWeighting,
+    KeyState,
+    from_weighting,
+    key_data,
+    nan_if_nonfinite,
+    split_key,
+)
 
 Array = jax.Array
 
@@ -33,7 +40,7 @@ def pcgrad_weighting(key: int | Array = 0) -> GramianWeighting:
     """PCGrad's weights ``1^T C`` from the Gramian (see :func:`pcgrad`)."""
 
     def update(g: Array, state: KeyState, t: int, **_: Any) -> tuple[Array, KeyState]:
-        k, sub = jax.random.split(state.key)
+        k, sub = split_key(state.key)
         orders = _orders(sub, t)
 
         def row(i: Array, order: Array) -> Array:
@@ -48,7 +55,7 @@ def pcgrad_weighting(key: int | Array = 0) -> GramianWeighting:
         c = jax.vmap(row)(jnp.arange(t), orders)
         return nan_if_nonfinite(jnp.sum(c, axis=0), g), KeyState(k)
 
-    return GramianWeighting(init=lambda: KeyState(as_key(key)), update=update)
+    return GramianWeighting(init=lambda: KeyState(key_data(key)), update=update)
 
 
 def pcgrad(key: int | Array = 0) -> optax.GradientTransformationExtraArgs:
@@ -65,8 +72,8 @@ def pcgrad(key: int | Array = 0) -> optax.GradientTransformationExtraArgs:
 
 
 class GradVacState(NamedTuple):
-    """GradVac state: the PRNG key and the EMA ``(T, T)`` of pairwise cosine targets ``phi_hat[i, j]`` (in the
-    default float dtype: float32, float64 under x64)."""
+    """GradVac state: the PRNG key (raw ``uint32`` data) and the EMA ``(T, T)`` of pairwise cosine targets
+    ``phi_hat[i, j]`` (in the default float dtype: float32, float64 under x64)."""
 
     key: Array
     ema: Array
@@ -78,7 +85,7 @@ def gradvac_weighting(beta: float | Array = 0.5, *, num_tasks: int, key: int | A
     def update(g: Array, state: GradVacState, t: int, **_: Any) -> tuple[Array, GradVacState]:
         if t != num_tasks:
             raise ValueError(f"gradvac was built with num_tasks={num_tasks} but the updates have T={t} tasks")
-        k, sub = jax.random.split(state.key)
+        k, sub = split_key(state.key)
         orders = _orders(sub, t)
         norms = jnp.sqrt(jnp.maximum(jnp.diag(g), 0.0))
         ema0 = state.ema.astype(g.dtype)
@@ -105,7 +112,8 @@ def gradvac_weighting(beta: float | Array = 0.5, *, num_tasks: int, key: int | A
         return weights, GradVacState(k, ema.astype(state.ema.dtype))
 
     return GramianWeighting(
-        init=lambda: GradVacState(as_key(key), jnp.zeros((num_tasks, num_tasks), jnp.result_type(float))), update=update
+        init=lambda: GradVacState(key_data(key), jnp.zeros((num_tasks, num_tasks), jnp.result_type(float))),
+        update=update,
     )
 
 
