@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import optax
 
 from corrjax.mtl.aggregators._base import GramianWeighting, from_weighting, nan_if_nonfinite
-from corrjax.mtl.aggregators._tracked import checked
 
 Array = jax.Array
 
@@ -80,4 +79,4 @@ def config_grad(preference: Any = None, rtol: float | None = None) -> optax.Grad
     Reference: Liu, Chu, Thuerey, "ConFIG: Towards Conflict-free Training of Physics Informed Neural Networks",
     ICLR 2025 (Eq. 2); TorchJD ``ConFIG`` (the same direction via ``torch.linalg.pinv`` of ``U``).
     """
-    return checked(from_weighting(config_grad_weighting(preference, rtol)), "config_grad")
+    return from_weighting(config_grad_weighting(preference, rtol))

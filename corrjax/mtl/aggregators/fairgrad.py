@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import optax
 
 from corrjax.mtl.aggregators._base import GramianWeighting, from_weighting
-from corrjax.mtl.aggregators._tracked import checked
 
 Array = jax.Array
 
@@ -148,4 +147,4 @@ def fairgrad(
     Reference: Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024; LibMTL ``FairGrad``
     (``FairGrad_alpha``).
     """
-    return checked(from_weighting(fairgrad_weighting(alpha, max_iter, tol, reg_eps)), "fairgrad")
+    return from_weighting(fairgrad_weighting(alpha, max_iter, tol, reg_eps))

@@ -11,7 +11,6 @@ import optax
 
 from corrjax.mtl import solvers
 from corrjax.mtl.aggregators._base import GramianWeighting, from_weighting, nan_if_nonfinite
-from corrjax.mtl.aggregators._tracked import checked
 from corrjax.mtl.weighting import _check_num_tasks
 
 Array = jax.Array
@@ -111,4 +110,4 @@ def sdmgrad(
     Algorithms", NeurIPS 2023 (Algorithm 1); LibMTL ``SDMGrad``.
     """
     weighting = sdmgrad_weighting(num_tasks, lamda, niter, learning_rate=learning_rate, momentum=momentum)
-    return checked(from_weighting(weighting), "sdmgrad")
+    return from_weighting(weighting)
