@@ -248,9 +248,9 @@ def test_pcgrad_two_tasks_order_free(x64):
     """T = 2: the order does not matter; conflicting pairs give the closed form of the paper's Fig. 1."""
     for seed in range(4):
         j = _jacobian(seed, 2, "generic")
-        j[1] -= 2 * (j[0] @ j[1]) / (j[0] @ j[0]) * j[0] + (j[0] @ j[0] < 0)  # flip g_1's projection on g_0: conflict
-        if j[0] @ j[1] >= 0:
-            continue
+        if j[0] @ j[1] > 0:  # reflect g_1's component along g_0: a conflicting pair
+            j[1] -= 2 * (j[0] @ j[1]) / (j[0] @ j[0]) * j[0]
+        assert j[0] @ j[1] < 0
         g0, g1 = j
         d_ref = (g0 - (g0 @ g1) / (g1 @ g1) * g1) + (g1 - (g0 @ g1) / (g0 @ g0) * g0)
         for key in (0, 1, 2):
@@ -282,17 +282,20 @@ def test_aligned_mtl_matches_svd(x64, t):
     tol, p = TOL[np.float64], np.full(t, 1.0 / t)
     checked = 0
     for kind in KINDS:
-        for seed in SEEDS:
+        done = 0
+        for seed in range(4):  # the first two seeds of each class whose spectrum is clear of the rank cut
             j = _padded(seed, t, kind)
             d_ref, w_ref, margin, cond = _aligned_ref(j, p)
-            if margin < 1.0:  # an eigenvalue within 10x of the rank cut: kept or dropped is decided by rounding
+            if margin < 1.0 or done == 2:  # an eigenvalue within 10x of the cut: kept or dropped by rounding
                 continue
             d, _ = _run("aligned_mtl", j)
             # d = sqrt(lambda_min) (...): the rounding of G (eps lambda_max) moves lambda_min, and its eigenvector, by
-            # eps cond relative (near-duplicates at 1e-6: cond ~ 1e12, measured |d - d_ref| / |d_ref| up to 2e-3)
-            rtol = tol + 100 * np.finfo(np.float64).eps * cond
+            # eps cond relative, cond = lambda_max / lambda_min (near-duplicates at 1e-6: cond ~ 1e12; measured
+            # excess error up to 0.76 eps cond |d_ref|, T = 2 .. 32)
+            rtol = tol + 4 * np.finfo(np.float64).eps * cond
             _close(d, d_ref, _scale(w_ref, j), rtol, f"aligned_mtl {kind} seed {seed} cond {cond:.1e}")
-            checked += 1
+            done += 1
+        checked += done
     assert checked >= len(KINDS)
 
 
