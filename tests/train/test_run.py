@@ -156,6 +156,7 @@ def test_bad_trainer_values_fail_first_naming_the_key(compose_fn, tmp_path, key,
 
 
 def test_interrupt_flag():
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs as a background job
     from corrjax.train.signals import Interrupt
 
     with Interrupt() as interrupt:
@@ -163,7 +164,7 @@ def test_interrupt_flag():
         assert interrupt.requested and interrupt.signum == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # restored
 
 
 def _start_logged(cmd: list[str], tmp_path: Path) -> tuple[subprocess.Popen, Path]:
