@@ -5,6 +5,11 @@
 - :func:`celeba`: TFDS ``celeb_a``, the 40 binary attributes as 40 tasks, images centre-cropped and area-resized.
 - :func:`cifar10`: TFDS ``cifar10`` with tasks ``label`` (10 classes) and ``animal`` (binary).
 
+Splits are ``train``, ``val`` and ``test`` (:func:`open_split`, for any TFDS dataset): ``val`` is the dataset's own
+validation split where it has one (CelebA's ``validation``), else a held-out part of its train split: a seeded
+permutation (``split_seed``) of the train records cut at ``val_fraction`` (default 0.1), ``val`` taking the first
+part and ``train`` the rest, so the two are disjoint and the same for every run seed.
+
 Reading needs the prepared dataset under ``data_dir`` (default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
 Its presence (in array_record, the random-access format ``tfds.data_source`` needs: ``tfds build --file_format=
 array_record``) is checked on the file system before TFDS is touched, so a missing dataset fails at once with
@@ -32,12 +37,15 @@ logger = logging.getLogger(__name__)
 
 # Default TFDS versions of the datasets read here (tensorflow-datasets 4.9.x); pass `version=` to read another.
 VERSIONS: dict[str, str] = {"mnist": "3.0.1", "cifar10": "3.0.2", "celeb_a": "2.1.0"}
-# Our split names -> TFDS split strings (validation carved from the train split where TFDS has none).
-SPLITS: dict[str, dict[str, str]] = {
-    "mnist": {"train": "train[:90%]", "val": "train[90%:]", "test": "test"},
-    "cifar10": {"train": "train[:90%]", "val": "train[90%:]", "test": "test"},
-    "celeb_a": {"train": "train", "val": "validation", "test": "test"},
+# Our split names (validation held out from train where the TFDS dataset has none: open_split).
+SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
+# The TFDS splits of the datasets read here, for when the prepared dataset_info.json does not list them.
+KNOWN_SPLITS: dict[str, tuple[str, ...]] = {
+    "mnist": ("train", "test"),
+    "cifar10": ("train", "test"),
+    "celeb_a": ("train", "validation", "test"),
 }
+DEFAULT_VAL_FRACTION = 0.1
 CELEBA_FILES = (
     "img_align_celeba.zip",
     "list_eval_partition.txt",
@@ -127,10 +135,81 @@ def open_source(name: str, split: str, data_dir: str | os.PathLike | None = None
     return tfds.data_source(f"{name}:{path.name}", split=split, data_dir=str(path.parent.parent), download=False)
 
 
-def _split(name: str, split: str) -> str:
-    if split not in SPLITS[name]:
-        raise ValueError(f"unknown `split`={split!r}; expected one of {', '.join(map(repr, SPLITS[name]))}")
-    return SPLITS[name][split]
+class Subset:
+    """The records ``indices`` of a random-access record source (``len``, ``[i]``, ``__getitems__``); other
+    attributes (``dataset_info``) are the source's."""
+
+    def __init__(self, records: Any, indices: np.ndarray) -> None:
+        self.records, self.indices = records, np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return int(self.indices.size)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.records[int(self.indices[index])]
+
+    def __getitems__(self, keys: Sequence[int]) -> list[Any]:
+        mapped = [int(self.indices[k]) for k in keys]
+        getitems = getattr(self.records, "__getitems__", None)
+        return list(getitems(mapped)) if getitems is not None else [self.records[k] for k in mapped]
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("records", "indices"):  # not set yet (copy/pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.records, name)
+
+
+def tfds_splits(name: str, path: Path) -> tuple[str, ...]:
+    """The splits of prepared dataset ``path`` from its ``dataset_info.json`` (``splits[].name``), else
+    :data:`KNOWN_SPLITS`, else ``("train", "test")``."""
+    try:
+        info = json.loads((path / "dataset_info.json").read_text())
+        listed = tuple(str(s["name"]) for s in info.get("splits", []))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        listed = ()
+    return listed or KNOWN_SPLITS.get(name, ("train", "test"))
+
+
+def holdout_indices(n: int, val_fraction: float, split_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, val)`` sorted indices into ``n`` train records: a permutation seeded by ``split_seed`` cut at
+    ``round(val_fraction * n)`` (at least 1) validation records. Raises ``ValueError`` naming ``val_fraction`` outside
+    (0, 1) or leaving no training record."""
+    if isinstance(val_fraction, bool) or not 0.0 < float(val_fraction) < 1.0:
+        raise ValueError(f"`val_fraction`={val_fraction} must be in (0, 1)")
+    n_val = max(1, round(float(val_fraction) * n))
+    if n_val >= n:
+        raise ValueError(f"`val_fraction`={val_fraction} of {n} train records leaves none to train on")
+    perm = np.random.default_rng([check_seed(split_seed, "split_seed"), 0x7A11]).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def open_split(
+    name: str,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    version: str | None = None,
+    *,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    split_seed: int = 0,
+) -> Any:
+    """Our ``split`` (``train``, ``val`` or ``test``) of TFDS dataset ``name`` as a random-access record source.
+
+    ``test`` is the TFDS ``test`` split. Where the dataset has a ``validation`` split (its ``dataset_info.json``, or
+    :data:`KNOWN_SPLITS`), ``val`` is it and ``train`` is TFDS ``train``; otherwise ``val`` and ``train`` are the
+    two parts of TFDS ``train`` cut by :func:`holdout_indices` (``val_fraction``, ``split_seed``), as
+    :class:`Subset` views. ``val_fraction`` is ignored for datasets with their own validation split."""
+    if split not in SPLIT_NAMES:
+        raise ValueError(f"unknown `split`={split!r}; expected one of {', '.join(map(repr, SPLIT_NAMES))}")
+    if isinstance(val_fraction, bool) or not 0.0 < float(val_fraction) < 1.0:
+        raise ValueError(f"`val_fraction`={val_fraction} must be in (0, 1)")
+    path = check_prepared(name, data_dir, version)
+    if split == "test":
+        return open_source(name, "test", data_dir, version)
+    if "validation" in tfds_splits(name, path):
+        return open_source(name, "train" if split == "train" else "validation", data_dir, version)
+    records = open_source(name, "train", data_dir, version)
+    train, val = holdout_indices(len(records), val_fraction, split_seed)
+    return Subset(records, train if split == "train" else val)
 
 
 @functools.lru_cache(maxsize=16)
@@ -185,22 +264,25 @@ def multimnist(
     num_examples: int | None = None,
     seed: int = 0,
     num_threads: int = 4,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    split_seed: int = 0,
 ) -> MultiMNISTDataset:
     """MultiMNIST from TFDS ``mnist``: ``x`` float32 ``(n, 36, 36, 1)`` in [0, 1], tasks ``left`` and ``right``.
 
-    Each example overlays two MNIST digits of the same TFDS split (train: the first 90 % of MNIST train, val: the
-    last 10 %, test: MNIST test, so splits share no source image), the left one shifted 0..4 px from the top-left
+    Each example overlays two MNIST digits of the same split (train and val: the two parts of MNIST train held out
+    by :func:`open_split` with ``val_fraction`` and ``split_seed``; test: MNIST test; so splits share no source
+    image), the left one shifted 0..4 px from the top-left
     corner, the right one from the bottom-right; overlaps take the maximum. Sener & Koltun then resize to 28x28;
     we keep the 36x36 canvas. Pairs and offsets are fixed by ``seed``; ``num_examples`` defaults to the size of
     the source split; ``seed`` is an int in ``[0, 2**31)``.
     """
     seed = check_seed(seed)
-    records = open_source("mnist", _split("mnist", split), data_dir)
+    records = open_split("mnist", split, data_dir, val_fraction=val_fraction, split_seed=split_seed)
     m = len(records)
     n = m if num_examples is None else int(num_examples)
     if n < 1 or m < 1:
         raise ValueError(f"`num_examples` must be positive and the source non-empty, got {n} and {m}")
-    rng = np.random.default_rng([seed, list(SPLITS["mnist"]).index(split)])
+    rng = np.random.default_rng([seed, SPLIT_NAMES.index(split)])
     pairs = rng.integers(0, m, size=(n, 2))
     offsets = rng.integers(0, MultiMNISTDataset.MAX_SHIFT + 1, size=(n, 4))
     return MultiMNISTDataset(records, pairs, offsets, name=f"multimnist/{split}", num_threads=num_threads)
@@ -218,9 +300,10 @@ def celeba(
     """CelebA from TFDS ``celeb_a``: ``x`` float32 ``(n, s, s, 3)`` in [0, 1]; one binary task per attribute.
 
     Images (218x178, aligned) are centre-cropped to 178x178 and area-resized to ``image_size``. ``attributes``
-    selects tasks by TFDS attribute name (default: all 40, in TFDS order); labels are float32 0/1.
+    selects tasks by TFDS attribute name (default: all 40, in TFDS order); labels are float32 0/1. ``val`` is
+    CelebA's own validation split.
     """
-    records = open_source("celeb_a", _split("celeb_a", split), data_dir)
+    records = open_split("celeb_a", split, data_dir)
     names = list(records.dataset_info.features["attributes"].keys())
     chosen = list(names if attributes is None else attributes)
     unknown = [a for a in chosen if a not in names]
@@ -245,13 +328,16 @@ def cifar10(
     *,
     data_dir: str | os.PathLike | None = None,
     num_threads: int = 4,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    split_seed: int = 0,
 ) -> RecordDataset:
     """CIFAR-10 from TFDS ``cifar10``: ``x`` float32 ``(n, 32, 32, 3)`` in [0, 1].
 
     Tasks: ``label`` (the 10 classes) and ``animal`` (binary: bird, cat, deer, dog, frog or horse), a coarse task
-    that is correlated with ``label`` by construction. val is the last 10 % of the TFDS train split.
+    that is correlated with ``label`` by construction. ``val`` is ``val_fraction`` of the TFDS train split, held out
+    by a permutation seeded with ``split_seed`` (:func:`open_split`); ``train`` is the rest.
     """
-    records = open_source("cifar10", _split("cifar10", split), data_dir)
+    records = open_split("cifar10", split, data_dir, val_fraction=val_fraction, split_seed=split_seed)
     tasks = (TaskSpec("label", "classification", 10), TaskSpec("animal", "binary", 1))
     animals = np.zeros(10, np.float32)
     animals[list(CIFAR10_ANIMALS)] = 1.0

@@ -42,12 +42,27 @@ class DataPositionError(ValueError):
 
 
 class Restored(NamedTuple):
-    """A restored checkpoint: the train state, the iterator position (``BatchIterator.set_state``'s input) and the
-    step."""
+    """A restored checkpoint: the train state, the iterator position (``BatchIterator.set_state``'s input), the
+    step, and the model-selection state saved with it (:class:`corrjax.train.selection.SelectionState` as JSON;
+    None when it has none)."""
 
     state: Any
     data_state: dict[str, Any]
     step: int
+    selection: dict[str, Any] | None = None
+
+
+BEST_METRIC = "monitor"  # the Orbax metric of a checkpoint saved at an evaluation: the monitored value
+
+
+class _MissingMetricsFilter(logging.Filter):
+    """Drops Orbax's warning for a save without metrics when best-keeping is on: only evaluations carry one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+_MISSING_METRICS_FILTER = _MissingMetricsFilter()
 
 
 def data_fingerprint(
@@ -73,7 +88,11 @@ class Checkpointer:
     """Keeps the last ``keep`` checkpoints of ``(state, data_state)`` under ``directory``.
 
     ``fingerprint`` (:func:`data_fingerprint`) is written with every data position and checked by
-    :meth:`restore_latest`; without one, positions are stored and restored unchecked apart from their step."""
+    :meth:`restore_latest`; without one, positions are stored and restored unchecked apart from their step.
+
+    ``best_mode`` (``"min"`` or ``"max"``; None: off) keeps, besides the last ``keep``, the checkpoint with the best
+    ``metrics={"monitor": value}`` passed to :meth:`save` (Orbax's ``best_fn``/``best_mode`` with a preservation
+    policy of the latest ``keep`` or the best one); checkpoints saved without metrics compete only for the latest."""
 
     def __init__(
         self,
@@ -82,12 +101,33 @@ class Checkpointer:
         keep: int = 3,
         async_save: bool = True,
         fingerprint: dict[str, Any] | None = None,
+        best_mode: str | None = None,
     ) -> None:
+        from orbax.checkpoint._src.checkpoint_managers import preservation_policy as policy
+
         self.directory = Path(directory).absolute()
         self.damaged_directory = self.directory.with_name(self.directory.name + "_damaged")
         self.fingerprint = fingerprint
+        self.best_mode = best_mode
+        best: dict[str, Any] = {}
+        if best_mode is not None:
+            if best_mode not in ("min", "max"):
+                raise ValueError(f"`best_mode`={best_mode!r}; expected min, max or None")
+            best_fn = lambda metrics: float(metrics[BEST_METRIC])
+            preserve = policy.AnyPreservationPolicy(
+                [
+                    policy.LatestN(n=keep),
+                    policy.BestN(
+                        get_metric_fn=best_fn, reverse=best_mode == "min", n=1, keep_checkpoints_without_metrics=False
+                    ),
+                ]
+            )
+            best = {"best_fn": best_fn, "best_mode": best_mode, "preservation_policy": preserve}
+            logging.getLogger("absl").addFilter(_MISSING_METRICS_FILTER)
+        else:
+            best = {"max_to_keep": keep}
         self._options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True
+            enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True, **best
         )
         self._manager = self._open()
 
@@ -98,13 +138,36 @@ class Checkpointer:
         """The newest finished checkpoint's step (not verified), or None."""
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, data_state: dict[str, Any], *, force: bool = False) -> bool:
-        """Starts saving ``state`` and ``data_state`` at ``step`` (asynchronously unless configured otherwise)."""
+    def best_step(self) -> int | None:
+        """The step of the best checkpoint kept (by its ``monitor`` metric), or None (no best-keeping, or no
+        checkpoint saved with a metric)."""
+        if self.best_mode is None:
+            return None
+        with_metric = [s for s in self._manager.all_steps() if self._manager.metrics(s) is not None]
+        return self._manager.best_step() if with_metric else None
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_state: dict[str, Any],
+        *,
+        force: bool = False,
+        metric: float | None = None,
+        selection: dict[str, Any] | None = None,
+    ) -> bool:
+        """Starts saving ``state`` and ``data_state`` at ``step`` (asynchronously unless configured otherwise), with
+        the model-selection state ``selection`` in the data item and, with best-keeping on, the monitored value
+        ``metric`` of an evaluation at this step (None: not a candidate for the best)."""
         data = {"format": _DATA_FORMAT, "step": int(step), "fingerprint": self.fingerprint, "position": data_state}
+        if selection is not None:
+            data["selection"] = selection
+        metrics = {BEST_METRIC: float(metric)} if self.best_mode is not None and metric is not None else None
         saved = self._manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)),
             force=force,
+            metrics=metrics,
         )
         if saved:
             log.info("checkpoint %d -> %s", step, self.directory)
@@ -121,7 +184,8 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
         )
-        return Restored(restored["state"], self._position(restored["data"], step), step)
+        selection = dict(restored["data"]).get("selection")
+        return Restored(restored["state"], self._position(restored["data"], step), step, selection)
 
     def restore_latest(self, abstract_state: Any) -> Restored | None:
         """The newest checkpoint that restores, or None when there is none at all.

@@ -17,6 +17,15 @@ from omegaconf import MISSING
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Stop after ``patience`` evaluations in a row that did not improve the monitor by more than ``min_delta``
+    (null: never); :mod:`corrjax.train.selection`."""
+
+    patience: int | None = None
+    min_delta: float = 0.0
+
+
+@dataclass
 class TrainerConfig:
     """Loop settings: step counts, batch sizes, checkpointing and the non-finite guard.
 
@@ -28,7 +37,8 @@ class TrainerConfig:
     batch_size: int = 128
     eval_batch_size: int = 512
     eval_every: int = 200
-    eval_split: str = "test"
+    # The split evaluated every eval_every steps and selected on (`val`: held out from train, never the test split).
+    eval_split: str = "val"
     log_every: int = 20
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
@@ -43,6 +53,18 @@ class TrainerConfig:
     # Log McCandlish et al.'s gradient noise scale at every log step (one more forward/backward pass there).
     noise_scale: bool = True
     progress: bool = True
+    # Validation and model selection (corrjax.train.selection; README "Validation and model selection").
+    # train: train (from `ckpt_path`'s weights when given); eval: evaluate `ckpt_path` only (scripts/eval.py).
+    mode: str = "train"
+    # What is selected on: auto (delta_m with a reference, else mean_score), mean_score, delta_m, loss, <task>/<metric>.
+    monitor: str = "auto"
+    monitor_mode: str | None = None  # min | max; null: inferred from the monitor
+    # Per-task reference metrics for Delta_m%, e.g. {left: {accuracy: 0.95}, right: {accuracy: 0.93}}.
+    monitor_reference: Any = None
+    keep_best: bool = True  # keep the best evaluation's checkpoint (Orbax best_fn) besides the latest ones
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # After training, the selected checkpoint is evaluated on this split into summary.json's test/...; null: skip.
+    test_split: str | None = "test"
 
 
 # Lower bounds of the trainer's counts (the schema checks types only): 0 disables evaluation and checkpointing.
@@ -116,6 +138,9 @@ class TrainConfig:
     # Packages whose callables `_target_` may name besides corrjax, optax and flax (corrjax.train.targets); set in a
     # config file, not on the command line.
     allowed_targets: list[str] = field(default_factory=list)
+    # A run directory or a checkpoint step directory: evaluate it (trainer.mode=eval, scripts/eval.py) or start
+    # training from its weights (a fresh optimiser, step 0). A run directory gives its best checkpoint, else its latest.
+    ckpt_path: str | None = None
     data: Any = MISSING
     model: Any = MISSING
     mtl: Any = MISSING

@@ -177,12 +177,14 @@ def _write_hydra(run_dir: Path, cfg: DictConfig, overrides: Sequence[str]) -> No
     (hydra_dir / "overrides.yaml").write_text(yaml.safe_dump(list(overrides), default_flow_style=False))
 
 
-def _build_seeds(cfg: DictConfig, seeds: Sequence[int]) -> tuple[Any, Any, _Stacked, _Stacked]:
-    """``(first setup, stacked initial states, stacked train split, stacked eval split)``: one
-    :func:`corrjax.train.setup.build` per seed (its own data, model, optimiser state), keeping only what the
-    ensemble needs of the later ones."""
+def _build_seeds(cfg: DictConfig, seeds: Sequence[int]) -> tuple[Any, Any, _Stacked, _Stacked, _Stacked | None]:
+    """``(first setup, stacked initial states, stacked train split, stacked eval split, stacked test split or
+    None)``: one :func:`corrjax.train.setup.build` per seed (its own data, model, optimiser state), keeping only
+    what the ensemble needs of the later ones."""
+    from corrjax.train.eval_run import split_data
     from corrjax.train.setup import build
 
+    test_split = cfg.trainer.get("test_split")
     first = None
     states = []
     for i, seed in enumerate(seeds):
@@ -192,11 +194,14 @@ def _build_seeds(cfg: DictConfig, seeds: Sequence[int]) -> tuple[Any, Any, _Stac
             keys = ("x", *setup.names)
             train = _Stacked(len(seeds), "train", keys)
             evals = _Stacked(len(seeds), cfg.trainer.eval_split, keys)
+            tests = _Stacked(len(seeds), test_split, keys) if test_split else None
         train.add(i, seed, setup.train_data)
         evals.add(i, seed, setup.eval_data)
+        if tests is not None:
+            tests.add(i, seed, split_data(setup.cfg, setup, test_split))
         states.append(setup.init_state())
         del setup
-    return first, _stack(states), train, evals
+    return first, _stack(states), train, evals, tests
 
 
 def train_seeds(
@@ -249,13 +254,16 @@ def _train_seeds(
 ) -> list[dict[str, Any]]:
     """:func:`train_seeds`' body, in the run directories it holds."""
     from corrjax.data import BatchIterator
-    from corrjax.train import evaluate, tracking, writers
+    from corrjax.train import evaluate, selection, tracking, writers
     from corrjax.train.loop import every
 
     tc = cfg.trainer
 
-    setup, states, train_stack, eval_stack = _build_seeds(cfg, seeds)
+    setup, states, train_stack, eval_stack, test_stack = _build_seeds(cfg, seeds)
     names = setup.names
+    selectors = [selection.Selector.from_config(tc, setup.tasks) for _ in seeds]
+    best_model = jax.tree.map(jnp.copy, (states.params, states.rest))  # each seed's best evaluation's model
+    at_stop = None  # the model of the seeds stopped early, at their stop
     log.info(
         "ensemble of %d seeds: model %s, %d parameters each; tasks %s",
         *(len(seeds), setup.model_name, setup.num_params, names),
@@ -278,7 +286,7 @@ def _train_seeds(
     trackers = [tracking.RepresentationTracker() for _ in seeds]
     active = np.ones(len(seeds), bool)
     skipped = np.zeros(len(seeds), np.int64)
-    stopped_at: dict[int, tuple[int, int, str]] = {}  # seed index -> (step, skipped steps, message)
+    stopped_at: dict[int, tuple[int, int, str | None]] = {}  # seed index -> (step, skipped steps, error or None)
     last_train: list[dict[str, Any]] = [{} for _ in seeds]
     last_eval: list[dict[str, Any]] = [{} for _ in seeds]
     ends = sorted({k for k in range(1, tc.max_steps + 1) if every(k, tc.eval_every, tc.max_steps)} | {tc.max_steps})
@@ -301,6 +309,11 @@ def _train_seeds(
             evals = [
                 _evaluation(evaluate, trackers[i], end, evals, reps, i) if active[i] else {} for i in range(len(seeds))
             ]
+            improved = np.zeros(len(seeds), bool)
+            for i in np.nonzero(active)[0]:
+                evals[i], improved[i] = selectors[i].observe(evals[i], end)
+            if improved.any():
+                best_model = _keep_improved(best_model, (states.params, states.rest), improved)
             for k in range(s, end):
                 at = k + 1
                 is_eval = at == end and bool(tc.eval_every)
@@ -319,6 +332,16 @@ def _train_seeds(
                         last_eval[i] = evals[i]
                         record.update(last_eval[i])
                     out[i].write(at, record)
+            newly_stopped = active & np.asarray([sel.stopped for sel in selectors])
+            if newly_stopped.any():  # their model at the stop (the compiled steps go on training every seed)
+                current = (states.params, states.rest)
+                at_stop = _keep_improved(
+                    jax.tree.map(jnp.copy, current) if at_stop is None else at_stop, current, newly_stopped
+                )
+            for i in np.nonzero(newly_stopped)[0]:
+                active[i] = False
+                stopped_at[i] = (end, int(totals[-1, i]), None)
+                log.info("seed %d stopped early at step %d (trainer.early_stopping)", seeds[i], end)
             for i in np.nonzero(active & (streaks >= tc.max_nonfinite_in_a_row))[0]:
                 active[i] = False
                 stopped_at[i] = (
@@ -339,12 +362,13 @@ def _train_seeds(
     wall = time.perf_counter() - t_start
     if not tc.eval_every:  # the final evaluation goes to the summary only, as in the loop
         last_eval = evals
+    tests = _test(tc, selectors, evaluate_all, states, best_model, at_stop, test_stack, stopped_at, s)
     summaries = []
     for i, (seed, d) in enumerate(zip(seeds, run_dirs, strict=True)):
         end, nonfinite, error = stopped_at.get(i, (s, int(skipped[i]), None))
         summary = tracking.summary(
             step=end,
-            completed=error is None and s >= tc.max_steps,
+            completed=error is None and (s >= tc.max_steps or selectors[i].stopped),
             num_params=setup.num_params,
             nonfinite_total=nonfinite,
             wall_time_s=wall,
@@ -354,12 +378,52 @@ def _train_seeds(
             tracker=trackers[i],
             seed=seed,
             ensemble_size=len(seeds),
+            **selectors[i].summary(),
         )
+        summary.update(tests[i])
         if error is not None:
             summary["error"] = error
         writers.write_summary(d, summary)
         summaries.append(writers.to_jsonable(summary))
     return summaries
+
+
+def _keep_improved(best: Any, current: Any, improved: np.ndarray) -> Any:
+    """``best`` with the seeds marked ``improved`` replaced by ``current`` (leaves with a leading seed axis)."""
+    mask = jnp.asarray(improved)
+    return jax.tree.map(lambda b, c: jnp.where(mask.reshape(-1, *[1] * (c.ndim - 1)), c, b), best, current)
+
+
+def _test(
+    tc, selectors, evaluate_all, states, best_model, at_stop, test_stack, stopped_at, step
+) -> list[dict[str, Any]]:
+    """Per seed, ``test/...`` of its selected model on ``trainer.test_split`` (the best evaluation's with
+    ``trainer.keep_best`` when there was one, else the model where it stopped) and ``test/step``; empty for a seed
+    stopped by non-finite steps or without ``test_split``. The best models are kept in memory (the ensemble writes
+    no checkpoints)."""
+    from corrjax.train import selection
+
+    if test_stack is None:
+        return [{} for _ in selectors]
+    model = (states.params, states.rest)
+    if at_stop is not None:
+        model = _keep_improved(model, at_stop, np.asarray([sel.stopped for sel in selectors]))
+    use_best = np.asarray([bool(tc.keep_best) and sel.state.best_step is not None for sel in selectors])
+    model = _keep_improved(model, best_model, use_best)
+    tested = states.replace(params=model[0], rest=model[1])
+    arrays = test_stack.to_device()
+    metrics, _ = jax.device_get(evaluate_all(tested, arrays.pop("x"), arrays))
+    out = []
+    for i, sel in enumerate(selectors):
+        end, _, error = stopped_at.get(i, (step, 0, None))
+        if error is not None:
+            out.append({})
+            continue
+        record = selection.with_prefix({k: v[i] for k, v in metrics.items()}, "eval/", "test/")
+        record.update(selection.derived_metrics(record, sel.tasks, sel.monitor, "test/"))
+        at = sel.state.best_step if use_best[i] else end
+        out.append({**record, "test/step": int(at)})
+    return out
 
 
 def _evaluation(evaluate: Any, tracker: Any, step: int, evals: dict, reps: dict, i: int) -> dict[str, Any]:

@@ -48,20 +48,28 @@ def hydra_run_dir() -> Path:
     return Path.cwd()
 
 
-def restore_or_start(ckpt: Any, state: Any, iterator: Any, *, resume: bool) -> tuple[Any, int]:
-    """``(state, step)`` to continue from: with ``resume``, the newest valid checkpoint's state and data position
-    (:meth:`~corrjax.train.checkpoint.Checkpointer.restore_latest`: damaged ones are reported and set aside; the
-    iterator is moved there), else ``state`` at step 0."""
-    from corrjax.train import checkpoint
+def restore_or_start(
+    ckpt: Any, state: Any, iterator: Any, *, resume: bool, selector: Any = None, ckpt_path: str | None = None
+) -> tuple[Any, int]:
+    """``(state, step)`` to continue from: with ``resume``, the newest valid checkpoint's state, data position and
+    model-selection state (:meth:`~corrjax.train.checkpoint.Checkpointer.restore_latest`: damaged ones are reported
+    and set aside; the iterator is moved there, ``selector`` continues), else ``state`` at step 0, with the model of
+    ``ckpt_path`` when given (fine-tuning: :mod:`corrjax.train.eval_run`)."""
+    from corrjax.train import checkpoint, eval_run
 
     restored = ckpt.restore_latest(checkpoint.abstract_like(state)) if resume else None
     if restored is not None:
-        state, data_state, start = restored
-        iterator.set_state(data_state)
-        log.info("resumed from step %d (%s)", start, ckpt.directory)
-        return state, start
+        iterator.set_state(restored.data_state)
+        if selector is not None:
+            selector.load(restored.selection)
+        log.info("resumed from step %d (%s)", restored.step, ckpt.directory)
+        return restored.state, restored.step
     if resume:
         log.info("trainer.resume=true but no checkpoint in %s: starting from scratch", ckpt.directory)
+    if ckpt_path:
+        step_dir = eval_run.resolve_ckpt_path(ckpt_path)
+        state = eval_run.restore_model(step_dir, state)
+        log.info("starting from the model of %s (ckpt_path)", step_dir)
     return state, 0
 
 
@@ -135,24 +143,28 @@ def _initialize(cfg: DictConfig) -> None:
     JAX when asked (before any other JAX call) and quietens the libraries' loggers."""
     from corrjax.data.iterator import check_seed  # touches no JAX device
     from corrjax.train.config import check_trainer
+    from corrjax.train.selection import check_config
 
     check_seed(cfg.seed)
     check_trainer(cfg.trainer)
+    check_config(cfg)
     targets.check_config(cfg)
     distributed.maybe_initialize(cfg.parallel.distributed)
     for noisy in ("absl", "orbax", "jax._src.xla_bridge", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _train(state, start, iterator, steps, evaluator, writer, ckpt, interrupt, tc, progress):
-    """Steps from ``start`` to ``trainer.max_steps`` (or a stop); returns ``(state, step, last train record, last
-    evaluation)``. Periodic work by :func:`every`: log (and the noise scale), evaluate, checkpoint."""
+def _train(state, start, iterator, steps, evaluator, writer, ckpt, interrupt, tc, progress, selector):
+    """Steps from ``start`` to ``trainer.max_steps`` (or a stop, or early stopping); returns ``(state, step, last
+    train record, last evaluation)``. Periodic work by :func:`every`: log (and the noise scale), evaluate (and
+    select: :mod:`corrjax.train.selection`), checkpoint (also at an evaluation that improved the monitor, with
+    ``trainer.keep_best``)."""
     from corrjax.train import tracking
 
     last_train, last_eval, s = {}, {}, start
     throughput = tracking.Throughput(tc.batch_size)
     bar = progress.add_task("train", total=tc.max_steps, completed=start, info="")
-    while s < tc.max_steps:
+    while s < tc.max_steps and not selector.stopped:
         batch = next(iterator)
         state, metrics = steps.train(state, batch)
         s, record, logging_step = s + 1, {}, every(s + 1, tc.log_every, tc.max_steps)
@@ -166,14 +178,36 @@ def _train(state, start, iterator, steps, evaluator, writer, ckpt, interrupt, tc
             )
             progress.update(bar, info=f"loss {float(last_train['train/loss']):.4f}")
             _check_finite(state, s, tc.max_nonfinite_in_a_row)
+        improved = False
         if every(s, tc.eval_every, tc.max_steps):
-            last_eval = evaluator(state, s)
+            last_eval, improved = selector.observe(evaluator(state, s), s)
             record = {**record, **last_eval}
         if record and writer is not None:
             writer.write(s, record)
         stop = interrupt.should_stop(logging_step) or (tc.stop_after is not None and s - start >= tc.stop_after)
-        if every(s, tc.checkpoint_every, tc.max_steps) or s == tc.max_steps or stop:
-            ckpt.save(s, state, iterator.get_state(), force=True)
+        if (
+            every(s, tc.checkpoint_every, tc.max_steps)
+            or s == tc.max_steps
+            or stop
+            or selector.stopped
+            or (improved and tc.keep_best)
+        ):
+            ckpt.save(
+                s,
+                state,
+                iterator.get_state(),
+                force=True,
+                metric=selector.metric_at(s),
+                selection=selector.state.to_json(),
+            )
+        if selector.stopped:
+            log.info(
+                "early stopping at step %d: %s did not improve for %d evaluations",
+                s,
+                selector.monitor.name,
+                selector.state.bad_evals,
+            )
+            break
         if stop:
             log.warning("stopping at step %d (checkpoint saved; continue with trainer.resume=true)", s)
             break
@@ -188,16 +222,19 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     (:func:`corrjax.train.targets.check_config`). The run holds its directory for its whole life
     (:func:`corrjax.train.rundir.claim`): a second run there fails at once, and a fresh run in a directory with a
     previous run's results fails unless ``trainer.overwrite=true``."""
+    from corrjax.train import eval_run
+
     _initialize(cfg)
     run_dir = Path(distributed.broadcast_str(str(Path(run_dir or hydra_run_dir()).absolute())))
+    eval_run.check_source(cfg, run_dir)
     with rundir.claim(run_dir, resume=bool(cfg.trainer.resume), overwrite=bool(cfg.trainer.overwrite)):
-        return _run(cfg, run_dir)
+        return eval_run.run_eval(cfg, run_dir) if cfg.trainer.mode == "eval" else _run(cfg, run_dir)
 
 
 def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """:func:`run`'s body, in the run directory it holds."""
     from corrjax.data import BatchIterator  # imported after distributed initialisation, as everything below
-    from corrjax.train import checkpoint, evaluate, sharding, tracking
+    from corrjax.train import checkpoint, eval_run, evaluate, selection, sharding, tracking
     from corrjax.train.setup import build
 
     tc, main, t_start = cfg.trainer, distributed.is_main_process(), time.perf_counter()
@@ -205,6 +242,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if tc.batch_size % mesh.devices.size:
         raise ValueError(f"`trainer.batch_size`={tc.batch_size} must be divisible by the {mesh.devices.size} devices")
     setup = build(cfg)
+    selector = selection.Selector.from_config(tc, setup.tasks)
     steps = sharding.jit_setup_steps(setup, mesh, cfg.parallel.axis_name)
     data_sharding = sharding.batch_sharding(mesh, cfg.parallel.axis_name)
     state = setup.init_state(sharding.replicated(mesh))
@@ -219,10 +257,16 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         steps_per_epoch=iterator.steps_per_epoch,
     )
     ckpt = checkpoint.Checkpointer(
-        run_dir / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpointing, fingerprint=fingerprint
+        run_dir / "checkpoints",
+        keep=tc.keep_checkpoints,
+        async_save=tc.async_checkpointing,
+        fingerprint=fingerprint,
+        best_mode=selector.monitor.mode if tc.keep_best else None,
     )
     try:
-        state, start = restore_or_start(ckpt, state, iterator, resume=tc.resume)
+        state, start = restore_or_start(
+            ckpt, state, iterator, resume=tc.resume, selector=selector, ckpt_path=cfg.get("ckpt_path")
+        )
     except Exception:
         ckpt.close()
         iterator.close()
@@ -236,7 +280,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     try:
         with Interrupt() as interrupt, _progress(tc.progress and main) as progress:
             state, s, last_train, last_eval = _train(
-                state, start, iterator, steps, evaluator, writer, ckpt, interrupt, tc, progress
+                state, start, iterator, steps, evaluator, writer, ckpt, interrupt, tc, progress, selector
             )
     finally:
         iterator.close()
@@ -244,11 +288,15 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if writer is not None:
             writer.close()
 
-    if s >= tc.max_steps and evaluator.last_step != s:  # eval_every=0, or a finished run resumed: evaluate once
-        last_eval = evaluator(state, s)
+    finished = s >= tc.max_steps or selector.stopped
+    if finished and evaluator.last_step != s:  # eval_every=0, or a finished run resumed: evaluate once
+        last_eval, _ = selector.observe(evaluator(state, s), s)
+    test = {}  # the selected state on trainer.test_split
+    if finished and tc.test_split:
+        test = eval_run.test_best(cfg, setup, steps, state, s, selector, run_dir, data_sharding)
     summary = tracking.summary(
         step=s,
-        completed=s >= tc.max_steps,
+        completed=finished,
         signum=interrupt.signum,
         num_params=setup.num_params,
         nonfinite_total=int(state.nonfinite_total),
@@ -257,7 +305,9 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         last_train=last_train or (_logged_train_record(run_dir, cfg, main) if start > 0 else {}),
         last_eval=last_eval,
         tracker=tracker,
+        **selector.summary(),
     )
+    summary.update(test)
     if main:
         _write_outputs(run_dir, cfg, summary, setup.tasks)
     distributed.sync("corrjax-train-end")

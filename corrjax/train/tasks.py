@@ -2,7 +2,7 @@
 
 One row per kind (:data:`KINDS`): ``classification`` (softmax cross-entropy, accuracy, the log-probability of the
 true class as the score), ``binary`` (sigmoid cross-entropy, accuracy, the logit) and ``regression`` (squared error,
-RMSE and Pearson r, the prediction). Training losses are means over the (global) batch; a regression task may train
+RMSE, Pearson r and R^2, the prediction). Training losses are means over the (global) batch; a regression task may train
 on one of the correlation losses of :mod:`corrjax.stats` instead (``task_losses.<task>=pearson|concordance|
 spearman``), which train a regressor to correlate or rank rather than to match scale. Every function works on global
 arrays inside ``jit``; under GSPMD the batch reductions span the whole data-parallel mesh, so no ``axis_name`` is
@@ -43,14 +43,19 @@ def _accuracy(correct: Array, mask: Array) -> dict[str, Array]:
 
 
 def _regression_metrics(output: Array, label: Array, mask: Array) -> dict[str, Array]:
-    """RMSE and the Pearson r of prediction and target (per output column, averaged; NaN when undefined), the
-    masked-out rows given zero weight in :func:`corrjax.stats.corrcoef`."""
+    """RMSE, the Pearson r of prediction and target and the coefficient of determination
+    ``r2 = 1 - sum (pred - y)^2 / sum (y - mean y)^2`` (each per output column, averaged; NaN when undefined: a
+    constant target), the masked-out rows given zero weight."""
     pred = output.reshape(output.shape[0], -1)
     y = label.reshape(label.shape[0], -1).astype(pred.dtype)
     weights = mask.astype(pred.dtype)
     rmse = jnp.sqrt(_masked_mean(jnp.square(pred - y).mean(-1), mask))
     r = jax.vmap(lambda p, t: corrjax.stats.corrcoef(p, t, fweights=weights), in_axes=1)(pred, y)
-    return {"rmse": rmse, "pearson": r.mean()}
+    w = weights[:, None]
+    y_mean = (y * w).sum(0) / w.sum()
+    sse, sst = (jnp.square(pred - y) * w).sum(0), (jnp.square(y - y_mean) * w).sum(0)
+    r2 = jnp.where(sst > 0, 1.0 - sse / jnp.where(sst > 0, sst, 1.0), jnp.nan)
+    return {"rmse": rmse, "pearson": r.mean(), "r2": r2.mean()}
 
 
 def _true_class_log_prob(output: Array, label: Array) -> Array:
@@ -115,8 +120,8 @@ def score(task: TaskSpec, output: Array, label: Array) -> Array:
 
 
 def task_metrics(task: TaskSpec, output: Array, label: Array, mask: Array) -> dict[str, Array]:
-    """Masked evaluation metrics of one task: ``loss`` always; ``accuracy`` for classification/binary; ``rmse``
-    and ``pearson`` for regression."""
+    """Masked evaluation metrics of one task: ``loss`` always; ``accuracy`` for classification/binary; ``rmse``,
+    ``pearson`` and ``r2`` for regression."""
     row = kind(task)
     return {"loss": _masked_mean(row.per_example_loss(output, label), mask), **row.metrics(output, label, mask)}
 
