@@ -5,7 +5,8 @@
 
 Every job folder with a ``summary.json`` of a finished run is one run; runs are grouped by their Hydra overrides
 without ``seed`` (the "method": the overrides that vary across the sweep), and each ``eval/<task>/<metric>`` is
-reported as mean +- sample std (ddof=1) over the group's seeds. Job folders without a ``summary.json`` (a failed or
+reported as mean +- sample std (ddof=1) over the group's seeds (``test/<task>/<metric>``, the test of the checkpoint
+selected on validation, where the summary has it). Job folders without a ``summary.json`` (a failed or
 still running job) and runs whose summary says ``"completed": false`` (stopped by a signal, ``trainer.stop_after`` or
 non-finite losses) are left out and listed on stderr and under ``excluded`` in ``comparison.json``.
 
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-HIGHER_IS_BETTER = {"accuracy": True, "pearson": True, "rmse": False, "loss": False}
+HIGHER_IS_BETTER = {"accuracy": True, "pearson": True, "r2": True, "rmse": False, "loss": False}
 DEFAULT_METRICS = ("accuracy", "rmse")
 
 
@@ -92,13 +93,15 @@ def method_key(overrides: dict[str, str], keys: list[str]) -> str:
 
 
 def task_metrics(summary: dict[str, Any], metrics: tuple[str, ...]) -> dict[tuple[str, str], float]:
-    """``{(task, metric): value}`` of the summary's ``eval/<task>/<metric>`` entries. A metric that is present but
+    """``{(task, metric): value}`` of the summary's ``test/<task>/<metric>`` entries (the test of the selected
+    checkpoint), else its ``eval/<task>/<metric>`` ones (runs without a test stage). A metric that is present but
     ``null`` (the run's value was NaN or infinite; ``summary.json`` stores those as ``null``) is NaN, so that it
     propagates into the group's mean instead of silently dropping that seed."""
     out = {}
+    prefix = "test/" if any(k.startswith("test/") for k in summary) else "eval/"
     for task in summary.get("tasks", []):
         for m in metrics:
-            key = f"eval/{task}/{m}"
+            key = f"{prefix}{task}/{m}"
             if key in summary:
                 v = summary[key]
                 out[(task, m)] = float("nan") if v is None else float(v)
