@@ -142,3 +142,36 @@ def test_area_resize_against_block_mean():
     np.testing.assert_allclose(area_resize(img, 12), img, rtol=1e-6)
     const = np.full((218, 178, 3), 7, np.uint8)
     np.testing.assert_allclose(area_resize(const, 64), 7.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fn,kw", [(cifar10, {}), (multimnist, {"num_examples": 8})])
+def test_validation_is_held_out_from_train_seeded_and_disjoint(mocked, fn, kw):
+    """MNIST and CIFAR-10 have no validation split: val is a seeded part of TFDS train, disjoint from our train."""
+    from corrjax.data.tfds_sources import Subset
+
+    records = lambda ds: ds.reader.records if hasattr(ds, "reader") else ds.records
+    train, val = (records(fn(s, data_dir=mocked, val_fraction=0.25, split_seed=3, **kw)) for s in ("train", "val"))
+    assert isinstance(train, Subset) and isinstance(val, Subset) and train.records is not None
+    assert len(val) == 6 and len(train) == 18  # 25 % of the 24 mocked train records
+    assert set(train.indices).isdisjoint(val.indices) and set(train.indices) | set(val.indices) == set(range(24))
+    again = records(fn("val", data_dir=mocked, val_fraction=0.25, split_seed=3, **kw))
+    other = records(fn("val", data_dir=mocked, val_fraction=0.25, split_seed=4, **kw))
+    np.testing.assert_array_equal(again.indices, val.indices)
+    assert not np.array_equal(other.indices, val.indices)
+    assert int(val[0]["label"]) == int(train.records[int(val.indices[0])]["label"])
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match=rf"`val_fraction`={bad} must be in \(0, 1\)"):
+            fn("val", data_dir=mocked, val_fraction=bad, **kw)
+
+
+def test_a_source_with_its_own_validation_split_uses_it(mocked):
+    """CelebA's val is its validation split; any TFDS dataset whose dataset_info.json lists a validation split too."""
+    from corrjax.data.tfds_sources import Subset, open_split
+
+    assert not isinstance(celeba("val", data_dir=mocked).records, Subset)
+    info = mocked / "mnist" / VERSIONS["mnist"] / "dataset_info.json"
+    assert isinstance(open_split("mnist", "val", mocked), Subset)
+    splits = [{"name": n} for n in ("train", "validation", "test")]
+    info.write_text(json.dumps({"name": "mnist", "fileFormat": "array_record", "splits": splits}))
+    val, train = open_split("mnist", "val", mocked), open_split("mnist", "train", mocked)
+    assert not isinstance(val, Subset) and not isinstance(train, Subset) and len(val) == len(train) == 24

@@ -51,8 +51,8 @@ def test_each_seed_follows_its_single_run(compose_fn, tmp_path, over):
         assert summary["eval/loss"] == pytest.approx(single["eval/loss"], rel=2e-5)
         assert summary["num_params"] == single["num_params"]
         assert set(summary) - {"seed", "ensemble_size"} == set(single), set(summary) ^ set(single)
-        for key in single:
-            if key.startswith(("eval/", "train/")) and key != "train/examples_per_s":
+        for key in single:  # test/ and best/: the ensemble selects and tests as the loop does
+            if key.startswith(("eval/", "train/", "test/", "best/")) and key != "train/examples_per_s":
                 np.testing.assert_allclose(
                     np.asarray(summary[key], float), np.asarray(single[key], float), rtol=2e-5, atol=1e-6, err_msg=key
                 )

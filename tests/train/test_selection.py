@@ -107,11 +107,6 @@ def test_bad_selection_values_fail_first_naming_the_key(compose_fn, tmp_path, ov
     assert not (tmp_path / "run").exists()
 
 
-def test_unknown_monitor_names_the_key(compose_fn, tmp_path):
-    with pytest.raises(ValueError, match=r"unknown `trainer.monitor`='task0/accuracy'.*task0/rmse"):
-        loop.run(compose_fn([*TINY, "trainer.monitor=task0/accuracy"]), run_dir=tmp_path / "run")
-
-
 def test_best_checkpoint_its_test_and_ckpt_path(compose_fn, tmp_path, monkeypatch):
     """The best evaluation (not the last) is kept besides the latest checkpoint, tested into test/...; the sweeper
     gets its validation value; ckpt_path evaluates it (run dir -> its best, or a step dir) and fine-tunes from it
