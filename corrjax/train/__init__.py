@@ -15,6 +15,8 @@ One module per job:
   history; stopping on SIGINT/SIGTERM (agreed across processes).
 - :mod:`~corrjax.train.checkpoint`, :mod:`~corrjax.train.writers`, :mod:`~corrjax.train.plots`,
   :mod:`~corrjax.train.report`: verified Orbax checkpoints, atomic metrics files, PNG plots, the end-of-run printout.
+- :mod:`~corrjax.train.selection`, :mod:`~corrjax.train.eval_run`: model selection on the validation split (the
+  monitor, best checkpoint, early stopping), the test of the selected checkpoint, ``ckpt_path=`` and eval-only runs.
 - :mod:`~corrjax.train.rundir`: one run per run directory (the lock; no silent deletion of a previous run's results).
 - :mod:`~corrjax.train.targets`: the ``_target_`` allow-list checked before anything is instantiated.
 - :mod:`~corrjax.train.loop`, :mod:`~corrjax.train.ensemble`: ``run(cfg)``, the loop of one run, and

@@ -33,7 +33,9 @@ Scope: one device and one process (the seeds are the parallel axis), every split
 scripts skip finished runs), so no representation snapshots either (the CKA over training is kept in memory).
 Non-finite steps are dropped per seed as in the loop; a seed with ``trainer.max_nonfinite_in_a_row`` of them in a
 row is stopped at the end of that evaluation block (its summary says so and its files end there) while the others
-train on.
+train on. Model selection follows the loop's rules (:mod:`corrjax.train.selection`): every evaluation is observed
+per seed, a seed's best model is kept in memory (not in a checkpoint), early stopping stops a seed as the loop would,
+and the selected model is tested on ``trainer.test_split`` into the seed's ``test/...``.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from corrjax.train.config import check_trainer
+from corrjax.train.selection import check_config as selection_check_config
 from corrjax.train.setup import with_seed
 from corrjax.train.targets import check_config
 
@@ -74,6 +77,12 @@ def _check(cfg: DictConfig, seeds: Sequence[int], run_dirs: Sequence[str | Path]
         raise ValueError(f"{len(run_dirs)} `run_dirs` for {len(seeds)} `seeds`; give one directory per seed")
     check_trainer(cfg.trainer)
     check_config(cfg)
+    selection_check_config(cfg)
+    if cfg.get("ckpt_path") or cfg.trainer.get("mode", "train") != "train":
+        raise ValueError(
+            "`ckpt_path` / `trainer.mode`=eval: ensemble runs train every seed from its own initialisation; evaluate "
+            "or fine-tune a checkpoint with scripts/eval.py or scripts/train.py"
+        )
     if cfg.trainer.resume:
         raise ValueError("`trainer.resume`=true: ensemble runs keep no checkpoints; re-run the unfinished seeds")
     if jax.process_count() > 1:
