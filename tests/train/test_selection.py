@@ -180,3 +180,11 @@ def test_early_stopping_stops_and_survives_resume(compose_fn, tmp_path):
     assert ens["best/step"] == full["best/step"] == ens["test/step"]
     for key in [k for k in full if k.startswith(("test/", "best/")) and k != "best/step"]:
         np.testing.assert_allclose(np.asarray(ens[key], float), np.asarray(full[key], float), rtol=2e-5, err_msg=key)
+
+
+def test_ensemble_refuses_what_it_cannot_do(compose_fn, tmp_path):
+    with pytest.raises(ValueError, match=r"`trainer.early_stopping.patience`=-2"):
+        train_seeds(compose_fn([*TINY, "trainer.early_stopping.patience=-2"]), [0], [tmp_path / "a"])
+    with pytest.raises(ValueError, match=r"`ckpt_path` / `trainer.mode`=eval: ensemble runs"):
+        train_seeds(compose_fn([*TINY, f"ckpt_path={tmp_path}"]), [0], [tmp_path / "b"])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
