@@ -10,7 +10,10 @@ events, ``summary.json`` and ``plots/``; every process takes part in checkpointi
 or SIGTERM finishes the current step, saves a checkpoint and stops (:mod:`corrjax.train.signals`); non-finite steps
 are skipped and training stops with :class:`NonFiniteError` after ``trainer.max_nonfinite_in_a_row`` consecutive
 ones. A stop evaluates nothing the uninterrupted run would not, so a resumed run's files and summary equal the
-uninterrupted run's; a stopped run's summary holds the evaluations of its own invocation only.
+uninterrupted run's; a stopped run's summary holds the evaluations of its own invocation only. Every evaluation (of
+``trainer.eval_split``, the validation split by default) feeds model selection (:mod:`corrjax.train.selection`: the
+monitor, the best checkpoint, early stopping); a finished run then tests the selected checkpoint on
+``trainer.test_split`` (``test/...``). ``ckpt_path`` and ``trainer.mode=eval``: :mod:`corrjax.train.eval_run`.
 """
 
 from __future__ import annotations
