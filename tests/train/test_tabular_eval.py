@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from corrjax.data import ArrayDataset, FeatureSpec, TaskSpec
+from corrjax.data import FeatureSpec, TabularDataset, TaskSpec
 from corrjax.train import evaluate, sharding
 
 TASKS = (TaskSpec("click", "binary", 1), TaskSpec("buy", "binary", 1))
@@ -28,8 +28,7 @@ def test_evaluate_reports_auc_and_gauc_with_a_user_feature():
     # scores exact in float32 (quarters), so ties are the same in the jitted step and in NumPy
     x = {"user": rng.integers(0, 6, n).astype(np.int32), "price": (rng.integers(-8, 8, n) / 4).astype(np.float32)}
     lab = {t.name: rng.integers(0, 2, n).astype(np.float32) for t in TASKS}
-    data = ArrayDataset({"x": x, **lab}, TASKS)
-    data.features, data.user_feature = FEATURES, "user"
+    data = TabularDataset({"x": x, **lab}, TASKS, FEATURES, user_feature="user")
     w = {"click": np.float32(1.5), "buy": np.float32(-0.5)}
     eval_step = jax.jit(lambda st, b: {k: b["x"]["price"] * v + 0.25 * b["x"]["user"] for k, v in st.items()})
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -38,6 +37,10 @@ def test_evaluate_reports_auc_and_gauc_with_a_user_feature():
         s = x["price"] * w[t.name] + np.float32(0.25) * x["user"]
         np.testing.assert_allclose(got[f"eval/{t.name}/auc"], roc_auc_score(lab[t.name], s), rtol=1e-6)
         np.testing.assert_allclose(got[f"eval/{t.name}/gauc"], _gauc(lab[t.name], s, x["user"]), rtol=1e-6)
+    with pytest.raises(ValueError, match="user_feature"):
+        TabularDataset({"x": x, **lab}, TASKS, FEATURES, user_feature="price")
     data.user_feature = "price"
     with pytest.raises(ValueError, match="user_feature"):
-        evaluate.evaluate(eval_step, w, data, TASKS, sharding.batch_sharding(mesh), 16)
+        evaluate.user_groups(data)
+    data.user_feature = None
+    assert evaluate.user_groups(data) is None
