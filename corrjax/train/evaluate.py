@@ -79,9 +79,11 @@ def user_groups(dataset: Any) -> tuple[str, int] | None:
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _gauc(tasks: tuple[TaskSpec, ...], num_users: int, outputs: dict, labels: dict, users: jax.Array, mask: jax.Array):
     """``eval/<task>/gauc`` of every single-output binary task (:func:`corrjax.stats.gauc`, DIN's impression-weighted
-    per-user AUC; masked rows dropped)."""
+    per-user AUC; masked rows and missing labels, those below 0, dropped)."""
     return {
-        f"eval/{t.name}/gauc": corrjax.stats.gauc(outputs[t.name], labels[t.name], users, num_users, mask)
+        f"eval/{t.name}/gauc": corrjax.stats.gauc(
+            outputs[t.name], labels[t.name], users, num_users, mask & (labels[t.name] >= 0)
+        )
         for t in tasks
         if t.kind == "binary" and t.num_outputs == 1
     }
