@@ -44,3 +44,11 @@ def test_evaluate_reports_auc_and_gauc_with_a_user_feature():
         evaluate.user_groups(data)
     data.user_feature = None
     assert evaluate.user_groups(data) is None
+
+
+def test_results_table_shows_auc_and_gauc():
+    from corrjax.train.report import results_table
+
+    summary = {"step": 3, "eval/loss": 1.0, **{f"eval/click/{m}": 0.5 for m in ("loss", "accuracy", "auc", "gauc")}}
+    table = results_table(summary, TASKS[:1])
+    assert [c.header for c in table.columns] == ["task", "loss", "accuracy", "auc", "gauc"]
