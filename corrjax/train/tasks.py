@@ -6,7 +6,9 @@ RMSE, Pearson r and R^2, the prediction). Training losses are means over the (gl
 on one of the correlation losses of :mod:`corrjax.stats` instead (``task_losses.<task>=pearson|concordance|
 spearman``), which train a regressor to correlate or rank rather than to match scale. Every function works on global
 arrays inside ``jit``; under GSPMD the batch reductions span the whole data-parallel mesh, so no ``axis_name`` is
-needed. :func:`select_tasks` picks the run's tasks from the dataset's.
+needed. :func:`select_tasks` picks the run's tasks from the dataset's. Binary tasks also report the exact ROC AUC
+(:func:`corrjax.stats.roc_auc`), and :mod:`corrjax.train.evaluate` adds their GAUC where the dataset names a user
+feature.
 """
 
 from __future__ import annotations
@@ -58,6 +60,15 @@ def _regression_metrics(output: Array, label: Array, mask: Array) -> dict[str, A
     return {"rmse": rmse, "pearson": r.mean(), "r2": r2.mean()}
 
 
+def _binary_metrics(output: Array, label: Array, mask: Array) -> dict[str, Array]:
+    """Accuracy and the exact ROC AUC (:func:`corrjax.stats.roc_auc`, masked rows given zero weight; per output
+    column, averaged; NaN when the rows hold one class only)."""
+    pred = output.reshape(output.shape[0], -1)
+    y = label.reshape(label.shape[0], -1)
+    auc = jax.vmap(corrjax.stats.roc_auc, in_axes=(1, 1, None))(pred, y, mask)
+    return {**_accuracy((output > 0) == (label > 0.5), mask), "auc": auc.mean()}
+
+
 def _true_class_log_prob(output: Array, label: Array) -> Array:
     logp = jax.nn.log_softmax(output, axis=-1)
     return jnp.take_along_axis(logp, label.astype(jnp.int32)[:, None], axis=-1)[:, 0]
@@ -89,7 +100,7 @@ KINDS: dict[str, TaskKind] = {
     ),
     "binary": TaskKind(
         per_example_loss=lambda out, y: _per_example(optax.sigmoid_binary_cross_entropy(out, y.astype(out.dtype))),
-        metrics=lambda out, y, mask: _accuracy((out > 0) == (y > 0.5), mask),
+        metrics=_binary_metrics,
         score=lambda out, y: _per_example(out),
     ),
     "regression": TaskKind(
@@ -120,8 +131,8 @@ def score(task: TaskSpec, output: Array, label: Array) -> Array:
 
 
 def task_metrics(task: TaskSpec, output: Array, label: Array, mask: Array) -> dict[str, Array]:
-    """Masked evaluation metrics of one task: ``loss`` always; ``accuracy`` for classification/binary; ``rmse``,
-    ``pearson`` and ``r2`` for regression."""
+    """Masked evaluation metrics of one task: ``loss`` always; ``accuracy`` for classification/binary, ``auc`` for
+    binary; ``rmse``, ``pearson`` and ``r2`` for regression."""
     row = kind(task)
     return {"loss": _masked_mean(row.per_example_loss(output, label), mask), **row.metrics(output, label, mask)}
 
