@@ -274,7 +274,14 @@ def _train_seeds(
 
     for d, s, o in zip(run_dirs, seeds, overrides, strict=True):
         _write_hydra(d, with_seed(cfg, s), o)
-    out = [writers.MetricsWriter(d, jsonl=cfg.logger.jsonl, tensorboard=cfg.logger.tensorboard) for d in run_dirs]
+    out: list[writers.MetricsWriter] = []
+    try:
+        for d, s_ in zip(run_dirs, seeds, strict=True):
+            out.append(writers.open_metrics_writer(d, with_seed(cfg, s_), labels=names))
+    except BaseException:
+        for w in out:
+            w.close()
+        raise
     trackers = [tracking.RepresentationTracker() for _ in seeds]
     active = np.ones(len(seeds), bool)
     skipped = np.zeros(len(seeds), np.int64)
