@@ -11,6 +11,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -94,9 +95,7 @@ def test_csv_is_wide_sorted_and_widens_for_new_keys(tmp_path):
 
 def test_metrics_writer_fans_out_and_renders_matrices_at_their_cadence(tmp_path):
     rec = Recorder()
-    w = writers.MetricsWriter(
-        tmp_path, tensorboard=False, extra=[rec], labels=["a", "b"], matrix_every=4, last_step=6
-    )
+    w = writers.MetricsWriter(tmp_path, tensorboard=False, extra=[rec], labels=["a", "b"], matrix_every=4, last_step=6)
     m = np.array([[1.0, -0.5], [-0.5, 1.0]])
     for step in range(1, 7):
         w.write(step, {"train/loss": float(step), "train/grad_cosine": m, "flag": True, "name": "x"})
@@ -182,8 +181,9 @@ def _wandb_records(run_dir):
     blocks), as ``(type, proto)`` pairs."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    (path,) = Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")
-    data, pos, block, out, buf = path.read_bytes(), 7, 32768, [], b""
+    paths = list(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(paths) <= 1, paths
+    data, pos, block, out, buf = (paths[0].read_bytes() if paths else b""), 7, 32768, [], b""
     while pos + 7 <= len(data):
         if block - pos % block < 7:
             pos += block - pos % block
@@ -211,7 +211,11 @@ def test_wandb_offline_run_under_the_run_dir(tmp_path, monkeypatch):
     w.write_scalars(2, {"train/loss": 0.25})
     w.write_summary({"step": 2, "eval/loss": 0.125, "tags": ["t1"]})
     w.close()
+    deadline = time.monotonic() + 60  # wandb's service process may finish writing the file after finish() returns
     records = _wandb_records(tmp_path)
+    while not any(k == "exit" for k, _ in records) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        records = _wandb_records(tmp_path)
     run = next(r.run for k, r in records if k == "run")
     assert run.run_id == json.loads((tmp_path / "tracking.json").read_text())["wandb"] == w.run.id
     assert list(run.tags) == ["t1", "t2"] and run.project == "p" and run.display_name == "n"
@@ -321,6 +325,7 @@ def test_lines_on_a_pipe_and_learned_weights_end_to_end(tmp_path):
     run_dir = tmp_path / ("a-long-run-directory-name-to-be-wrapped-at-eighty-columns-" * 2) / "run"
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), *TINY, "logger=csv", "logger.tensorboard=false"]
     cmd += ["mtl=uw", "trainer.progress=true", "tags=[smoke]", f"hydra.run.dir={run_dir}"]
+    cmd += ["trainer.checkpoint_every=0", "trainer.noise_scale=false", "logger.plots=false"]
     out = subprocess.run(cmd, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [line.split("] - ", 1)[1] for line in out.stdout.splitlines() if "][corrjax.train.loop][INFO] - " in line]
@@ -360,3 +365,13 @@ def test_optuna_sweep_two_trials(tmp_path):
         assert t.value == pytest.approx(summary["eval/loss"], rel=1e-6)
     results = OmegaConf.load(sweep_dir / "optimization_results.yaml")
     assert results.best_value == pytest.approx(min(t.value for t in trials))
+
+
+def test_hparams_search_composes_with_an_experiment(compose_fn):
+    cfg = compose_fn(["hparams_search=cagrad_optuna", "experiment=multidigits_mtl"], return_hydra_config=True)
+    assert cfg.mtl._target_ == "corrjax.mtl.cagrad" and cfg.optim._target_ == "optax.adam"
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.mode.name == "MULTIRUN"
+    assert dict(cfg.hydra.sweeper.params) == {
+        "mtl.c": "interval(0.0, 0.9)",
+        "optim.learning_rate": "tag(log, interval(1e-4, 1e-2))",
+    }
