@@ -7,15 +7,18 @@ through :mod:`logging` (so it also lands in Hydra's ``<job>.log``)::
 
 and every evaluation one line with each task's main metric. ``logger.console`` chooses: ``auto`` (default: lines
 when no bar is shown, that is when stdout is not a terminal or ``trainer.progress=false``), ``always`` (also under
-the bar, printed above it) or ``never``. :func:`make_console` gives the end-of-run report a console that, outside a
-terminal, neither wraps long paths at 80 columns nor highlights them.
+the bar, printed above it) or ``never``; :func:`logs_above` keeps other log records from cutting through the bar.
+:func:`make_console` gives the end-of-run report a console that, outside a terminal, neither wraps long paths at 80
+columns nor highlights them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from rich.console import Console
@@ -129,3 +132,26 @@ class StepLines:
     def eval(self, step: int, record: Mapping[str, Any]) -> None:
         if record:
             self._emit(eval_line(step, self.max_steps, record, self.tasks))
+
+
+@contextlib.contextmanager
+def logs_above(progress: Any) -> Iterator[None]:
+    """While ``progress`` (an entered rich ``Progress``) draws its bar, :mod:`logging`'s stream handlers on stdout
+    and stderr (Hydra's console handler) write through rich's proxies, so a log record is printed above the bar
+    instead of into it; restored on exit."""
+    from rich.file_proxy import FileProxy
+
+    swapped = []
+    if not progress.disable:
+        proxies = [f for f in (sys.stdout, sys.stderr) if isinstance(f, FileProxy)]
+        handlers = {h for name in (None, *logging.root.manager.loggerDict) for h in logging.getLogger(name).handlers}
+        for h in handlers:
+            if type(h) is logging.StreamHandler:
+                proxy = next((f for f in proxies if h.stream is f.rich_proxied_file), None)
+                if proxy is not None:
+                    swapped.append((h, h.setStream(proxy)))
+    try:
+        yield
+    finally:
+        for h, stream in swapped:
+            h.setStream(stream)

@@ -243,7 +243,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     )
     writer = _open_writer(run_dir, cfg, setup.names, start=start, resume=tc.resume, main=main)
     try:
-        with Interrupt() as interrupt, _progress(tc.progress and main) as progress:
+        with Interrupt() as interrupt, _progress(tc.progress and main) as progress, console.logs_above(progress):
             lines = None
             if main and console.lines_enabled(cfg.logger.console, bar_shown=not progress.disable):
                 lines = console.StepLines(setup.names, tc.max_steps, tc.batch_size, progress)
