@@ -22,10 +22,11 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def _heatmap_figure(matrix: Any, labels: Sequence[str], title: str, *, vmin, vmax, col_labels=None):
+def _heatmap_figure(matrix: Any, labels: Sequence[str], title: str, *, vmin, vmax, col_labels=None, max_inches=None):
     m = np.asarray(matrix, dtype=float)
     col_labels = list(labels) if col_labels is None else list(col_labels)
-    fig, ax = plt.subplots(figsize=(1.6 + 0.6 * len(col_labels), 1.0 + 0.6 * len(labels)))
+    cell = 0.6 if max_inches is None else min(0.6, max_inches / max(len(labels), len(col_labels), 1))
+    fig, ax = plt.subplots(figsize=(1.6 + cell * len(col_labels), 1.0 + cell * len(labels)))
     im = ax.imshow(m, vmin=vmin, vmax=vmax, cmap="coolwarm" if vmin < 0 else "viridis")
     ax.set_xticks(range(len(col_labels)), col_labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
@@ -71,10 +72,10 @@ def matrix_axes(key: str, shape: tuple[int, ...], tasks: Sequence[str]) -> tuple
 
 def heatmap_image(matrix: Any, key: str, tasks: Sequence[str] = ()) -> np.ndarray:
     """The heatmap of the logged matrix ``key`` (labelled by :func:`matrix_axes`) as an ``(H, W, 3)`` uint8 RGB
-    array, for TensorBoard / W&B / MLflow images."""
+    array, for TensorBoard / W&B / MLflow images (at most ~770 pixels a side: 40 tasks fit)."""
     m = np.asarray(matrix, dtype=float)
     rows, cols, vmin = matrix_axes(key, m.shape, tasks)
-    fig = _heatmap_figure(m, rows, key, vmin=vmin, vmax=1.0, col_labels=cols)
+    fig = _heatmap_figure(m, rows, key, vmin=vmin, vmax=1.0, col_labels=cols, max_inches=8.0)
     fig.set_dpi(80)
     fig.canvas.draw()
     image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
