@@ -117,12 +117,47 @@ class ParallelConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases (``pip install 'corrjax[wandb]'``): ``wandb.init`` arguments; ``mode`` null follows
+    ``WANDB_MODE`` (``offline`` needs no network; the files go under ``<run_dir>/wandb/``); ``name`` null:
+    ``<name>-<run dir's name>``."""
+
+    enabled: bool = False
+    project: str = "corrjax"
+    entity: str | None = None
+    group: str | None = None
+    name: str | None = None
+    mode: str | None = None
+
+
+@dataclass
+class MlflowConfig:
+    """MLflow (``pip install 'corrjax[mlflow]'``): ``tracking_uri`` null follows ``MLFLOW_TRACKING_URI`` (or MLflow's
+    default); ``name`` null: ``<name>-<run dir's name>``."""
+
+    enabled: bool = False
+    tracking_uri: str | None = None
+    experiment: str = "corrjax"
+    name: str | None = None
+
+
+@dataclass
 class LoggerConfig:
-    """Which writers run on process 0."""
+    """What process 0 records (corrjax.train.writers, corrjax.train.trackers) and prints (corrjax.train.console)."""
 
     jsonl: bool = True
     tensorboard: bool = True
+    # One wide metrics.csv (step, then every scalar metric in sorted order).
+    csv: bool = False
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     plots: bool = True
+    # Heatmaps of the T x T matrices (gradient cosines, task correlations) as images in TensorBoard/W&B/MLflow every
+    # this many steps and at the last; null: at the evaluation steps (trainer.eval_every); 0: never.
+    matrix_every: int | None = None
+    # One line per log step on the console: auto (when no progress bar is shown: stdout is not a terminal, or
+    # trainer.progress=false) | always | never.
+    console: str = "auto"
 
 
 @dataclass
@@ -141,6 +176,8 @@ class TrainConfig:
     # A run directory or a checkpoint step directory: evaluate it (trainer.mode=eval, scripts/eval.py) or start
     # training from its weights (a fresh optimiser, step 0). A run directory gives its best checkpoint, else its latest.
     ckpt_path: str | None = None
+    # Free-form labels, passed to W&B / MLflow and recorded in summary.json.
+    tags: list[str] = field(default_factory=list)
     data: Any = MISSING
     model: Any = MISSING
     mtl: Any = MISSING

@@ -291,7 +291,14 @@ def _train_seeds(
 
     for d, s, o in zip(run_dirs, seeds, overrides, strict=True):
         _write_hydra(d, with_seed(cfg, s), o)
-    out = [writers.MetricsWriter(d, jsonl=cfg.logger.jsonl, tensorboard=cfg.logger.tensorboard) for d in run_dirs]
+    out: list[writers.MetricsWriter] = []
+    try:
+        for d, s_ in zip(run_dirs, seeds, strict=True):
+            out.append(writers.open_metrics_writer(d, with_seed(cfg, s_), labels=names))
+    except BaseException:
+        for w in out:
+            w.close()
+        raise
     trackers = [tracking.RepresentationTracker() for _ in seeds]
     active = np.ones(len(seeds), bool)
     skipped = np.zeros(len(seeds), np.int64)
@@ -364,36 +371,44 @@ def _train_seeds(
             log.info("ensemble step %d/%d (%.0f examples/s over %d seeds)", s, tc.max_steps, rate, len(seeds))
             if not active.any():
                 break
-    finally:
+    except BaseException:
         for w in out:
             w.close()
+        raise
 
     wall = time.perf_counter() - t_start
     if not tc.eval_every:  # the final evaluation goes to the summary only, as in the loop
         last_eval = evals
     tests = _test(tc, selectors, evaluate_all, states, best_model, at_stop, test_stack, stopped_at, s)
     summaries = []
-    for i, (seed, d) in enumerate(zip(seeds, run_dirs, strict=True)):
-        end, nonfinite, error = stopped_at.get(i, (s, int(skipped[i]), None))
-        summary = tracking.summary(
-            step=end,
-            completed=error is None and (s >= tc.max_steps or selectors[i].stopped),
-            num_params=setup.num_params,
-            nonfinite_total=nonfinite,
-            wall_time_s=wall,
-            tasks=names,
-            last_train=last_train[i],
-            last_eval=last_eval[i],
-            tracker=trackers[i],
-            seed=seed,
-            ensemble_size=len(seeds),
-            **selectors[i].summary(),
-        )
-        summary.update(tests[i])
-        if error is not None:
-            summary["error"] = error
-        writers.write_summary(d, summary)
-        summaries.append(writers.to_jsonable(summary))
+    try:  # the writers stay open for the summaries (W&B / MLflow get them too)
+        for i, (seed, d) in enumerate(zip(seeds, run_dirs, strict=True)):
+            end, nonfinite, error = stopped_at.get(i, (s, int(skipped[i]), None))
+            summary = tracking.summary(
+                step=end,
+                completed=error is None and (s >= tc.max_steps or selectors[i].stopped),
+                num_params=setup.num_params,
+                nonfinite_total=nonfinite,
+                wall_time_s=wall,
+                tasks=names,
+                last_train=last_train[i],
+                last_eval=last_eval[i],
+                tracker=trackers[i],
+                seed=seed,
+                ensemble_size=len(seeds),
+                tags=list(cfg.get("tags") or []),
+                **selectors[i].summary(),
+            )
+            summary.update(tests[i])
+            if error is not None:
+                summary["error"] = error
+            writers.write_summary(d, summary)
+            summaries.append(writers.to_jsonable(summary))
+        for w, summary in zip(out, summaries, strict=True):
+            w.write_summary(summary)
+    finally:
+        for w in out:
+            w.close()
     return summaries
 
 

@@ -27,6 +27,7 @@ import jax
 from omegaconf import DictConfig
 
 from corrjax.train import distributed, rundir, targets
+from corrjax.train.console import make_console
 from corrjax.train.signals import Interrupt
 
 log = logging.getLogger(__name__)
@@ -76,18 +77,14 @@ def restore_or_start(
     return state, 0
 
 
-def _open_writer(run_dir: Path, logger: Any, *, start: int, resume: bool, main: bool):
-    """Process 0's metrics writer; a resumed run first drops the records (and hides the TensorBoard events) past
-    its checkpoint."""
+def _open_writer(run_dir: Path, cfg: DictConfig, tasks: list[str], *, start: int, resume: bool, main: bool):
+    """Process 0's metrics writer (:func:`corrjax.train.writers.open_metrics_writer`); a resumed run first drops
+    the records (and hides the TensorBoard events) past its checkpoint."""
     from corrjax.train import writers
 
     if not main:
         return None
-    if resume:
-        writers.truncate_jsonl(run_dir / "metrics.jsonl", start)
-    return writers.MetricsWriter(
-        run_dir, jsonl=logger.jsonl, tensorboard=logger.tensorboard, purge_step=start + 1 if resume else None
-    )
+    return writers.open_metrics_writer(run_dir, cfg, labels=tasks, start=start, resume=resume)
 
 
 def _check_finite(state: Any, step: int, limit: int) -> None:
@@ -100,6 +97,7 @@ def _check_finite(state: Any, step: int, limit: int) -> None:
 
 
 def _progress(enabled: bool):
+    """The rich progress bar, drawn only on a terminal (or notebook) and with ``trainer.progress``."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -116,7 +114,8 @@ def _progress(enabled: bool):
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
-        disable=not enabled,
+        console=(console := make_console()),
+        disable=not (enabled and (console.is_terminal or console.is_jupyter)),
         transient=False,
     )
 
@@ -131,14 +130,17 @@ def _logged_train_record(run_dir: Path, cfg: DictConfig, main: bool) -> dict[str
     return {k: v for k, v in logged[-1].items() if k.startswith("train/")} if logged else {}
 
 
-def _write_outputs(run_dir: Path, cfg: DictConfig, summary: dict[str, Any], tasks: Any) -> None:
+def _write_outputs(run_dir: Path, cfg: DictConfig, summary: dict[str, Any], tasks: Any, writer: Any = None) -> None:
+    """``summary.json`` (and the summary to ``writer``'s trackers), ``plots/``, the report."""
     from corrjax.train import plots, report, writers
 
     writers.write_summary(run_dir, summary)
+    if writer is not None:
+        writer.write_summary(writers.to_jsonable(summary))
     if cfg.logger.plots:
         records = writers.read_jsonl(run_dir / "metrics.jsonl") if cfg.logger.jsonl else []
         plots.plot_run(run_dir, records, writers.to_jsonable(summary), [t.name for t in tasks])
-    report.print_report(run_dir, summary, tasks)
+    report.print_report(run_dir, summary, tasks, make_console())
 
 
 def _initialize(cfg: DictConfig) -> None:
@@ -147,20 +149,23 @@ def _initialize(cfg: DictConfig) -> None:
     from corrjax.data.iterator import check_seed  # touches no JAX device
     from corrjax.train.config import check_trainer
     from corrjax.train.selection import check_config
+    from corrjax.train.writers import check_logger
 
     check_seed(cfg.seed)
     check_trainer(cfg.trainer)
     check_config(cfg)
+    check_logger(cfg.logger)
     targets.check_config(cfg)
     distributed.maybe_initialize(cfg.parallel.distributed)
     for noisy in ("absl", "orbax", "jax._src.xla_bridge", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _train(state, start, iterator, steps, evaluator, writer, ckpt, interrupt, tc, progress, selector):
+def _train(state, start, iterator, steps, evaluator, writer, ckpt, interrupt, tc, progress, selector, lines=None):
     """Steps from ``start`` to ``trainer.max_steps`` (or a stop, or early stopping); returns ``(state, step, last
-    train record, last evaluation)``. Periodic work by :func:`every`: log (and the noise scale), evaluate (and
-    select: :mod:`corrjax.train.selection`), checkpoint (also at an evaluation that improved the monitor, with
+    train record, last evaluation)``. Periodic work by :func:`every`: log (and the noise scale, and a console line
+    with ``lines``, a :class:`corrjax.train.console.StepLines`), evaluate (and select:
+    :mod:`corrjax.train.selection`), checkpoint (also at an evaluation that improved the monitor, with
     ``trainer.keep_best``)."""
     from corrjax.train import tracking
 
@@ -180,11 +185,15 @@ def _train(state, start, iterator, steps, evaluator, writer, ckpt, interrupt, tc
                 jax.device_get(metrics), examples_per_s=throughput.rate(), nonfinite_total=state.nonfinite_total
             )
             progress.update(bar, info=f"loss {float(last_train['train/loss']):.4f}")
+            if lines is not None:
+                lines.train(s, last_train, examples_per_s=last_train["train/examples_per_s"])
             _check_finite(state, s, tc.max_nonfinite_in_a_row)
         improved = False
         if every(s, tc.eval_every, tc.max_steps):
             last_eval, improved = selector.observe(evaluator(state, s), s)
             record = {**record, **last_eval}
+            if lines is not None:
+                lines.eval(s, last_eval)
         if record and writer is not None:
             writer.write(s, record)
         stop = interrupt.should_stop(logging_step) or (tc.stop_after is not None and s - start >= tc.stop_after)
@@ -237,7 +246,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """:func:`run`'s body, in the run directory it holds."""
     from corrjax.data import BatchIterator  # imported after distributed initialisation, as everything below
-    from corrjax.train import checkpoint, eval_run, evaluate, selection, sharding, tracking
+    from corrjax.train import checkpoint, console, eval_run, evaluate, selection, sharding, tracking
     from corrjax.train.setup import build
 
     tc, main, t_start = cfg.trainer, distributed.is_main_process(), time.perf_counter()
@@ -279,39 +288,49 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     evaluator = evaluate.Evaluator(
         steps.eval, steps.representation, setup.eval_data, setup.tasks, data_sharding, tc.eval_batch_size, tracker
     )
-    writer = _open_writer(run_dir, cfg.logger, start=start, resume=tc.resume, main=main)
+    writer = _open_writer(run_dir, cfg, setup.names, start=start, resume=tc.resume, main=main)
     try:
-        with Interrupt() as interrupt, _progress(tc.progress and main) as progress:
+        with Interrupt() as interrupt, _progress(tc.progress and main) as progress, console.logs_above(progress):
+            lines = None
+            if main and console.lines_enabled(cfg.logger.console, bar_shown=not progress.disable):
+                lines = console.StepLines(setup.names, tc.max_steps, tc.batch_size, progress)
             state, s, last_train, last_eval = _train(
-                state, start, iterator, steps, evaluator, writer, ckpt, interrupt, tc, progress, selector
+                state, start, iterator, steps, evaluator, writer, ckpt, interrupt, tc, progress, selector, lines
             )
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        raise
     finally:
         iterator.close()
         ckpt.close()
+
+    try:  # the writer stays open for the final summary (W&B / MLflow get it too)
+        finished = s >= tc.max_steps or selector.stopped
+        if finished and evaluator.last_step != s:  # eval_every=0, or a finished run resumed: evaluate once
+            last_eval, _ = selector.observe(evaluator(state, s), s)
+        test = {}  # the selected state on trainer.test_split
+        if finished and tc.test_split:
+            test = eval_run.test_best(cfg, setup, steps, state, s, selector, run_dir, data_sharding)
+        summary = tracking.summary(
+            step=s,
+            completed=finished,
+            signum=interrupt.signum,
+            num_params=setup.num_params,
+            nonfinite_total=int(state.nonfinite_total),
+            wall_time_s=time.perf_counter() - t_start,
+            tasks=setup.names,
+            last_train=last_train or (_logged_train_record(run_dir, cfg, main) if start > 0 else {}),
+            last_eval=last_eval,
+            tracker=tracker,
+            tags=list(cfg.get("tags") or []),
+            **selector.summary(),
+        )
+        summary.update(test)
+        if main:
+            _write_outputs(run_dir, cfg, summary, setup.tasks, writer)
+    finally:
         if writer is not None:
             writer.close()
-
-    finished = s >= tc.max_steps or selector.stopped
-    if finished and evaluator.last_step != s:  # eval_every=0, or a finished run resumed: evaluate once
-        last_eval, _ = selector.observe(evaluator(state, s), s)
-    test = {}  # the selected state on trainer.test_split
-    if finished and tc.test_split:
-        test = eval_run.test_best(cfg, setup, steps, state, s, selector, run_dir, data_sharding)
-    summary = tracking.summary(
-        step=s,
-        completed=finished,
-        signum=interrupt.signum,
-        num_params=setup.num_params,
-        nonfinite_total=int(state.nonfinite_total),
-        wall_time_s=time.perf_counter() - t_start,
-        tasks=setup.names,
-        last_train=last_train or (_logged_train_record(run_dir, cfg, main) if start > 0 else {}),
-        last_eval=last_eval,
-        tracker=tracker,
-        **selector.summary(),
-    )
-    summary.update(test)
-    if main:
-        _write_outputs(run_dir, cfg, summary, setup.tasks)
     distributed.sync("corrjax-train-end")
     return summary

@@ -2,7 +2,8 @@
 
 ``plot_run`` reads the records of ``metrics.jsonl`` and the final summary and writes ``plots/`` in the run dir:
 one heatmap per square task matrix in the summary (task-gradient cosines, correlation of task predictions and of
-task errors, CKA) and one curve per training/evaluation scalar family (loss per task, accuracy/RMSE per task).
+task errors, CKA) and one curve per training/evaluation scalar family (loss per task, accuracy/RMSE per task,
+learned task weights).
 """
 
 from __future__ import annotations
@@ -21,20 +22,11 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def heatmap(
-    matrix: Any,
-    labels: Sequence[str],
-    title: str,
-    path: str | Path,
-    *,
-    vmin=-1.0,
-    vmax=1.0,
-    col_labels: Sequence[str] | None = None,
-) -> Path:
-    """Writes an annotated heatmap (rows ``labels``, columns ``col_labels`` or the same); NaN cells are blank."""
+def _heatmap_figure(matrix: Any, labels: Sequence[str], title: str, *, vmin, vmax, col_labels=None, max_inches=None):
     m = np.asarray(matrix, dtype=float)
     col_labels = list(labels) if col_labels is None else list(col_labels)
-    fig, ax = plt.subplots(figsize=(1.6 + 0.6 * len(col_labels), 1.0 + 0.6 * len(labels)))
+    cell = 0.6 if max_inches is None else min(0.6, max_inches / max(len(labels), len(col_labels), 1))
+    fig, ax = plt.subplots(figsize=(1.6 + cell * len(col_labels), 1.0 + cell * len(labels)))
     im = ax.imshow(m, vmin=vmin, vmax=vmax, cmap="coolwarm" if vmin < 0 else "viridis")
     ax.set_xticks(range(len(col_labels)), col_labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
@@ -46,9 +38,49 @@ def heatmap(
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
+    return fig
+
+
+def heatmap(
+    matrix: Any,
+    labels: Sequence[str],
+    title: str,
+    path: str | Path,
+    *,
+    vmin=-1.0,
+    vmax=1.0,
+    col_labels: Sequence[str] | None = None,
+) -> Path:
+    """Writes an annotated heatmap (rows ``labels``, columns ``col_labels`` or the same); NaN cells are blank."""
+    fig = _heatmap_figure(matrix, labels, title, vmin=vmin, vmax=vmax, col_labels=col_labels)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def matrix_axes(key: str, shape: tuple[int, ...], tasks: Sequence[str]) -> tuple[list[str], list[str], float]:
+    """``(row labels, column labels, vmin)`` of the logged matrix ``key``: task names where a side has ``len(tasks)``
+    entries, ``e<i>`` for experts (``expert``/``gate`` matrices), indices otherwise; ``vmin`` 0 for the non-negative
+    CKA and gate matrices, -1 for cosines and correlations."""
+    rows = list(tasks) if shape[0] == len(tasks) else [str(i) for i in range(shape[0])]
+    cols = list(tasks) if shape[1] == len(tasks) else [str(i) for i in range(shape[1])]
+    if "expert" in key or "gate" in key:
+        cols = [f"e{i}" for i in range(shape[1])]
+        rows = rows if "gate" in key else cols
+    return rows, cols, 0.0 if ("cka" in key or "gate" in key) else -1.0
+
+
+def heatmap_image(matrix: Any, key: str, tasks: Sequence[str] = ()) -> np.ndarray:
+    """The heatmap of the logged matrix ``key`` (labelled by :func:`matrix_axes`) as an ``(H, W, 3)`` uint8 RGB
+    array, for TensorBoard / W&B / MLflow images (at most ~770 pixels a side: 40 tasks fit)."""
+    m = np.asarray(matrix, dtype=float)
+    rows, cols, vmin = matrix_axes(key, m.shape, tasks)
+    fig = _heatmap_figure(m, rows, key, vmin=vmin, vmax=1.0, col_labels=cols, max_inches=8.0)
+    fig.set_dpi(80)
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image
 
 
 def curves(records: Sequence[dict[str, Any]], keys: Sequence[str], title: str, path: str | Path) -> Path | None:
@@ -87,21 +119,17 @@ def plot_run(run_dir: str | Path, records: Sequence[dict[str, Any]], summary: di
             m = None
         if m is None or m.ndim != 2:
             continue
-        rows = list(tasks) if m.shape[0] == len(tasks) else [str(i) for i in range(m.shape[0])]
-        cols = list(tasks) if m.shape[1] == len(tasks) else [str(i) for i in range(m.shape[1])]
+        rows, cols, vmin = matrix_axes(key, m.shape, tasks)
         if key == "eval/shared_cka_over_training" and len(steps) == m.shape[0]:
             rows = cols = steps
-        elif "expert" in key or "gate" in key:
-            cols = [f"e{i}" for i in range(m.shape[1])]
-            rows = rows if "gate" in key else cols
-        nonneg = "cka" in key or "gate" in key
         name = key.replace("/", "_") + ".png"
-        paths.append(heatmap(m, rows, key, out / name, vmin=0.0 if nonneg else -1.0, col_labels=cols))
+        paths.append(heatmap(m, rows, key, out / name, vmin=vmin, col_labels=cols))
     scalar_keys = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float)) and k != "step"})
     families: dict[str, list[str]] = {}
     for key in scalar_keys:
-        metric = key.rsplit("/", 1)[-1]
-        split = key.split("/", 1)[0]
+        split, _, rest = key.partition("/")
+        # <split>/<task>/<metric> -> one curve per task; <split>/weights/<task> (learned task weights) -> one figure
+        metric = "weights" if rest.startswith("weights/") else key.rsplit("/", 1)[-1]
         families.setdefault(f"{split}_{metric}", []).append(key)
     for name, keys in families.items():
         p = curves(records, keys, name, out / f"curve_{name}.png")

@@ -39,6 +39,6 @@ def print_report(run_dir: str | Path, summary: dict[str, Any], tasks: Sequence[T
     if summary.get("nonfinite_total"):
         console.print(f"skipped non-finite steps: {summary['nonfinite_total']}")
     console.print(f"outputs in [bold]{run_dir}[/bold]")
-    for name in ("summary.json", "metrics.jsonl", "tb", "plots", "checkpoints"):
+    for name in ("summary.json", "metrics.jsonl", "metrics.csv", "tb", "wandb", "plots", "checkpoints"):
         if (run_dir / name).exists():
             console.print(f"  {run_dir / name}")

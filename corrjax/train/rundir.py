@@ -8,7 +8,7 @@ process of a multi-process run learns the outcome from it, so all of them fail w
   directory and the holder's pid and host. The kernel drops a ``flock`` when its process dies (even by SIGKILL), so a
   lock left by a dead run is never in the way; the lock file stays (unlinking it would race with a new holder).
 - A fresh run (``trainer.resume=false``) in a directory that holds a previous run's results (:data:`RESULTS`: its
-  checkpoints, metrics, summary, TensorBoard events, plots, representation snapshots) fails with
+  checkpoints, metrics, summary, TensorBoard and W&B files, plots, representation snapshots) fails with
   :class:`RunDirNotEmptyError`, naming the directory, what is there and the ways out: ``trainer.resume=true``,
   ``trainer.overwrite=true``, or another ``hydra.run.dir``. With ``trainer.overwrite=true`` those results are
   **removed** (moved into a hidden ``.overwritten-<pid>`` folder by renames first, then deleted, so a kill half-way
@@ -42,8 +42,11 @@ RESULTS = (
     "checkpoints",
     "checkpoints_damaged",
     "metrics.jsonl",
+    "metrics.csv",
     "summary.json",
     "tb",
+    "wandb",
+    "tracking.json",
     "plots",
     "representations",
 )

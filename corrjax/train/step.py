@@ -4,7 +4,9 @@
 the per-task losses, per-task gradients of the shared parameters from :func:`corrjax.mtl.value_and_task_grad`
 (task-specific heads get only their own task's gradient), the optax chain (multi-task aggregator, then the
 optimiser) with the task losses as extra args, and the non-finite guard: when any task loss or the update is
-non-finite the whole update is dropped (state unchanged except the step and skip counters). A non-finite gradient
+non-finite the whole update is dropped (state unchanged except the step and skip counters). The step's metrics
+include the task weights of a weighting that keeps them in its state (:func:`task_weights`, as
+``train/weights/<task>``). A non-finite gradient
 makes the update non-finite, unless the optax chain removes it on purpose (``optax.zero_nans()``), in which case
 the step is kept. ``make_eval_step``
 returns the per-task outputs of a batch, ``make_noise_scale_step`` the gradient noise scale and
@@ -46,6 +48,17 @@ def shared_gradient_cosine(task_grads: Any, shared: Any | None, num_tasks: int) 
     if not leaves:
         return jnp.full((num_tasks, num_tasks), jnp.nan, jnp.float32)
     return corrjax.mtl.task_gradient_cosine(leaves)
+
+
+def task_weights(opt_state: Any, num_tasks: int) -> jax.Array | None:
+    """The ``(T,)`` task weights a loss weighting or aggregator of the optax chain applied at its last update: the
+    first ``weights`` field of shape ``(T,)`` in ``opt_state`` (``UncertaintyWeightingState``, ``DWAState``,
+    ``GradNormState``, ``FAMOState``, ``GeometricMeanState``, STCH, IMTL-L, MoCo, DB-MTL, SDMGrad, ExcessMTL keep
+    one), or None when the chain has none (mean, PCGrad, MGDA, ... keep no weights in their state)."""
+    for _, value in optax.tree_utils.tree_get_all_with_path(opt_state, "weights"):
+        if isinstance(value, jax.Array) and value.shape == (num_tasks,):
+            return value
+    return None
 
 
 def make_train_step(
@@ -102,6 +115,10 @@ def make_train_step(
             metrics["train/regularizer"] = reg
         metrics["train/update_norm"] = optax.tree.norm(updates)
         metrics["train/grad_cosine"] = shared_gradient_cosine(grads, shared, num_tasks)
+        weights = task_weights(opt_state, num_tasks)
+        if weights is not None:  # learned / loss-based task weights (uw, dwa, gradnorm, famo, ...)
+            for i, n in enumerate(names):
+                metrics[f"train/weights/{n}"] = weights[i]
         return new_state, metrics
 
     return train_step
