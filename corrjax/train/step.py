@@ -57,10 +57,13 @@ def make_train_step(
     *,
     regularizer: Callable[[jax.Array], jax.Array] | None = None,
     regularizer_weight: float = 0.0,
+    task_grad_constraint: Callable[[Any, Any], Any] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds the pure step. ``shared`` is :func:`corrjax.models.shared_mask` of the model; ``regularizer`` maps
     the shared representation ``model.features(x)`` to a scalar whose ``regularizer_weight / T`` multiple is added
-    to every task loss (so it enters the summed objective once with ``regularizer_weight``)."""
+    to every task loss (so it enters the summed objective once with ``regularizer_weight``).
+    ``task_grad_constraint(task_grads, params) -> task_grads`` (identity when None) is applied to the task-stacked
+    gradients before the optax chain: :func:`corrjax.train.sharding.task_grad_constraint` keeps them FSDP-sharded."""
     names = [t.name for t in tasks]
     num_tasks = len(names)
 
@@ -80,6 +83,8 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         (losses, (new_rest, reg)), grads = task_grad(state.params, state.rest, batch)
+        if task_grad_constraint is not None:
+            grads = task_grad_constraint(grads, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params, task_losses=losses)
         params = optax.apply_updates(state.params, updates)
         finite = _all_finite(losses) & _all_finite(updates)
