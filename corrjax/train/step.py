@@ -26,6 +26,7 @@ import corrjax.mtl
 from corrjax.data import TaskSpec
 from corrjax.train.regularizers import flatten_representation
 from corrjax.train.state import TrainState, merge_model
+from corrjax.train.tasks import stacked_losses
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -71,7 +72,7 @@ def make_train_step(
         model = merge_model(graphdef, params, rest)
         z = model.features(batch["x"])
         outputs = model.from_features(z, batch["x"])
-        losses = jnp.stack([loss_fns[n](outputs[n], batch[n]) for n in names])
+        losses = stacked_losses(loss_fns, names, outputs, batch)
         reg = jnp.zeros((), losses.dtype)
         if regularizer is not None:
             reg = regularizer(flatten_representation(z))
@@ -127,7 +128,7 @@ def make_noise_scale_step(
 
     def summed(params, rest, batch):
         outputs = merge_model(graphdef, params, rest)(batch["x"])
-        return sum(loss_fns[n](outputs[n], batch[n]) for n in names)
+        return stacked_losses(loss_fns, names, outputs, batch).sum()
 
     def noise_step(state: TrainState, batch: Batch) -> Metrics:
         n = batch["x"].shape[0]
