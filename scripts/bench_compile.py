@@ -148,7 +148,7 @@ def section(results, before, grid) -> str:
             "`num_experts` or CGC's `num_shared_experts` (preset: the config's, MMoE 8, PLE 2 shared "
             "+ 1 per task over 2 levels). *Before*: experts, gates, heads and per-task losses as Python loops over "
             "modules (`nnx.List`/`nnx.Dict`); *after*: one stacked module per expert group, gate set and head group "
-            "under `nnx.vmap`, losses vectorised per kind group.",
+            "(built under `nnx.vmap`, applied with one `jax.vmap`), losses vectorised per kind group.",
             benchlib.table(head, rows),
         ]
     )

@@ -72,7 +72,7 @@ def _stack_create(factory: Callable[..., nnx.Module], count: int, rngs: nnx.Rngs
 class Stacked(nnx.Module):
     """``count`` modules of one structure as a single module with a leading (expert or task) axis on every variable.
 
-    Built with :func:`flax.nnx.vmap` and :func:`flax.nnx.split_rngs`; applied with ``nnx.vmap``, so tracing and
+    Built with :func:`flax.nnx.vmap` and :func:`flax.nnx.split_rngs`; applied with ``jax.vmap``, so tracing and
     compiling cost the same for 2 or 64 copies (a Python list of modules is traced once per copy). ``module[i]`` is
     copy ``i`` as an ordinary module (a view for inspection and tests; the stacked parameters are the trained ones).
 
@@ -100,7 +100,13 @@ class Stacked(nnx.Module):
     def __call__(self, x: jax.Array, *, stacked_input: bool = False) -> jax.Array:
         """``(count, n, ...)``: every copy applied to ``x`` (``(n, ...)``, the same for all) or, with
         ``stacked_input``, copy ``i`` to ``x[i]`` (``x`` of shape ``(count, n, ...)``)."""
-        return nnx.vmap(lambda m, x: m(x), in_axes=(0, 0 if stacked_input else None), out_axes=0)(self.stack, x)
+        # Functional split/merge under jax.vmap rather than nnx.vmap on the module: the train step of a seed
+        # ensemble (corrjax.train.ensemble) merges the model from jax.vmap tracers, whose Variables nnx.vmap refuses
+        # to extract ("different trace level"). The copies hold only parameters (the backbones' contract), so
+        # nothing the forward pass would update is lost.
+        graphdef, state = nnx.split(self.stack)
+        apply = lambda s, x: nnx.merge(graphdef, s)(x)
+        return jax.vmap(apply, in_axes=(0, 0 if stacked_input else None), out_axes=0)(state, x)
 
     def __getitem__(self, i: int) -> nnx.Module:
         if not -self.count <= i < self.count:
