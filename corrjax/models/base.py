@@ -15,9 +15,11 @@ a boolean pytree that corrjax.mtl uses to route leaves around the aggregator.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -54,8 +56,120 @@ class TaskHead(nnx.Module):
         return y.reshape(y.shape[0], *self.output_shape)
 
 
-def make_heads(in_features: int, tasks: Sequence[TaskSpec], hidden: Sequence[int], rngs: nnx.Rngs) -> nnx.Dict:
-    return nnx.Dict({t.name: TaskHead(in_features, t, hidden, rngs=rngs) for t in tasks})
+def _stack_create(factory: Callable[..., nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:
+    """``count`` calls of ``factory(rngs=...)`` as one module whose variables have a leading axis of ``count``:
+    created once under ``nnx.vmap`` with ``rngs`` split ``count`` ways (``nnx.split_rngs``), so every copy draws its
+    own initialisation and the trace holds one copy, whatever ``count``."""
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs: nnx.Rngs) -> nnx.Module:
+        return factory(rngs=rngs)
+
+    return create(rngs)
+
+
+class Stacked(nnx.Module):
+    """``count`` modules of one structure as a single module with a leading (expert or task) axis on every variable.
+
+    Built with :func:`flax.nnx.vmap` and :func:`flax.nnx.split_rngs`; applied with ``jax.vmap``, so tracing and
+    compiling cost the same for 2 or 64 copies (a Python list of modules is traced once per copy). ``module[i]`` is
+    copy ``i`` as an ordinary module (a view for inspection and tests; the stacked parameters are the trained ones).
+
+    Args:
+      factory: called as ``factory(rngs=rngs)``.
+      count: number of copies (>= 1).
+      rngs: the model's ``nnx.Rngs``.
+      name: with a name, ``factory`` must build modules with an int ``out_features`` (backbones, experts;
+        :func:`build_backbone`), and errors name this argument.
+    """
+
+    def __init__(
+        self, factory: Callable[..., nnx.Module], count: int, *, rngs: nnx.Rngs, name: str | None = None
+    ) -> None:
+        if count < 1:
+            raise ValueError(f"`{name or 'count'}`: a stack needs at least one copy, got {count}")
+        make = factory if name is None else (lambda rngs: build_backbone(factory, rngs, name))
+        self.stack = _stack_create(make, count, rngs)
+        self.count = int(count)
+        self.out_features = getattr(self.stack, "out_features", None)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __call__(self, x: jax.Array, *, stacked_input: bool = False) -> jax.Array:
+        """``(count, n, ...)``: every copy applied to ``x`` (``(n, ...)``, the same for all) or, with
+        ``stacked_input``, copy ``i`` to ``x[i]`` (``x`` of shape ``(count, n, ...)``)."""
+        # Functional split/merge under jax.vmap rather than nnx.vmap on the module: the train step of a seed
+        # ensemble (corrjax.train.ensemble) merges the model from jax.vmap tracers, whose Variables nnx.vmap refuses
+        # to extract ("different trace level"). The copies hold only parameters (the backbones' contract), so
+        # nothing the forward pass would update is lost.
+        graphdef, state = nnx.split(self.stack)
+        apply = lambda s, x: nnx.merge(graphdef, s)(x)
+        return jax.vmap(apply, in_axes=(0, 0 if stacked_input else None), out_axes=0)(state, x)
+
+    def __getitem__(self, i: int) -> nnx.Module:
+        if not -self.count <= i < self.count:
+            raise IndexError(f"copy {i} of a stack of {self.count}")
+        graphdef, state = nnx.split(self.stack)
+        return nnx.merge(graphdef, jax.tree.map(lambda v: v[i], state))
+
+
+def _group_name(shape: tuple[int, ...]) -> str:
+    return "out_" + ("x".join(str(d) for d in shape) or "scalar")
+
+
+class TaskHeads(nnx.Module):
+    """Every task's :class:`TaskHead`, stacked: one :class:`Stacked` head per output shape, holding the heads of the
+    tasks with that shape (in task order) along a leading axis, applied with one ``nnx.vmap``.
+
+    Tasks of different output shapes cannot share one stacked kernel (their output layers differ in size), so they
+    form separate groups under ``groups[<"out_4" | "out_scalar" | ...>]``; with every task of one shape (the
+    synthetic and CelebA presets) there is a single group. ``heads[name]`` is task ``name``'s head as a module (a
+    view), so ``heads[name](z)`` equals that task's entry of ``heads(z)``.
+    """
+
+    def __init__(self, in_features: int, tasks: Sequence[TaskSpec], hidden: Sequence[int], *, rngs: nnx.Rngs):
+        by_shape: dict[tuple[int, ...], list[TaskSpec]] = {}
+        for t in tasks:
+            by_shape.setdefault(tuple(t.output_shape), []).append(t)
+        self.task_names = tuple(t.name for t in tasks)
+        self.slots = {t.name: (_group_name(shape), i) for shape, ts in by_shape.items() for i, t in enumerate(ts)}
+        self.members = {_group_name(shape): tuple(t.name for t in ts) for shape, ts in by_shape.items()}
+        self.groups = nnx.Dict(
+            {
+                _group_name(shape): Stacked(partial(TaskHead, in_features, ts[0], hidden), len(ts), rngs=rngs)
+                for shape, ts in by_shape.items()
+            }
+        )
+
+    def __call__(self, z: jax.Array) -> dict[str, jax.Array]:
+        """``{task: output}`` of every head reading the same ``z (n, in_features)``."""
+        out = {}
+        for g, names in self.members.items():
+            ys = self.groups[g](z)
+            out.update({n: ys[i] for i, n in enumerate(names)})
+        return {n: out[n] for n in self.task_names}
+
+    def per_task(self, zs: jax.Array | Sequence[jax.Array]) -> dict[str, jax.Array]:
+        """``{task: output}`` with head ``t`` reading ``zs[t]`` (``(T, n, in_features)`` or a sequence, task order)."""
+        if not isinstance(zs, jax.Array):
+            zs = jnp.stack(list(zs))
+        out, index = {}, {n: k for k, n in enumerate(self.task_names)}
+        for g, names in self.members.items():
+            rows = [index[n] for n in names]
+            part = zs if rows == list(range(len(self.task_names))) else zs[np.asarray(rows)]
+            ys = self.groups[g](part, stacked_input=True)
+            out.update({n: ys[i] for i, n in enumerate(names)})
+        return {n: out[n] for n in self.task_names}
+
+    def __getitem__(self, name: str) -> nnx.Module:
+        group, i = self.slots[name]
+        return self.groups[group][i]
+
+
+def make_heads(in_features: int, tasks: Sequence[TaskSpec], hidden: Sequence[int], rngs: nnx.Rngs) -> TaskHeads:
+    return TaskHeads(in_features, tasks, hidden, rngs=rngs)
 
 
 class MultiTaskModel(nnx.Module):

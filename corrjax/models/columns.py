@@ -73,7 +73,7 @@ class CrossStitch(MultiTaskModel):
         return jnp.moveaxis(stacked, 0, 1)
 
     def from_features(self, z: jax.Array, x: jax.Array | None = None) -> dict[str, jax.Array]:
-        return {n: self.heads[n](global_pool(z[:, k])) for k, n in enumerate(self.task_names)}
+        return self.heads.per_task(jax.vmap(global_pool, in_axes=1)(z))
 
 
 class MTAN(MultiTaskModel):
@@ -131,4 +131,4 @@ class MTAN(MultiTaskModel):
         return {n: self._attend(us, n)[0] for n in self.task_names}
 
     def from_features(self, z: Sequence[jax.Array], x: jax.Array | None = None) -> dict[str, jax.Array]:
-        return {n: self.heads[n](global_pool(self._attend(z, n)[1])) for n in self.task_names}
+        return self.heads.per_task([global_pool(self._attend(z, n)[1]) for n in self.task_names])

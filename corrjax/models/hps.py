@@ -39,4 +39,4 @@ class HPS(MultiTaskModel):
         return self.trunk(x)
 
     def from_features(self, z: jax.Array, x: jax.Array | None = None) -> dict[str, jax.Array]:
-        return {name: self.heads[name](z) for name in self.task_names}
+        return self.heads(z)

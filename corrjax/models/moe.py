@@ -11,6 +11,13 @@
 level's expert outputs ``"experts" (n, E_total, h)`` (ordered: shared experts, then each task's experts in task order)
 and the representations its gates read, ``"inputs"``. ``from_features(z, x)`` applies the gates, towers and heads.
 ``gate_weights(x) -> {task: (n, E_gate)}`` exposes the (top-level) gate probabilities, which sum to 1 per example.
+
+Experts, per-task gates and heads are stacked parameters (:class:`~corrjax.models.base.Stacked`: one module with a
+leading expert or task axis, built and applied under ``nnx.vmap``), so tracing and compiling the train step does not
+grow with the number of experts or tasks: ``experts.stack`` holds ``(E, ...)`` leaves, ``gates.stack`` ``(T, ...)``,
+a CGC/PLE level's ``task.stack`` ``(T * m, ...)`` (task-major: task ``t``'s ``m`` experts at ``t*m .. t*m+m-1``).
+``experts[e]``, ``gates[t]`` and ``heads[name]`` give one copy as a module. Checkpoints written before this layout
+(one ``nnx.List`` entry per expert, one ``nnx.Dict`` entry per gate and head) do not restore into it.
 """
 
 from __future__ import annotations
@@ -21,21 +28,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from corrjax.data.spec import TaskSpec
 from corrjax.models.backbones import MLP, flatten
-from corrjax.models.base import BackboneFactory, MultiTaskModel, build_backbone, make_heads
+from corrjax.models.base import BackboneFactory, MultiTaskModel, Stacked, make_heads
 
 UpperExpertFactory = Callable[[int, nnx.Rngs], nnx.Module]
 
 
-def _experts(factory: BackboneFactory, count: int, rngs: nnx.Rngs, name: str) -> nnx.List:
-    experts = [build_backbone(factory, rngs, name) for _ in range(count)]
-    widths = {e.out_features for e in experts}
-    if len(widths) > 1:  # `count` may be 0 (CGC/PLE without shared or without task experts)
-        raise ValueError(f"`{name}` must build experts of one width, got {sorted(widths)}")
-    return nnx.List(experts)
+def _experts(factory: BackboneFactory, count: int, rngs: nnx.Rngs, name: str) -> Stacked | None:
+    """``count`` experts stacked (None for none: CGC/PLE without shared or without task experts)."""
+    return Stacked(factory, count, rngs=rngs, name=name) if count else None
 
 
 def _mix(gate_logits: jax.Array, experts: jax.Array) -> jax.Array:
@@ -43,8 +48,13 @@ def _mix(gate_logits: jax.Array, experts: jax.Array) -> jax.Array:
     return jnp.einsum("ne,neh->nh", jax.nn.softmax(gate_logits, axis=-1), experts)
 
 
-def _run(experts: nnx.List, x: jax.Array) -> jax.Array:
-    return jnp.stack([e(x) for e in experts], axis=1)
+def _mix_stacked(gate_logits: jax.Array, experts: jax.Array) -> jax.Array:
+    """Every task's mixture at once: ``softmax(gate_logits) (T, n, E)`` and ``experts (n, E, h)`` or per task
+    ``(n, T, E, h)`` -> ``(T, n, h)``."""
+    w = jax.nn.softmax(gate_logits, axis=-1)
+    if experts.ndim == 3:
+        return jnp.einsum("tne,neh->tnh", w, experts)
+    return jnp.einsum("tne,nteh->tnh", w, experts)
 
 
 class MMoE(MultiTaskModel):
@@ -76,26 +86,30 @@ class MMoE(MultiTaskModel):
         self._init_tasks(tasks)
         self.experts = _experts(expert, num_experts, rngs, "expert")
         self._init_gates(gate_in_features, num_experts, rngs)
-        self.heads = make_heads(self.experts[0].out_features, self.tasks, tower_hidden, rngs)
+        self.heads = make_heads(self.experts.out_features, self.tasks, tower_hidden, rngs)
         self.num_experts = num_experts
 
     def _init_gates(self, in_features: int, num_experts: int, rngs: nnx.Rngs) -> None:
-        self.gates = nnx.Dict({n: nnx.Linear(in_features, num_experts, rngs=rngs) for n in self.task_names})
+        # One stacked Linear: gates.stack.kernel is (T, in_features, E); gates[t] is task t's gate.
+        self.gates = Stacked(partial(nnx.Linear, in_features, num_experts), len(self.task_names), rngs=rngs)
 
     def features(self, x: jax.Array) -> jax.Array:
-        return _run(self.experts, x)
+        return jnp.moveaxis(self.experts(x), 0, 1)
+
+    def stacked_gate_logits(self, x: jax.Array) -> jax.Array:
+        """``(T, n, E)`` every task's gate logits (task order)."""
+        return self.gates(flatten(x))
 
     def gate_logits(self, x: jax.Array) -> dict[str, jax.Array]:
-        fx = flatten(x)
-        return {n: self.gates[n](fx) for n in self.task_names}
+        logits = self.stacked_gate_logits(x)
+        return {n: logits[k] for k, n in enumerate(self.task_names)}
 
     def gate_weights(self, x: jax.Array) -> dict[str, jax.Array]:
         """``{task: (n, E)}`` softmax gate weights."""
         return {n: jax.nn.softmax(g, axis=-1) for n, g in self.gate_logits(x).items()}
 
     def from_features(self, z: jax.Array, x: jax.Array) -> dict[str, jax.Array]:
-        logits = self.gate_logits(x)
-        return {n: self.heads[n](_mix(logits[n], z)) for n in self.task_names}
+        return self.heads.per_task(_mix_stacked(self.stacked_gate_logits(x), z))
 
 
 class OMoE(MMoE):
@@ -114,6 +128,9 @@ class OMoE(MMoE):
         """``{task: (n, E)}``: the one gate's logits (the same array for every task)."""
         g = self.gate(flatten(x))
         return {n: g for n in self.task_names}
+
+    def from_features(self, z: jax.Array, x: jax.Array) -> dict[str, jax.Array]:
+        return self.heads(_mix(self.gate(flatten(x)), z))
 
 
 class CGCLevel(nnx.Module):
@@ -140,36 +157,68 @@ class CGCLevel(nnx.Module):
                 "and give each gate at least one expert"
             )
         self.task_names = tuple(task_names)
+        num_tasks = len(self.task_names)
         self.shared = _experts(make_expert, num_shared_experts, rngs, "expert")
-        self.task = nnx.Dict({n: _experts(make_expert, num_task_experts, rngs, "expert") for n in self.task_names})
+        # All tasks' experts in one stack, task-major: task t's m experts are copies t*m .. t*m + m - 1.
+        self.task = _experts(make_expert, num_task_experts * num_tasks, rngs, "expert")
         gate_size = num_shared_experts + num_task_experts
-        self.gates = nnx.Dict({n: nnx.Linear(gate_in_features, gate_size, rngs=rngs) for n in self.task_names})
-        total = num_shared_experts + num_task_experts * len(self.task_names)
+        self.gates = Stacked(partial(nnx.Linear, gate_in_features, gate_size), num_tasks, rngs=rngs)
+        total = num_shared_experts + num_task_experts * num_tasks
         self.shared_gate = nnx.Linear(gate_in_features, total, rngs=rngs) if shared_gate else None
         self.num_shared, self.num_task = num_shared_experts, num_task_experts
-        first = self.shared[0] if num_shared_experts else self.task[self.task_names[0]][0]
-        self.out_features = first.out_features
+        self.out_features = (self.shared if num_shared_experts else self.task).out_features
+
+    def _task_inputs(self, inputs: dict[str, jax.Array]) -> tuple[jax.Array, bool]:
+        """``(x, False)`` when every task reads the shared input (the first level: one array, broadcast), else
+        the per-task inputs stacked ``((T, n, ...), True)``."""
+        shared = inputs.get("shared")
+        if shared is not None and all(inputs[n] is shared for n in self.task_names):
+            return shared, False
+        return jnp.stack([inputs[n] for n in self.task_names]), True
 
     def experts(self, inputs: dict[str, jax.Array]) -> jax.Array:
         """All expert outputs ``(n, E_total, h)``: shared first, then each task's in task order."""
-        outs = [e(inputs["shared"]) for e in self.shared]
-        for n in self.task_names:
-            outs += [e(inputs[n]) for e in self.task[n]]
-        return jnp.stack(outs, axis=1)
+        outs = []
+        if self.shared is not None:
+            outs.append(self.shared(inputs["shared"]))
+        if self.task is not None:
+            x, stacked = self._task_inputs(inputs)
+            if stacked:  # copy t*m + j reads task t's input
+                x = jnp.repeat(x, self.num_task, axis=0)
+            outs.append(self.task(x, stacked_input=stacked))
+        return jnp.moveaxis(outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0), 0, 1)
+
+    def stacked_gate_logits(self, inputs: dict[str, jax.Array]) -> jax.Array:
+        """``(T, n, E_s + E_t)`` every task's gate logits."""
+        x, stacked = self._task_inputs(inputs)
+        return self.gates(jax.vmap(flatten)(x) if stacked else flatten(x), stacked_input=stacked)
 
     def gate_logits(self, inputs: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        return {n: self.gates[n](flatten(inputs[n])) for n in self.task_names}
+        logits = self.stacked_gate_logits(inputs)
+        return {n: logits[k] for k, n in enumerate(self.task_names)}
+
+    def _selection(self) -> np.ndarray:
+        """``(T, E_s + E_t)`` the expert indices each task's gate mixes: the shared ones, then its own."""
+        shared = np.arange(self.num_shared)
+        return np.stack(
+            [
+                np.concatenate([shared, self.num_shared + k * self.num_task + np.arange(self.num_task)])
+                for k in range(len(self.task_names))
+            ]
+        ).astype(np.int32)
 
     def select(self, z: jax.Array, name: str) -> jax.Array:
         """The experts task ``name``'s gate mixes: shared ones and its own, ``(n, E_s + E_t, h)``."""
-        k = self.task_names.index(name)
-        start = self.num_shared + k * self.num_task
-        return jnp.concatenate([z[:, : self.num_shared], z[:, start : start + self.num_task]], axis=1)
+        return z[:, self._selection()[self.task_names.index(name)]]
+
+    def stacked_mix(self, z: jax.Array, inputs: dict[str, jax.Array]) -> jax.Array:
+        """``(T, n, h)`` every task's next-level representation (task order)."""
+        return _mix_stacked(self.stacked_gate_logits(inputs), z[:, self._selection()])
 
     def mix(self, z: jax.Array, inputs: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """Next-level representations ``{task: (n, h)}`` (plus ``"shared"`` with a shared gate)."""
-        logits = self.gate_logits(inputs)
-        out = {n: _mix(logits[n], self.select(z, n)) for n in self.task_names}
+        reps = self.stacked_mix(z, inputs)
+        out = {n: reps[k] for k, n in enumerate(self.task_names)}
         if self.shared_gate is not None:
             out["shared"] = _mix(self.shared_gate(flatten(inputs["shared"])), z)
         return out
@@ -259,8 +308,7 @@ class PLE(MultiTaskModel):
         return {n: jax.nn.softmax(g, axis=-1) for n, g in logits.items()}
 
     def from_features(self, z: dict[str, Any], x: jax.Array | None = None) -> dict[str, jax.Array]:
-        reps = self.levels[-1].mix(z["experts"], z["inputs"])
-        return {n: self.heads[n](reps[n]) for n in self.task_names}
+        return self.heads.per_task(self.levels[-1].stacked_mix(z["experts"], z["inputs"]))
 
 
 class CGC(PLE):

@@ -109,10 +109,14 @@ class DistributedConfig:
 
 @dataclass
 class ParallelConfig:
-    """Mesh shape: the data axis spans ``data`` devices (-1: every device of every process)."""
+    """Mesh shape: the data axis spans ``data`` devices (-1: every device of every process), or ``mesh`` gives a
+    2-D ``{data: -1, fsdp: 2}`` mesh whose ``fsdp`` axis shards parameters and optimiser state (leaves of at least
+    ``fsdp_min_size`` elements; :mod:`corrjax.train.sharding`)."""
 
     data: int = -1
     axis_name: str = "data"
+    mesh: dict[str, int] | None = None
+    fsdp_min_size: int = 16384
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 

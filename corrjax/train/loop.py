@@ -253,11 +253,13 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     mesh = sharding.make_mesh(cfg.parallel)
     if tc.batch_size % mesh.devices.size:
         raise ValueError(f"`trainer.batch_size`={tc.batch_size} must be divisible by the {mesh.devices.size} devices")
-    setup = build(cfg)
+    min_size = int(cfg.parallel.get("fsdp_min_size", 2**14))
+    setup = build(cfg, task_grad_constraint=sharding.task_grad_constraint(mesh, min_size))
     selector = selection.Selector.from_config(tc, setup.tasks)
-    steps = sharding.jit_setup_steps(setup, mesh, cfg.parallel.axis_name)
+    state_sharding = sharding.state_shardings(setup.abstract_state(), mesh, min_size)
+    steps = sharding.jit_setup_steps(setup, mesh, cfg.parallel.axis_name, state_sharding)
     data_sharding = sharding.batch_sharding(mesh, cfg.parallel.axis_name)
-    state = setup.init_state(sharding.replicated(mesh))
+    state = setup.init_state(state_sharding)
     log.info("model %s: %d parameters; tasks %s; mesh %s", setup.model_name, setup.num_params, setup.names, mesh.shape)
 
     iterator = BatchIterator(setup.train_data, tc.batch_size, seed=cfg.seed, sharding=data_sharding, prefetch=2)

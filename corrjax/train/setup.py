@@ -74,14 +74,21 @@ class Setup:
         """The task names, in order."""
         return [t.name for t in self.tasks]
 
-    def init_state(self, sharding: jax.sharding.Sharding | None = None) -> state.TrainState:
-        """The step-0 :class:`~corrjax.train.state.TrainState`, placed with ``sharding`` (replicated on a mesh) or
-        on the default device (None)."""
+    def abstract_state(self) -> state.TrainState:
+        """The step-0 state's shapes and dtypes (``jax.ShapeDtypeStruct`` leaves; nothing is computed or placed)."""
+        return jax.eval_shape(lambda p, r: state.create_state(p, r, self.tx, self.seed), self.params, self.rest)
+
+    def init_state(self, sharding: Any = None) -> state.TrainState:
+        """The step-0 :class:`~corrjax.train.state.TrainState`, placed with ``sharding`` (one sharding, e.g.
+        replicated on a mesh, or a ``TrainState`` of them from :func:`corrjax.train.sharding.state_shardings`) or on
+        the default device (None)."""
         params, rest = self.params, self.rest
         if sharding is not None:
             from corrjax.train.sharding import to_global
 
-            params, rest = to_global(params, sharding), to_global(rest, sharding)
+            tree = isinstance(sharding, state.TrainState)
+            params = to_global(params, sharding.params if tree else sharding)
+            rest = to_global(rest, sharding.rest if tree else sharding)
         init = jax.jit(lambda p, r: state.create_state(p, r, self.tx, self.seed), out_shardings=sharding)
         return init(params, rest)
 
@@ -100,8 +107,9 @@ def _regularizer(cfg: DictConfig) -> tuple[Callable | None, float]:
     return instantiate(node.fn), float(node.weight)
 
 
-def build(cfg: DictConfig, seed: int | None = None) -> Setup:
-    """Assembles the run of ``cfg`` for ``seed`` (default ``cfg.seed``).
+def build(cfg: DictConfig, seed: int | None = None, *, task_grad_constraint: Callable | None = None) -> Setup:
+    """Assembles the run of ``cfg`` for ``seed`` (default ``cfg.seed``); ``task_grad_constraint`` goes to
+    :func:`corrjax.train.step.make_train_step` (:func:`corrjax.train.sharding.task_grad_constraint` of the mesh).
 
     Raises ``ValueError`` for a seed outside ``[0, 2**31)``, a ``tasks`` list naming no task of the dataset, and a
     ``task_losses`` entry naming an unknown task or loss (each naming the key)."""
@@ -133,7 +141,14 @@ def build(cfg: DictConfig, seed: int | None = None) -> Setup:
         regularizer=regularizer,
         regularizer_weight=weight,
         train_step=step.make_train_step(
-            graphdef, run_tasks, loss_fns, tx, mask, regularizer=regularizer, regularizer_weight=weight
+            graphdef,
+            run_tasks,
+            loss_fns,
+            tx,
+            mask,
+            regularizer=regularizer,
+            regularizer_weight=weight,
+            task_grad_constraint=task_grad_constraint,
         ),
         eval_step=step.make_eval_step(graphdef),
         noise_step=step.make_noise_scale_step(graphdef, run_tasks, loss_fns),

@@ -28,6 +28,7 @@ import corrjax.mtl
 from corrjax.data import TaskSpec
 from corrjax.train.regularizers import flatten_representation
 from corrjax.train.state import TrainState, merge_model
+from corrjax.train.tasks import stacked_losses
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -70,10 +71,13 @@ def make_train_step(
     *,
     regularizer: Callable[[jax.Array], jax.Array] | None = None,
     regularizer_weight: float = 0.0,
+    task_grad_constraint: Callable[[Any, Any], Any] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds the pure step. ``shared`` is :func:`corrjax.models.shared_mask` of the model; ``regularizer`` maps
     the shared representation ``model.features(x)`` to a scalar whose ``regularizer_weight / T`` multiple is added
-    to every task loss (so it enters the summed objective once with ``regularizer_weight``)."""
+    to every task loss (so it enters the summed objective once with ``regularizer_weight``).
+    ``task_grad_constraint(task_grads, params) -> task_grads`` (identity when None) is applied to the task-stacked
+    gradients before the optax chain: :func:`corrjax.train.sharding.task_grad_constraint` keeps them FSDP-sharded."""
     names = [t.name for t in tasks]
     num_tasks = len(names)
 
@@ -81,7 +85,7 @@ def make_train_step(
         model = merge_model(graphdef, params, rest)
         z = model.features(batch["x"])
         outputs = model.from_features(z, batch["x"])
-        losses = jnp.stack([loss_fns[n](outputs[n], batch[n]) for n in names])
+        losses = stacked_losses(loss_fns, names, outputs, batch)
         reg = jnp.zeros((), losses.dtype)
         if regularizer is not None:
             reg = regularizer(flatten_representation(z))
@@ -93,6 +97,8 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         (losses, (new_rest, reg)), grads = task_grad(state.params, state.rest, batch)
+        if task_grad_constraint is not None:
+            grads = task_grad_constraint(grads, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params, task_losses=losses)
         params = optax.apply_updates(state.params, updates)
         finite = _all_finite(losses) & _all_finite(updates)
@@ -139,7 +145,7 @@ def make_noise_scale_step(
 
     def summed(params, rest, batch):
         outputs = merge_model(graphdef, params, rest)(batch["x"])
-        return sum(loss_fns[n](outputs[n], batch[n]) for n in names)
+        return stacked_losses(loss_fns, names, outputs, batch).sum()
 
     def noise_step(state: TrainState, batch: Batch) -> Metrics:
         n = jax.tree.leaves(batch["x"])[0].shape[0]

@@ -6,9 +6,9 @@ RMSE, Pearson r and R^2, the prediction). Training losses are means over the (gl
 on one of the correlation losses of :mod:`corrjax.stats` instead (``task_losses.<task>=pearson|concordance|
 spearman``), which train a regressor to correlate or rank rather than to match scale. Every function works on global
 arrays inside ``jit``; under GSPMD the batch reductions span the whole data-parallel mesh, so no ``axis_name`` is
-needed. :func:`select_tasks` picks the run's tasks from the dataset's. Binary tasks also report the exact ROC AUC
-(:func:`corrjax.stats.roc_auc`), and :mod:`corrjax.train.evaluate` adds their GAUC where the dataset names a user
-feature.
+needed. :func:`select_tasks` picks the run's tasks from the dataset's; :func:`stacked_losses` computes the task losses
+vectorised per (kind, loss, shape) group. Binary tasks also report the exact ROC AUC (:func:`corrjax.stats.roc_auc`),
+and :mod:`corrjax.train.evaluate` adds their GAUC where the dataset names a user feature.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import corrjax.stats
@@ -142,9 +143,29 @@ def _correlation_loss(name: str) -> LossFn:
     return lambda out, y: fn(out.reshape(out.shape[0], -1), y.reshape(y.shape[0], -1))
 
 
+@dataclass(frozen=True)
+class TaskLoss:
+    """A task's training loss ``(output, label) -> scalar``, tagged with its ``group`` ``(kind, loss name)``:
+    tasks of one group share ``fn``, so :func:`stacked_losses` computes those of one output shape together under
+    one ``jax.vmap`` instead of tracing the loss once per task."""
+
+    fn: LossFn
+    group: tuple[str, str]
+
+    def __call__(self, output: Array, label: Array) -> Array:
+        return self.fn(output, label)
+
+
+# One function object per (kind, loss): the group's shared loss.
+_LOSSES: dict[tuple[str, str], LossFn] = {
+    **{(k, "mse"): (lambda out, y, row=row: row.per_example_loss(out, y).mean()) for k, row in KINDS.items()},
+    **{("regression", name): _correlation_loss(name) for name in REGRESSION_LOSSES if name != "mse"},
+}
+
+
 def task_loss_fns(tasks: Sequence[TaskSpec], regression_losses: Mapping[str, str] | None = None) -> dict[str, LossFn]:
-    """``{task: loss(output, label) -> scalar}``; ``regression_losses`` maps regression task names to a loss name
-    (``task_losses`` of the config; absent tasks use their kind's loss)."""
+    """``{task: loss(output, label) -> scalar}`` (:class:`TaskLoss` objects); ``regression_losses`` maps regression
+    task names to a loss name (``task_losses`` of the config; absent tasks use their kind's loss)."""
     regression_losses = dict(regression_losses or {})
     names = {t.name for t in tasks}
     unknown = sorted(set(regression_losses) - names)
@@ -152,17 +173,42 @@ def task_loss_fns(tasks: Sequence[TaskSpec], regression_losses: Mapping[str, str
         raise ValueError(f"`task_losses` names unknown tasks {unknown}; tasks are {sorted(names)}")
     fns = {}
     for task in tasks:
-        row = kind(task)
+        kind(task)  # an unknown kind fails here, naming the task
         choice = regression_losses.get(task.name, "mse")
         if choice not in REGRESSION_LOSSES:
             raise ValueError(f"`task_losses.{task.name}`={choice!r}; expected one of {REGRESSION_LOSSES}")
         if choice != "mse" and task.kind != "regression":
             raise ValueError(f"`task_losses.{task.name}`={choice!r} needs a regression task, got kind {task.kind!r}")
-        if choice == "mse":
-            fns[task.name] = lambda out, y, row=row: row.per_example_loss(out, y).mean()
-        else:
-            fns[task.name] = _correlation_loss(choice)
+        fns[task.name] = TaskLoss(_LOSSES[task.kind, choice], (task.kind, choice))
     return fns
+
+
+def stacked_losses(
+    loss_fns: Mapping[str, LossFn], names: Sequence[str], outputs: Mapping[str, Array], labels: Mapping[str, Array]
+) -> Array:
+    """``(T,)`` the task losses in ``names`` order, vectorised: the tasks whose losses share a :class:`TaskLoss`
+    group and whose outputs and labels share shapes and dtypes are stacked and computed by one ``jax.vmap`` of the
+    group's loss (one trace for the group, whatever its size); other loss functions are called one by one."""
+    groups: dict[Any, list[int]] = {}
+    for i, n in enumerate(names):
+        fn, out, y = loss_fns[n], outputs[n], labels[n]
+        group = getattr(fn, "group", None)
+        key = (group, out.shape, out.dtype, y.shape, y.dtype) if group is not None else ("alone", i)
+        groups.setdefault(key, []).append(i)
+    parts, order = [], []
+    for idx in groups.values():
+        first = loss_fns[names[idx[0]]]
+        if len(idx) == 1:
+            parts.append(jnp.reshape(first(outputs[names[idx[0]]], labels[names[idx[0]]]), (1,)))
+        else:
+            outs = jnp.stack([outputs[names[i]] for i in idx])
+            ys = jnp.stack([labels[names[i]] for i in idx])
+            parts.append(jax.vmap(first.fn)(outs, ys))
+        order += idx
+    losses = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+    if order != list(range(len(names))):
+        losses = losses[np.argsort(np.asarray(order))]
+    return losses
 
 
 def select_tasks(available: Any, names: Any) -> tuple[TaskSpec, ...]:

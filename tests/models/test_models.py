@@ -52,8 +52,10 @@ BUILDERS = {
         mlp(), TASKS, num_levels=3, num_shared_experts=1, num_task_experts=2, gate_in_features=D, rngs=r
     ),
     "cross_stitch": lambda r: CrossStitch([partial(MLP, D, (8,)), partial(MLP, 8, (6,))], TASKS, rngs=r),
+    # Seed 1: with seed 0's (stacked-head) initialisation all 4 ReLUs of the `size` tower are dead on X, so its
+    # output is constant and the gradient-dependency test below has nothing to check.
     "cross_stitch_conv": lambda r: CrossStitch(
-        [partial(ConvBlock, 1, 4), partial(ConvBlock, 4, 6)], TASKS, head_hidden=(4,), rngs=r
+        [partial(ConvBlock, 1, 4), partial(ConvBlock, 4, 6)], TASKS, head_hidden=(4,), rngs=nnx.Rngs(1)
     ),
     "mtan": lambda r: MTAN([partial(MLP, D, (8,)), partial(MLP, 8, (6,))], TASKS, rngs=r),
     "mtan_conv": lambda r: MTAN([partial(ConvBlock, 1, 4), partial(ConvBlock, 4, 6, pool=False)], TASKS, rngs=r),
@@ -114,21 +116,29 @@ def test_output_shapes_and_identity(built):
         np.testing.assert_array_equal(np.asarray(out[k]), np.asarray(again[k]))
 
 
+def _tasks_per_coordinate(g) -> tuple[int, int]:
+    """``(tasks reaching the leaf, most tasks reaching one coordinate)`` from a per-task Jacobian leaf ``(T, ...)``."""
+    reached = np.abs(np.asarray(g)).reshape(len(TASKS), -1) > 0
+    return int(reached.any(axis=1).sum()), int(reached.sum(axis=0).max(initial=0))
+
+
 def test_mask_matches_gradient_dependency(built):
-    """A leaf is task-specific (False) iff exactly one task's loss has a nonzero gradient on it."""
+    """A leaf is shared (True) iff two or more tasks' losses reach it, and task-specific (False) iff every coordinate
+    is reached by exactly one task (a stacked head or gate holds one slice per task, an unstacked one is reached by
+    one task), so the gradient of the summed loss is each slice's own task gradient."""
     name, model, _out, _again, jac = built
     params = nnx.state(model, nnx.Param)
     mask = shared_mask(model)
     assert jax.tree.structure(mask) == jax.tree.structure(params)
     flags = jax.tree.leaves(mask)
     assert all(isinstance(f, bool) for f in flags)
-    deps = [int(np.sum(np.abs(np.asarray(g)).reshape(len(TASKS), -1).max(axis=1) > 0)) for g in jax.tree.leaves(jac)]
+    deps = [_tasks_per_coordinate(g) for g in jax.tree.leaves(jac)]
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(mask)]
-    for path, flag, dep in zip(paths, flags, deps, strict=True):
+    for path, flag, (dep, most) in zip(paths, flags, deps, strict=True):
         if flag:
             assert dep >= 2, f"{name}: {path} marked shared but reached by {dep} task(s)"
         else:
-            assert dep == 1, f"{name}: {path} marked task-specific but reached by {dep} task(s)"
+            assert dep >= 1 and most == 1, f"{name}: {path} marked task-specific but a coordinate has {most} tasks"
     counts = count_params(model)
     assert counts["total"] == sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     assert counts["shared"] + counts["task_specific"] == counts["total"] and counts["task_specific"] > 0
@@ -268,13 +278,13 @@ def test_ple_without_shared_or_task_experts(num_levels, shared, task):
     jac = jax.jit(jax.jacrev(lambda p: task_losses(graphdef, p, rest, X, W)))(params)
     mask = shared_mask(model)
     for (path, flag), g in zip(jax.tree_util.tree_leaves_with_path(mask), jax.tree.leaves(jac), strict=True):
-        dep = int(np.sum(np.abs(np.asarray(g)).reshape(len(TASKS), -1).max(axis=1) > 0))
+        dep, most = _tasks_per_coordinate(g)
         if dep == 0:  # a gate over a single expert (softmax of one logit is 1) has no gradient at all
             assert shared + task == 1 and "gates" in jax.tree_util.keystr(path)
         elif flag:
             assert dep >= 2, f"{jax.tree_util.keystr(path)} marked shared but reached by {dep} task(s)"
         else:
-            assert dep == 1, f"{jax.tree_util.keystr(path)} marked task-specific but reached by {dep} task(s)"
+            assert most == 1, f"{jax.tree_util.keystr(path)} marked task-specific but a coordinate has {most} tasks"
 
 
 def test_cross_stitch_applies_a_learned_asymmetric_mixing(x):
