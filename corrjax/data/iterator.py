@@ -81,7 +81,8 @@ def _local_rows(sharding: jax.sharding.Sharding, global_batch: int) -> slice:
 
 
 class BatchIterator(Iterator[dict[str, Any]]):
-    """Iterates over global batches ``{"x": (B, ...), task: (B, ...)}`` of a data source.
+    """Iterates over global batches ``{"x": (B, ...), task: (B, ...)}`` of a data source (``"x"`` may be a pytree of
+    arrays, e.g. a tabular dataset's ``{feature name: (B, ...)}``; every leaf is split along its leading axis).
 
     Args:
       source: a :class:`~corrjax.data.source.DataSource` (``len``, ``get_batch(indices)``, ``tasks``).
@@ -215,10 +216,9 @@ class BatchIterator(Iterator[dict[str, Any]]):
             return batch
         if self._single_transfer:  # one process holds the whole batch: a single pytree transfer
             return jax.device_put(batch, self.sharding)
-        return {
-            k: jax.make_array_from_process_local_data(self.sharding, v, (self.batch_size, *v.shape[1:]))
-            for k, v in batch.items()
-        }
+        return jax.tree.map(
+            lambda v: jax.make_array_from_process_local_data(self.sharding, v, (self.batch_size, *v.shape[1:])), batch
+        )
 
     def _positions(self, epoch: int, step: int) -> Iterator[tuple[int, int]]:
         while True:

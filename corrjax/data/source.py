@@ -3,8 +3,10 @@
 A source has ``tasks: tuple[TaskSpec, ...]``, ``len(source)``, ``source[i] -> {"x": ..., task: label}`` (the grain
 ``RandomAccessDataSource`` protocol, so any source also feeds ``grain.MapDataset.source``) and
 ``source.get_batch(indices) -> {"x": (b, ...), task: (b, ...)}``, which the batch iterator uses to gather a whole
-batch at once. :class:`ArrayDataset` holds arrays in host memory (built-in datasets); :class:`RecordDataset` wraps a
-record source such as ``tfds.data_source`` and converts each record with a function.
+batch at once. ``"x"`` may be a pytree of arrays sharing the leading example axis, such as a tabular dataset's
+``{feature name: array}`` (:mod:`corrjax.data.features`). :class:`ArrayDataset` holds arrays in host memory
+(built-in datasets); :class:`RecordDataset` wraps a record source such as ``tfds.data_source`` and converts each
+record with a function.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, runtime_checkable
 
+import jax
 import numpy as np
 
 from corrjax.data.spec import TaskSpec, check_tasks
@@ -36,6 +39,11 @@ class DataSource(Protocol):
     def get_batch(self, indices: np.ndarray) -> Batch: ...
 
 
+def _path_name(path: tuple) -> str:
+    """``x/age`` for the pytree path ``['x']['age']``."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
 def _check_indices(indices: Any, n: int) -> np.ndarray:
     idx = np.asarray(indices)
     if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
@@ -49,7 +57,8 @@ class ArrayDataset:
     """A dataset held as NumPy arrays with a shared leading example axis.
 
     Args:
-      arrays: ``{"x": (n, ...), task_name: (n, ...)}``; every task in ``tasks`` must have an entry.
+      arrays: ``{"x": (n, ...), task_name: (n, ...)}``; every task in ``tasks`` must have an entry. Any entry may be
+        a pytree (a dict ``{feature name: (n, ...)}`` for ``"x"`` of a tabular dataset) whose leaves share ``n``.
       tasks: the task specs, in model-output order.
       name: a label for logs and benchmarks.
       info: extra metadata (generator parameters, source indices, ...), not part of batches.
@@ -69,25 +78,28 @@ class ArrayDataset:
         missing = [t.name for t in self.tasks if t.name not in arrays]
         if missing:
             raise ValueError(f"`arrays` lacks labels for tasks {missing}; keys are {sorted(arrays)}")
-        self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
-        lengths = {k: v.shape[0] if v.ndim else None for k, v in self.arrays.items()}
+        self.arrays = {k: jax.tree.map(np.asarray, v) for k, v in arrays.items()}
+        leaves = jax.tree_util.tree_leaves_with_path(self.arrays)
+        lengths = {_path_name(p): v.shape[0] if v.ndim else None for p, v in leaves}
         if len(set(lengths.values())) != 1 or None in lengths.values():
             raise ValueError(f"all `arrays` must share the leading example axis, got lengths {lengths}")
+        self._length = int(next(iter(lengths.values())))
         self.name = name
         self.info = dict(info or {})
 
     def __len__(self) -> int:
-        return int(self.arrays["x"].shape[0])
+        return self._length
 
     def __getitem__(self, index: int) -> Batch:
-        return {k: v[index] for k, v in self.arrays.items()}
+        return jax.tree.map(lambda v: v[index], self.arrays)
 
     def get_batch(self, indices: np.ndarray) -> Batch:
         idx = _check_indices(indices, len(self))
-        return {k: np.take(v, idx, axis=0) for k, v in self.arrays.items()}
+        return jax.tree.map(lambda v: np.take(v, idx, axis=0), self.arrays)
 
     def __repr__(self) -> str:
-        shapes = ", ".join(f"{k}: {v.shape} {v.dtype}" for k, v in self.arrays.items())
+        leaves = jax.tree_util.tree_leaves_with_path(self.arrays)
+        shapes = ", ".join(f"{_path_name(p)}: {v.shape} {v.dtype}" for p, v in leaves)
         return f"ArrayDataset({self.name!r}, n={len(self)}, {shapes})"
 
 
@@ -142,7 +154,7 @@ class RecordDataset:
 
     def get_batch(self, indices: np.ndarray) -> Batch:
         examples = [self.convert(r) for r in self.read_records(indices)]
-        return {k: np.stack([e[k] for e in examples]) for k in examples[0]} if examples else {}
+        return jax.tree.map(lambda *vs: np.stack(vs), *examples) if examples else {}
 
     def __repr__(self) -> str:
         return f"RecordDataset({self.name!r}, n={len(self)}, tasks={[t.name for t in self.tasks]})"

@@ -149,9 +149,7 @@ class Evaluator:
         self.tracker = tracker
         self.reported = tuple(reported)
         n = min(len(dataset), max_examples)
-        self._x = (
-            to_global(np.asarray(dataset.get_batch(np.arange(n))["x"]), replicated(sharding.mesh)) if n >= 4 else None
-        )
+        self._x = to_global(dataset.get_batch(np.arange(n))["x"], replicated(sharding.mesh)) if n >= 4 else None
         self.last_step: int | None = None
 
     def __call__(self, state: Any, step: int) -> dict[str, Any]:

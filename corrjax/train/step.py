@@ -125,9 +125,9 @@ def make_noise_scale_step(
         return sum(loss_fns[n](outputs[n], batch[n]) for n in names)
 
     def noise_step(state: TrainState, batch: Batch) -> Metrics:
-        n = batch["x"].shape[0]
+        n = jax.tree.leaves(batch["x"])[0].shape[0]
         half = n // 2
-        halves = [{k: v[:half] for k, v in batch.items()}, {k: v[half : 2 * half] for k, v in batch.items()}]
+        halves = [jax.tree.map(lambda v: v[:half], batch), jax.tree.map(lambda v: v[half : 2 * half], batch)]
         g1, g2 = (jax.grad(summed)(state.params, state.rest, h) for h in halves)
         small = 0.5 * (optax.tree.norm(g1, squared=True) + optax.tree.norm(g2, squared=True))
         big = optax.tree.norm(jax.tree.map(lambda a, b: 0.5 * (a + b), g1, g2), squared=True)
