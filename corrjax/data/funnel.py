@@ -32,7 +32,10 @@ Bernoulli(sigmoid(s_buy))``.
 standardised log price) and ``history`` (multi-hot categories, padded with -1); binary tasks ``click``, ``cart``,
 ``purchase`` (on every impression: ``purchase`` is ESMM's CTCVR label) and ``cvr`` (the purchase label on clicked
 impressions, -1, i.e. missing, elsewhere: a CVR model trained on it learns from clicks alone). The ground truth is
-``dataset.true_ctr``, ``dataset.true_cvr``, ``dataset.true_ctcvr`` (float64 ``(n,)``). Everything is vectorised
+``dataset.true_ctr``, ``dataset.true_cvr``, ``dataset.true_ctcvr`` (float64 ``(n,)``), and
+``dataset.would_purchase`` (bool ``(n,)``), the counterfactual conversion label of every impression (``Bernoulli(
+true_cvr)``, equal to ``purchase`` where clicked), against which a pCVR can be scored on the entire impression
+space (unobservable in real data). Everything is vectorised
 NumPy and deterministic by seed (200k impressions in well under a second).
 """
 
@@ -192,8 +195,10 @@ def funnel(
     true_cvr = p_cart * p_buy
     u = rng.uniform(size=(3, n))
     click = u[0] < true_ctr
+    # The conversion each impression would have had if clicked (drawn for all; observed only where clicked).
+    would_purchase = (u[1] < p_cart) & (u[2] < p_buy)
     cart = click & (u[1] < p_cart)
-    purchase = cart & (u[2] < p_buy)
+    purchase = click & would_purchase
     x = {
         "user_id": users.astype(np.int32),
         "item_id": items.astype(np.int32),
@@ -231,6 +236,7 @@ def funnel(
     }
     dataset = _tabular_dataset({"x": x, **labels}, features, name=f"funnel/{split}", info=info)
     dataset.true_ctr, dataset.true_cvr, dataset.true_ctcvr = true_ctr, true_cvr, true_ctr * true_cvr
+    dataset.would_purchase = would_purchase
     return dataset
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from corrjax.data.funnel import funnel
 from corrjax.data.multidigits import multidigits
 from corrjax.data.synthetic import synthetic
 from corrjax.data.tfds_sources import celeba, cifar10, multimnist
 
 DATASETS: dict[str, Callable[..., Any]] = {
     "synthetic": synthetic,
+    "funnel": funnel,
     "multidigits": multidigits,
     "multimnist": multimnist,
     "celeba": celeba,
