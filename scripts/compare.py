@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-HIGHER_IS_BETTER = {"accuracy": True, "pearson": True, "rmse": False, "loss": False}
+HIGHER_IS_BETTER = {"accuracy": True, "auc": True, "gauc": True, "pearson": True, "rmse": False, "loss": False}
 DEFAULT_METRICS = ("accuracy", "rmse")
 
 

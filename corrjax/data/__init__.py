@@ -12,9 +12,10 @@ from corrjax.data.funnel import funnel
 from corrjax.data.iterator import BatchIterator, epoch_order
 from corrjax.data.multidigits import multidigits
 from corrjax.data.registry import DATASETS, load
-from corrjax.data.source import ArrayDataset, DataSource, RecordDataset
+from corrjax.data.source import ArrayDataset, DataSource, RecordDataset, TabularDataset
 from corrjax.data.spec import TaskSpec
 from corrjax.data.synthetic import synthetic
+from corrjax.data.tabular import ali_ccp, census_income
 from corrjax.data.tfds_sources import DatasetNotPreparedError, celeba, cifar10, default_data_dir, multimnist
 
 __all__ = [
@@ -25,8 +26,11 @@ __all__ = [
     "DatasetNotPreparedError",
     "FeatureSpec",
     "RecordDataset",
+    "TabularDataset",
     "TaskSpec",
+    "ali_ccp",
     "celeba",
+    "census_income",
     "check_feature_batch",
     "check_features",
     "cifar10",

@@ -48,7 +48,7 @@ import numpy as np
 
 from corrjax.data.features import FeatureSpec
 from corrjax.data.iterator import check_seed
-from corrjax.data.source import ArrayDataset
+from corrjax.data.source import TabularDataset
 from corrjax.data.spec import TaskSpec
 
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
@@ -137,7 +137,7 @@ def funnel(
     price_effect: float = 0.5,
     popularity_exponent: float = 1.0,
     seed: int = 0,
-) -> ArrayDataset:
+) -> TabularDataset:
     """The synthetic purchase funnel's ``split`` (see the module docstring) as an in-memory tabular dataset.
 
     Args:
@@ -151,7 +151,7 @@ def funnel(
       popularity_exponent: Zipf exponent of the items' exposure (0: uniform).
       seed: an int in ``[0, 2**31)``; the world and every split are deterministic functions of it.
 
-    Returns an :class:`ArrayDataset` with ``features``, ``tasks`` (``click``, ``cart``, ``purchase``, ``cvr``),
+    Returns a :class:`TabularDataset` with ``features`` (``user_feature`` ``user_id``: GAUC per user), ``tasks`` (``click``, ``cart``, ``purchase``, ``cvr``),
     the ground truth ``true_ctr``, ``true_cvr``, ``true_ctcvr`` and ``info`` (the parameters, the realised rates,
     the realised correlation of the click and conversion logits, and ``selection_bias``).
     """
@@ -234,13 +234,9 @@ def funnel(
         "true_cvr_mean_on_clicks": clicked_cvr,
         "selection_bias": clicked_cvr - float(true_cvr.mean()),
     }
-    dataset = _tabular_dataset({"x": x, **labels}, features, name=f"funnel/{split}", info=info)
+    dataset = TabularDataset(
+        {"x": x, **labels}, TASKS, features, user_feature="user_id", name=f"funnel/{split}", info=info
+    )
     dataset.true_ctr, dataset.true_cvr, dataset.true_ctcvr = true_ctr, true_cvr, true_ctr * true_cvr
     dataset.would_purchase = would_purchase
-    return dataset
-
-
-def _tabular_dataset(arrays: dict[str, Any], features: tuple[FeatureSpec, ...], **kwargs: Any) -> ArrayDataset:
-    dataset = ArrayDataset(arrays, TASKS, **kwargs)
-    dataset.features = features
     return dataset

@@ -103,6 +103,39 @@ class ArrayDataset:
         return f"ArrayDataset({self.name!r}, n={len(self)}, {shapes})"
 
 
+class TabularDataset(ArrayDataset):
+    """An :class:`ArrayDataset` of tabular inputs: ``arrays["x"]`` is ``{feature name: (n, ...)}`` following
+    ``features`` (checked with :func:`corrjax.data.features.check_feature_batch`).
+
+    Args:
+      arrays, tasks, name, info: as for :class:`ArrayDataset`.
+      features: the :class:`~corrjax.data.FeatureSpec` of every input column (``.features``).
+      user_feature: the name of a categorical feature holding user ids (``.user_feature``); evaluation then
+        reports each binary task's GAUC (per-user AUC, :func:`corrjax.stats.gauc`). None: no user ids.
+    """
+
+    def __init__(
+        self,
+        arrays: Mapping[str, Any],
+        tasks: Sequence[TaskSpec],
+        features: Sequence[Any],
+        *,
+        user_feature: str | None = None,
+        name: str = "tabular",
+        info: Mapping[str, Any] | None = None,
+    ) -> None:
+        from corrjax.data.features import check_feature_batch, check_features
+
+        super().__init__(arrays, tasks, name=name, info=info)
+        self.features = check_features(features)
+        check_feature_batch(self.features, self.arrays["x"], name='arrays["x"]')
+        if user_feature is not None:
+            spec = {f.name: f for f in self.features}.get(user_feature)
+            if spec is None or spec.kind != "categorical":
+                raise ValueError(f"`user_feature`={user_feature!r} must name a categorical feature")
+        self.user_feature = user_feature
+
+
 class RecordDataset:
     """A dataset over a random-access record source (e.g. ``tfds.data_source``), converted per record.
 

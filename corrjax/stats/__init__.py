@@ -3,6 +3,24 @@
 Data are ``(n, d)`` with observations in rows; see DESIGN.md for the shared conventions.
 """
 
+from corrjax.stats.auc import (
+    AUCEstimate,
+    AUCHistogram,
+    AUCState,
+    GroupedAUC,
+    auc_histogram_init,
+    auc_histogram_merge,
+    auc_histogram_result,
+    auc_histogram_update,
+    auc_init,
+    auc_merge,
+    auc_result,
+    auc_update,
+    gauc,
+    gauc_result,
+    grouped_roc_auc,
+    roc_auc,
+)
 from corrjax.stats.inference import PartialCorrResult, partial_corr_test
 from corrjax.stats.losses import (
     barlow_twins_loss,
@@ -48,15 +66,27 @@ from corrjax.stats.streaming import (
 from corrjax.stats.weighted_tau import WeightedTauResult, weightedtau
 
 __all__ = [
+    "AUCEstimate",
+    "AUCHistogram",
+    "AUCState",
     "CKAState",
     "ConfidenceInterval",
     "CovState",
+    "GroupedAUC",
     "KendallTauResult",
     "PartialCorrResult",
     "PearsonRResult",
     "ShrunkCovariance",
     "SpearmanRResult",
     "WeightedTauResult",
+    "auc_histogram_init",
+    "auc_histogram_merge",
+    "auc_histogram_result",
+    "auc_histogram_update",
+    "auc_init",
+    "auc_merge",
+    "auc_result",
+    "auc_update",
     "barlow_twins_loss",
     "cka_finalize",
     "cka_init",
@@ -75,6 +105,9 @@ __all__ = [
     "cov_update",
     "decov_loss",
     "fisher_z_ci",
+    "gauc",
+    "gauc_result",
+    "grouped_roc_auc",
     "kendalltau",
     "ledoit_wolf",
     "linear_cka",
@@ -87,6 +120,7 @@ __all__ = [
     "pearsonr",
     "rankdata",
     "rbf_cka",
+    "roc_auc",
     "shrunk_covariance",
     "soft_rank",
     "soft_sort",

@@ -3,7 +3,8 @@
 The split is read in order in global batches (the last one padded and masked), every process building the same
 global arrays with :func:`jax.make_array_from_callback`; the jitted eval step returns replicated per-task outputs,
 which are gathered on the host and scored by one jitted function. Besides each task's ``loss`` and
-``accuracy``/``rmse``/``pearson``, it reports ``eval/loss`` (sum of task losses), ``eval/pred_corr`` (the
+``accuracy``/``auc``/``rmse``/``pearson`` (and ``gauc`` of binary tasks when the dataset names a ``user_feature``,
+see :func:`user_groups`), it reports ``eval/loss`` (sum of task losses), ``eval/pred_corr`` (the
 ``(T, T)`` correlation of per-example task predictions, see :func:`corrjax.train.tasks.score`) and
 ``eval/error_corr`` (the correlation of per-example task losses), both from :func:`corrjax.stats.corrcoef`.
 :func:`representation_diagnostics` turns the outputs of :func:`corrjax.train.step.make_representation_step` into the
@@ -12,6 +13,7 @@ CKA diagnostics; :class:`Evaluator` does both at an evaluation step of the loop.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -66,6 +68,31 @@ def score_outputs(
 _score = jax.jit(score_outputs, static_argnums=(0, 4))
 
 
+def user_groups(dataset: Any) -> tuple[str, int] | None:
+    """``(feature name, number of users)`` when ``dataset`` names a categorical user feature in ``user_feature``
+    (tabular datasets with user ids, :mod:`corrjax.data.features`), else None."""
+    name = getattr(dataset, "user_feature", None)
+    if name is None:
+        return None
+    spec = {f.name: f for f in getattr(dataset, "features", ())}.get(name)
+    if spec is None or spec.kind != "categorical":
+        raise ValueError(f"`user_feature`={name!r} must name a categorical feature of the dataset")
+    return name, spec.vocab_size
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _gauc(tasks: tuple[TaskSpec, ...], num_users: int, outputs: dict, labels: dict, users: jax.Array, mask: jax.Array):
+    """``eval/<task>/gauc`` of every single-output binary task (:func:`corrjax.stats.gauc`, DIN's impression-weighted
+    per-user AUC; masked rows and missing labels, those below 0, dropped)."""
+    return {
+        f"eval/{t.name}/gauc": corrjax.stats.gauc(
+            outputs[t.name], labels[t.name], users, num_users, mask & (labels[t.name] >= 0)
+        )
+        for t in tasks
+        if t.kind == "binary" and t.num_outputs == 1
+    }
+
+
 def evaluate(
     eval_step: Callable,
     state: Any,
@@ -78,16 +105,21 @@ def evaluate(
     """Runs ``eval_step`` over ``dataset`` and returns the metrics dict (host values); ``reported``: see
     :func:`score_outputs`."""
     multiple = sharding.mesh.devices.size
-    outputs, labels, masks = [], [], []
+    groups = user_groups(dataset)
+    outputs, labels, masks, users = [], [], [], []
     for batch, mask in iterate_in_order(dataset, batch_size, multiple):
         out = eval_step(state, global_batch({"x": batch["x"]}, sharding))
         outputs.append(jax.device_get(out))
         labels.append({t.name: batch[t.name] for t in (*tasks, *reported)})
         masks.append(mask)
+        if groups is not None:
+            users.append(np.asarray(batch["x"][groups[0]]))
     cat = lambda parts: jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
     mask = np.concatenate(masks)
     out, lab = cat(outputs), cat(labels)
     metrics, scores, errors = _score(tuple(tasks), out, lab, jnp.asarray(mask), tuple(reported))
+    if groups is not None:
+        metrics.update(_gauc((*tasks, *reported), groups[1], out, lab, np.concatenate(users), jnp.asarray(mask)))
     metrics = jax.device_get(metrics)
     valid = np.asarray(mask)
     if len(tasks) > 1:

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from corrjax.data import TaskSpec
 
-_METRICS = ("loss", "accuracy", "rmse", "pearson")
+_METRICS = ("loss", "accuracy", "auc", "gauc", "rmse", "pearson")
 
 
 def results_table(summary: dict[str, Any], tasks: Sequence[TaskSpec]) -> Table:

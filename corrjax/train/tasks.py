@@ -8,7 +8,9 @@ which averages over the labelled examples, nor to the metrics. A regression task
 on one of the correlation losses of :mod:`corrjax.stats` instead (``task_losses.<task>=pearson|concordance|
 spearman``), which train a regressor to correlate or rank rather than to match scale. Every function works on global
 arrays inside ``jit``; under GSPMD the batch reductions span the whole data-parallel mesh, so no ``axis_name`` is
-needed. :func:`select_tasks` picks the run's tasks from the dataset's.
+needed. :func:`select_tasks` picks the run's tasks from the dataset's. Binary tasks also report the exact ROC AUC
+(:func:`corrjax.stats.roc_auc`), and :mod:`corrjax.train.evaluate` adds their GAUC where the dataset names a user
+feature.
 """
 
 from __future__ import annotations
@@ -59,6 +61,15 @@ def _regression_metrics(output: Array, label: Array, mask: Array) -> dict[str, A
     return {"rmse": rmse, "pearson": r.mean()}
 
 
+def _binary_metrics(output: Array, label: Array, mask: Array) -> dict[str, Array]:
+    """Accuracy and the exact ROC AUC (:func:`corrjax.stats.roc_auc`, masked rows given zero weight; per output
+    column, averaged; NaN when the rows hold one class only)."""
+    pred = output.reshape(output.shape[0], -1)
+    y = label.reshape(label.shape[0], -1)
+    auc = jax.vmap(corrjax.stats.roc_auc, in_axes=(1, 1, None))(pred, y, mask)
+    return {**_accuracy((output > 0) == (label > 0.5), mask), "auc": auc.mean()}
+
+
 def _true_class_log_prob(output: Array, label: Array) -> Array:
     logp = jax.nn.log_softmax(output, axis=-1)
     return jnp.take_along_axis(logp, label.astype(jnp.int32)[:, None], axis=-1)[:, 0]
@@ -105,7 +116,7 @@ KINDS: dict[str, TaskKind] = {
     ),
     "binary": TaskKind(
         per_example_loss=_binary_loss,
-        metrics=lambda out, y, mask: _accuracy((out > 0) == (y > 0.5), mask),
+        metrics=_binary_metrics,
         score=lambda out, y: _per_example(out),
         labelled=_binary_labelled,
     ),
@@ -137,8 +148,8 @@ def score(task: TaskSpec, output: Array, label: Array) -> Array:
 
 
 def task_metrics(task: TaskSpec, output: Array, label: Array, mask: Array) -> dict[str, Array]:
-    """Masked evaluation metrics of one task: ``loss`` always; ``accuracy`` for classification/binary; ``rmse``
-    and ``pearson`` for regression."""
+    """Masked evaluation metrics of one task: ``loss`` always; ``accuracy`` for classification/binary, ``auc`` for
+    binary; ``rmse`` and ``pearson`` for regression."""
     row = kind(task)
     if row.labelled is not None:
         mask = mask & row.labelled(label)

@@ -19,6 +19,11 @@ from corrjax.train import builders, optimizer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TFDS = {"multimnist", "celeba", "cifar10"}
+FIXTURES = Path(__file__).resolve().parents[1] / "data" / "fixtures"
+TABULAR = {
+    "census_income": {"data_dir": str(FIXTURES / "census_income")},
+    "ali_ccp": {"data_dir": str(FIXTURES / "ali_ccp"), "cache": False, "min_count": 1, "val_fraction": 0.5},
+}
 
 
 def options(group):
@@ -53,6 +58,16 @@ def test_data_options(compose_fn, name, tmp_path):
         with pytest.raises(InstantiationException, match="tfds build") as e:
             instantiate(cfg.data, split="val", data_dir=str(tmp_path))
         assert isinstance(e.value.__cause__, DatasetNotPreparedError)
+        return
+    if name in TABULAR:
+        # Downloaded files: missing ones fail at once saying where to get them; the fixture files load.
+        from corrjax.data import DatasetNotPreparedError
+
+        with pytest.raises(InstantiationException, match="never downloads") as e:
+            instantiate(cfg.data, split="val", data_dir=str(tmp_path))
+        assert isinstance(e.value.__cause__, DatasetNotPreparedError)
+        ds = instantiate(cfg.data, split="val", **TABULAR[name])
+        assert len(ds) and ds.tasks and ds.features
         return
     ds = instantiate(cfg.data, split="val", num_examples=8)
     assert len(ds) == 8 and ds.tasks and ds[0]["x"].dtype == "float32"

@@ -15,6 +15,7 @@ import pytest
 from hydra.utils import instantiate
 from hypothesis import given
 from hypothesis import strategies as st
+from sklearn.metrics import roc_auc_score
 
 from corrjax.data import TaskSpec
 from corrjax.models import shared_mask
@@ -45,6 +46,9 @@ def test_task_metrics_against_numpy(n, seed):
     np.testing.assert_allclose(got["c"]["loss"], -logp[m, lab["c"][m]].mean(), rtol=1e-4)
     np.testing.assert_allclose(got["c"]["accuracy"], (out["c"].argmax(1) == lab["c"])[m].mean(), rtol=1e-6)
     np.testing.assert_allclose(got["y"]["accuracy"], ((out["y"] > 0) == (lab["y"] > 0.5))[m].mean(), rtol=1e-6)
+    both = len(np.unique(lab["y"][m])) == 2
+    auc = roc_auc_score(lab["y"][m], out["y"].astype(np.float32)[m]) if both else np.nan
+    np.testing.assert_allclose(got["y"]["auc"], auc, rtol=1e-6, equal_nan=True)
     p = 1 / (1 + np.exp(-out["y"]))
     bce = -(lab["y"] * np.log(p) + (1 - lab["y"]) * np.log(1 - p))
     np.testing.assert_allclose(got["y"]["loss"], bce[m].mean(), rtol=1e-4)
@@ -360,6 +364,7 @@ def test_evaluate_against_numpy(mesh8):
     want = {f"eval/{k}/loss": v.mean() for k, v in per_example.items()}
     want["eval/c/accuracy"] = (out["c"].argmax(1) == lab["c"]).mean()
     want["eval/y/accuracy"] = ((out["y"] > 0) == (lab["y"] > 0.5)).mean()
+    want["eval/y/auc"] = roc_auc_score(lab["y"], out["y"])
     want["eval/r/rmse"] = np.sqrt(per_example["r"].mean())
     want["eval/r/pearson"] = np.corrcoef(out["r"], lab["r"])[0, 1]
     want["eval/loss"] = sum(v.mean() for v in per_example.values())
