@@ -151,8 +151,9 @@ def funnel(
       popularity_exponent: Zipf exponent of the items' exposure (0: uniform).
       seed: an int in ``[0, 2**31)``; the world and every split are deterministic functions of it.
 
-    Returns a :class:`TabularDataset` with ``features`` (``user_feature`` ``user_id``: GAUC per user), ``tasks`` (``click``, ``cart``, ``purchase``, ``cvr``),
-    the ground truth ``true_ctr``, ``true_cvr``, ``true_ctcvr`` and ``info`` (the parameters, the realised rates,
+    Returns a :class:`TabularDataset` with ``features`` (``user_feature="user_id"``, so evaluation reports GAUC),
+    ``tasks`` (``click``, ``cart``, ``purchase``, ``cvr``), the ground truth ``true_ctr``, ``true_cvr``,
+    ``true_ctcvr``, the counterfactual labels ``would_purchase``, and ``info`` (the parameters, the realised rates,
     the realised correlation of the click and conversion logits, and ``selection_bias``).
     """
     if split not in SPLITS:
