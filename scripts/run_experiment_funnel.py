@@ -100,11 +100,30 @@ COLUMNS = (
 def auc_functions():
     """``(auc(scores, labels), gauc(scores, labels, groups, num_groups), source)``: corrjax.stats's if present."""
     try:
+        import jax
+
         from corrjax.stats import gauc as cj_gauc
         from corrjax.stats import roc_auc as cj_auc
 
-        auc = lambda s, y: float(cj_auc(np.asarray(s, np.float32), np.asarray(y)))
-        gauc = lambda s, y, g, k: float(cj_gauc(np.asarray(s, np.float32), np.asarray(y), np.asarray(g), k))
+        def padded(s, y, g=None):
+            # Rows padded with zero weight to a multiple of 2**16: one compiled program for every subset size.
+            n = len(s)
+            size = -(-n // 65536) * 65536
+            pad = lambda a, dt: np.concatenate([np.asarray(a, dt), np.zeros(size - n, dt)])
+            w = pad(np.ones(n), np.float32)
+            return pad(s, np.float32), pad(np.asarray(y) > 0.5, np.float32), w, None if g is None else pad(g, np.int32)
+
+        auc_jit = jax.jit(cj_auc)
+        gauc_jit = jax.jit(cj_gauc, static_argnums=3)
+
+        def auc(s, y):
+            s, y, w, _ = padded(s, y)
+            return float(auc_jit(s, y, w))
+
+        def gauc(s, y, g, k):
+            s, y, w, g = padded(s, y, g)
+            return float(gauc_jit(s, y, g, k, w))
+
         return auc, gauc, "corrjax.stats.roc_auc / gauc"
     except ImportError:
         from sklearn.metrics import roc_auc_score
