@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from corrjax.data import TaskSpec, funnel
@@ -109,3 +110,29 @@ def test_tiny_funnel_esmm_run(compose_fn, tmp_path):
     # Any model gets the embedding front on the tabular set, and a naive CVR model trains on the masked cvr labels.
     built = setup.build(compose_fn([*over, "model=mmoe", "tasks=[click,cvr]", "model.embed_dim=4"]))
     assert built.model_name == "EmbeddedModel" and built.names == ["click", "cvr"] and built.reported_tasks == ()
+
+
+def test_experiment_script_scores_against_the_ground_truth(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from sklearn.metrics import roc_auc_score
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "run_experiment_funnel.py"
+    spec = importlib.util.spec_from_file_location("_run_experiment_funnel", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    data = funnel("test", num_examples=4000, num_users=100, num_items=80, seed=2)
+    logit = lambda p: np.log(p) - np.log1p(-p)
+    out = {"click": logit(data.true_ctr), "cvr": logit(data.true_cvr)}
+    auc = lambda s, y: roc_auc_score(np.asarray(y) > 0.5, s)
+    m = script.score_run(out, data, auc, lambda s, y, g, k: 0.5)
+    assert m["cvr_bias"] == pytest.approx(0.0, abs=1e-9) and m["cvr_rmse"] == pytest.approx(0.0, abs=1e-9)
+    assert m["ctcvr_auc"] == pytest.approx(auc(data.true_ctcvr, data.arrays["purchase"]))
+    assert m["cvr_auc_all"] == pytest.approx(auc(data.true_cvr, data.would_purchase))
+    clicked = data.arrays["click"] > 0
+    assert m["cvr_auc"] == pytest.approx(auc(data.true_cvr[clicked], data.arrays["purchase"][clicked]))
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- funnel:models:start -->\nold\n<!-- funnel:models:end -->\nb\n")
+    script.write_section(readme, "models", "| new |")
+    assert readme.read_text() == "a\n<!-- funnel:models:start -->\n| new |\n<!-- funnel:models:end -->\nb\n"
