@@ -277,7 +277,12 @@ def predict(setup: Any, state: Any) -> dict[str, np.ndarray]:
 
 def score_checkpoint(run_dir: Path, auc, gauc) -> dict[str, float]:
     """Rebuilds a finished Hydra run from its ``.hydra/config.yaml``, restores its last checkpoint (the loop saves
-    one at the last step) and scores its test outputs like the model runs."""
+    one at the last step) and scores its test outputs like the model runs. The scores are kept in the run's
+    ``funnel_scores.json`` and read from there next time (so several sweep folders can be scored in parallel and
+    tabulated together)."""
+    cache = run_dir / "funnel_scores.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
     from omegaconf import OmegaConf
 
     from corrjax.train import checkpoint
@@ -290,7 +295,9 @@ def score_checkpoint(run_dir: Path, auc, gauc) -> dict[str, float]:
         state = ckpt.restore(checkpoint.abstract_like(setup.init_state())).state
     finally:
         ckpt.close()
-    return score_run(predict(setup, state), setup.eval_data, auc, gauc)
+    scores = score_run(predict(setup, state), setup.eval_data, auc, gauc)
+    cache.write_text(json.dumps(scores))
+    return scores
 
 
 def sweep_table(folder: Path) -> tuple[str, dict[str, Any]]:
