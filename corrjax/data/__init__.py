@@ -8,6 +8,7 @@ batches. ``load(name, split, **kwargs)`` builds a dataset by name.
 """
 
 from corrjax.data.features import FeatureSpec, check_feature_batch, check_features
+from corrjax.data.funnel import funnel
 from corrjax.data.iterator import BatchIterator, epoch_order
 from corrjax.data.multidigits import multidigits
 from corrjax.data.registry import DATASETS, load
@@ -35,6 +36,7 @@ __all__ = [
     "cifar10",
     "default_data_dir",
     "epoch_order",
+    "funnel",
     "load",
     "multidigits",
     "multimnist",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from corrjax.data.funnel import funnel
 from corrjax.data.multidigits import multidigits
 from corrjax.data.synthetic import synthetic
 from corrjax.data.tabular import ali_ccp, census_income
@@ -12,6 +13,7 @@ from corrjax.data.tfds_sources import celeba, cifar10, multimnist
 
 DATASETS: dict[str, Callable[..., Any]] = {
     "synthetic": synthetic,
+    "funnel": funnel,
     "multidigits": multidigits,
     "multimnist": multimnist,
     "celeba": celeba,

@@ -43,12 +43,16 @@ def iterate_in_order(dataset: Any, batch_size: int, multiple: int):
 
 
 def score_outputs(
-    tasks: Sequence[TaskSpec], outputs: dict, labels: dict, mask: jax.Array
+    tasks: Sequence[TaskSpec], outputs: dict, labels: dict, mask: jax.Array, reported: Sequence[TaskSpec] = ()
 ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
     """``(metrics, scores (n, T), errors (n, T))`` of a split's outputs: each task's masked metrics under
     ``eval/<task>/<metric>`` and their summed ``eval/loss``, with the per-example prediction scores and losses that
-    the correlation matrices are computed from. Pure; ``tasks`` is static under ``jit``."""
+    the correlation matrices are computed from. ``reported`` tasks (untrained extra outputs, e.g. ESMM's CVR) get
+    their metrics too, outside ``eval/loss`` and the correlations. Pure; the tasks are static under ``jit``."""
     metrics: dict[str, jax.Array] = {}
+    for t in reported:
+        m = task_table.task_metrics(t, outputs[t.name], labels[t.name], mask)
+        metrics.update({f"eval/{t.name}/{k}": v for k, v in m.items()})
     total = jnp.zeros(())
     scores, errors = [], []
     for t in tasks:
@@ -61,7 +65,7 @@ def score_outputs(
     return metrics, jnp.stack(scores, 1), jnp.stack(errors, 1)
 
 
-_score = jax.jit(score_outputs, static_argnums=0)
+_score = jax.jit(score_outputs, static_argnums=(0, 4))
 
 
 def user_groups(dataset: Any) -> tuple[str, int] | None:
@@ -90,25 +94,32 @@ def _gauc(tasks: tuple[TaskSpec, ...], num_users: int, outputs: dict, labels: di
 
 
 def evaluate(
-    eval_step: Callable, state: Any, dataset: Any, tasks: Sequence[TaskSpec], sharding: NamedSharding, batch_size: int
+    eval_step: Callable,
+    state: Any,
+    dataset: Any,
+    tasks: Sequence[TaskSpec],
+    sharding: NamedSharding,
+    batch_size: int,
+    reported: Sequence[TaskSpec] = (),
 ) -> dict[str, Any]:
-    """Runs ``eval_step`` over ``dataset`` and returns the metrics dict (host values)."""
+    """Runs ``eval_step`` over ``dataset`` and returns the metrics dict (host values); ``reported``: see
+    :func:`score_outputs`."""
     multiple = sharding.mesh.devices.size
     groups = user_groups(dataset)
     outputs, labels, masks, users = [], [], [], []
     for batch, mask in iterate_in_order(dataset, batch_size, multiple):
         out = eval_step(state, global_batch({"x": batch["x"]}, sharding))
         outputs.append(jax.device_get(out))
-        labels.append({t.name: batch[t.name] for t in tasks})
+        labels.append({t.name: batch[t.name] for t in (*tasks, *reported)})
         masks.append(mask)
         if groups is not None:
             users.append(np.asarray(batch["x"][groups[0]]))
     cat = lambda parts: jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
     mask = np.concatenate(masks)
     out, lab = cat(outputs), cat(labels)
-    metrics, scores, errors = _score(tuple(tasks), out, lab, jnp.asarray(mask))
+    metrics, scores, errors = _score(tuple(tasks), out, lab, jnp.asarray(mask), tuple(reported))
     if groups is not None:
-        metrics.update(_gauc(tuple(tasks), groups[1], out, lab, np.concatenate(users), jnp.asarray(mask)))
+        metrics.update(_gauc((*tasks, *reported), groups[1], out, lab, np.concatenate(users), jnp.asarray(mask)))
     metrics = jax.device_get(metrics)
     valid = np.asarray(mask)
     if len(tasks) > 1:
@@ -147,6 +158,7 @@ class Evaluator:
       dataset, tasks: the eval split and the run's tasks.
       sharding: the batch sharding (its mesh places the representation subset, replicated).
       batch_size: the evaluation batch size.
+      reported: untrained extra outputs to evaluate (:func:`score_outputs`).
       tracker: receives the shared representation at every evaluation.
     """
 
@@ -160,18 +172,20 @@ class Evaluator:
         batch_size: int,
         tracker: Any,
         max_examples: int = 256,
+        reported: Sequence[TaskSpec] = (),
     ) -> None:
         from corrjax.train.sharding import replicated, to_global
 
         self.eval_step, self.representation_step = eval_step, representation_step
         self.dataset, self.tasks, self.sharding, self.batch_size = dataset, tuple(tasks), sharding, batch_size
         self.tracker = tracker
+        self.reported = tuple(reported)
         n = min(len(dataset), max_examples)
         self._x = to_global(dataset.get_batch(np.arange(n))["x"], replicated(sharding.mesh)) if n >= 4 else None
         self.last_step: int | None = None
 
     def __call__(self, state: Any, step: int) -> dict[str, Any]:
-        out = evaluate(self.eval_step, state, self.dataset, self.tasks, self.sharding, self.batch_size)
+        out = evaluate(self.eval_step, state, self.dataset, self.tasks, self.sharding, self.batch_size, self.reported)
         if self._x is not None:
             diag = representation_diagnostics(jax.device_get(self.representation_step(state, self._x)))
             self.tracker.add(step, diag.pop("shared"))

@@ -288,7 +288,14 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     tracker = tracking.RepresentationTracker(run_dir / "representations", write=main)
     tracker.load(start)
     evaluator = evaluate.Evaluator(
-        steps.eval, steps.representation, setup.eval_data, setup.tasks, data_sharding, tc.eval_batch_size, tracker
+        steps.eval,
+        steps.representation,
+        setup.eval_data,
+        setup.tasks,
+        data_sharding,
+        tc.eval_batch_size,
+        tracker,
+        reported=setup.reported_tasks,  # untrained extra outputs (ESMM's CVR), evaluated too
     )
     writer = _open_writer(run_dir, cfg, setup.names, start=start, resume=tc.resume, main=main)
     try:

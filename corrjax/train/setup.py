@@ -47,6 +47,8 @@ class Setup:
       loss_fns: ``{task: loss(output, label)}``.
       regularizer, regularizer_weight: the representation regulariser (None: none) and its weight.
       train_step, eval_step, noise_step, representation_step: the pure steps of :mod:`corrjax.train.step`.
+      reported_tasks: dataset tasks that the model predicts as extra outputs without training them (its
+        ``reported_outputs``, e.g. ESMM's post-click CVR): evaluated, never in the loss.
     """
 
     cfg: DictConfig
@@ -68,6 +70,7 @@ class Setup:
     eval_step: Callable
     noise_step: Callable
     representation_step: Callable
+    reported_tasks: tuple[TaskSpec, ...] = ()
 
     @property
     def names(self) -> list[str]:
@@ -100,6 +103,12 @@ def with_seed(cfg: DictConfig, seed: int) -> DictConfig:
     return out
 
 
+def _reported_tasks(model: Any, available: Any, trained: Any) -> tuple[TaskSpec, ...]:
+    """The dataset's tasks named by the model's ``reported_outputs`` (e.g. ESMM's CVR) that are not trained."""
+    names = set(getattr(model, "reported_outputs", ())) - {t.name for t in trained}
+    return tuple(t for t in available if t.name in names)
+
+
 def _regularizer(cfg: DictConfig) -> tuple[Callable | None, float]:
     node = cfg.get("regularizer")
     if node is None or node.get("fn") is None:
@@ -118,7 +127,9 @@ def build(cfg: DictConfig, seed: int | None = None, *, task_grad_constraint: Cal
     train_data = instantiate(cfg.data, split="train")
     eval_data = instantiate(cfg.data, split=cfg.trainer.eval_split)
     run_tasks = tasks.select_tasks(train_data.tasks, cfg.get("tasks"))
-    model = builders.build_model(cfg.model, run_tasks, np.shape(train_data[0]["x"]), seed)
+    x0, features = train_data[0]["x"], getattr(train_data, "features", None)
+    input_shape = None if isinstance(x0, Mapping) else np.shape(x0)
+    model = builders.build_model(cfg.model, run_tasks, input_shape, seed, features=features)
     mask = shared_mask(model)
     graphdef, params, rest = state.split_model(model)
     tx = optimizer.build_optimizer(cfg.mtl, cfg.optim, mask, len(run_tasks))
@@ -153,4 +164,5 @@ def build(cfg: DictConfig, seed: int | None = None, *, task_grad_constraint: Cal
         eval_step=step.make_eval_step(graphdef),
         noise_step=step.make_noise_scale_step(graphdef, run_tasks, loss_fns),
         representation_step=step.make_representation_step(graphdef),
+        reported_tasks=_reported_tasks(model, train_data.tasks, run_tasks),
     )

@@ -2,7 +2,9 @@
 
 One row per kind (:data:`KINDS`): ``classification`` (softmax cross-entropy, accuracy, the log-probability of the
 true class as the score), ``binary`` (sigmoid cross-entropy, accuracy, the logit) and ``regression`` (squared error,
-RMSE, Pearson r and R^2, the prediction). Training losses are means over the (global) batch; a regression task may train
+RMSE, Pearson r and R^2, the prediction). Training losses are means over the (global) batch; a binary label below 0
+is missing (e.g. a post-click conversion label on an impression that was not clicked): it adds nothing to the loss,
+which averages over the labelled examples, nor to the metrics. A regression task may train
 on one of the correlation losses of :mod:`corrjax.stats` instead (``task_losses.<task>=pearson|concordance|
 spearman``), which train a regressor to correlate or rank rather than to match scale. Every function works on global
 arrays inside ``jit``; under GSPMD the batch reductions span the whole data-parallel mesh, so no ``axis_name`` is
@@ -41,6 +43,10 @@ def _masked_mean(values: Array, mask: Array) -> Array:
     return (values * m).sum() / m.sum()
 
 
+def _labelled_mean(values: Array, labelled: Array) -> Array:
+    return values.sum() / jnp.maximum(labelled.sum(), 1).astype(values.dtype)
+
+
 def _accuracy(correct: Array, mask: Array) -> dict[str, Array]:
     return {"accuracy": _masked_mean(_per_example(correct.astype(jnp.float32)), mask)}
 
@@ -75,6 +81,18 @@ def _true_class_log_prob(output: Array, label: Array) -> Array:
     return jnp.take_along_axis(logp, label.astype(jnp.int32)[:, None], axis=-1)[:, 0]
 
 
+def _binary_labelled(label: Array) -> Array:
+    present = label >= 0
+    return present if present.ndim == 1 else present.any(axis=tuple(range(1, present.ndim)))
+
+
+def _binary_loss(out: Array, y: Array) -> Array:
+    """Sigmoid cross-entropy per example; missing labels (< 0) contribute zero."""
+    y = y.astype(out.dtype)
+    loss = optax.sigmoid_binary_cross_entropy(out, jnp.maximum(y, 0)) * (y >= 0)
+    return _per_example(loss)
+
+
 @dataclass(frozen=True)
 class TaskKind:
     """One row of the task table.
@@ -84,11 +102,14 @@ class TaskKind:
         evaluation ``loss`` and the error correlation).
       metrics: ``(output, label, mask) -> {name: scalar}``, masked evaluation metrics besides ``loss``.
       score: ``(output, label) -> (n,)``, one scalar prediction per example for the correlation of task predictions.
+      labelled: ``label -> (n,)`` bool, the examples whose label is present (None: all); the others get zero loss
+        and are left out of the training loss's mean and of the metrics.
     """
 
     per_example_loss: Callable[[Array, Array], Array]
     metrics: Callable[[Array, Array, Array], dict[str, Array]]
     score: Callable[[Array, Array], Array]
+    labelled: Callable[[Array], Array] | None = None
 
 
 KINDS: dict[str, TaskKind] = {
@@ -100,9 +121,10 @@ KINDS: dict[str, TaskKind] = {
         score=_true_class_log_prob,
     ),
     "binary": TaskKind(
-        per_example_loss=lambda out, y: _per_example(optax.sigmoid_binary_cross_entropy(out, y.astype(out.dtype))),
+        per_example_loss=_binary_loss,
         metrics=_binary_metrics,
         score=lambda out, y: _per_example(out),
+        labelled=_binary_labelled,
     ),
     "regression": TaskKind(
         per_example_loss=lambda out, y: _per_example(jnp.square(out - y.astype(out.dtype))),
@@ -135,6 +157,8 @@ def task_metrics(task: TaskSpec, output: Array, label: Array, mask: Array) -> di
     """Masked evaluation metrics of one task: ``loss`` always; ``accuracy`` for classification/binary, ``auc`` for
     binary; ``rmse``, ``pearson`` and ``r2`` for regression."""
     row = kind(task)
+    if row.labelled is not None:
+        mask = mask & row.labelled(label)
     return {"loss": _masked_mean(row.per_example_loss(output, label), mask), **row.metrics(output, label, mask)}
 
 
@@ -157,8 +181,15 @@ class TaskLoss:
 
 
 # One function object per (kind, loss): the group's shared loss.
+def _kind_loss(row: Any) -> LossFn:
+    """A kind's own loss: the mean over the batch, or over its labelled examples (0 for a batch without any)."""
+    if row.labelled is None:
+        return lambda out, y: row.per_example_loss(out, y).mean()
+    return lambda out, y: _labelled_mean(row.per_example_loss(out, y), row.labelled(y))
+
+
 _LOSSES: dict[tuple[str, str], LossFn] = {
-    **{(k, "mse"): (lambda out, y, row=row: row.per_example_loss(out, y).mean()) for k, row in KINDS.items()},
+    **{(k, "mse"): _kind_loss(row) for k, row in KINDS.items()},
     **{("regression", name): _correlation_loss(name) for name in REGRESSION_LOSSES if name != "mse"},
 }
 

@@ -155,7 +155,16 @@ def test_load_by_name():
 
     ds = load("synthetic", "test", num_examples=10, num_tasks=3, correlation=0.2)
     assert len(ds) == 10 and len(ds.tasks) == 3
-    assert set(DATASETS) == {"synthetic", "multidigits", "multimnist", "celeba", "cifar10", "census_income", "ali_ccp"}
+    assert set(DATASETS) == {
+        "synthetic",
+        "multidigits",
+        "multimnist",
+        "celeba",
+        "cifar10",
+        "census_income",
+        "ali_ccp",
+        "funnel",
+    }
     with pytest.raises(ValueError, match="mnist"):
         load("mnist")
 

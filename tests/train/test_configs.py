@@ -6,6 +6,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from flax import nnx
@@ -70,6 +71,9 @@ def test_data_options(compose_fn, name, tmp_path):
         assert len(ds) and ds.tasks and ds.features
         return
     ds = instantiate(cfg.data, split="val", num_examples=8)
+    if getattr(ds, "features", None):  # built-in tabular data (funnel): x is {feature: array}
+        assert len(ds) == 8 and ds.tasks and set(ds[0]["x"]) == {f.name for f in ds.features}
+        return
     assert len(ds) == 8 and ds.tasks and ds[0]["x"].dtype == "float32"
 
 
@@ -78,6 +82,8 @@ def test_model_options(compose_fn, name):
     # Abstract instantiation (nnx.eval_shape): the config builds a model and its outputs have the task shapes,
     # without paying for eager initialisation here (tiny real runs are in test_steps.py / test_run.py).
     cfg = compose_fn([f"model={name}", "data=multidigits"] if "lenet" in name else [f"model={name}"])
+    if name == "esmm":  # ESMM trains a CTR and a CTCVR task: the funnel's click and purchase
+        return _check_esmm_config(compose_fn([f"model={name}", "data=funnel"]))
     ds = instantiate(cfg.data, split="val", num_examples=4)
     shape = (32, 32, 3) if "resnet" in name else ds[0]["x"].shape  # RGB models: image-shaped inputs
     model = nnx.eval_shape(lambda: builders.build_model(cfg.model, ds.tasks, shape, seed=0))
@@ -85,6 +91,18 @@ def test_model_options(compose_fn, name):
     x = jax.ShapeDtypeStruct((4, *shape), jnp.float32)
     out = jax.eval_shape(lambda p, r, x: nnx.merge(graphdef, p, r)(x), params, rest, x)
     assert {n: o.shape[1:] for n, o in out.items()} == {t.name: t.output_shape for t in ds.tasks}
+    flags = jax.tree.leaves(corrjax.models.shared_mask(model))
+    assert len(flags) == len(jax.tree.leaves(params)) and any(flags) and not all(flags)
+
+
+def _check_esmm_config(cfg):
+    ds = instantiate(cfg.data, split="val", num_examples=4, num_users=10, num_items=10)
+    run_tasks = tuple(t for t in ds.tasks if t.name in ("click", "purchase"))
+    model = nnx.eval_shape(lambda: builders.build_model(cfg.model, run_tasks, None, seed=0, features=ds.features))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in ds.get_batch(np.arange(4))["x"].items()}
+    out = jax.eval_shape(lambda p, r, x: nnx.merge(graphdef, p, r)(x), params, rest, x)
+    assert {n: o.shape for n, o in out.items()} == {"click": (4,), "purchase": (4,), "cvr": (4,)}
     flags = jax.tree.leaves(corrjax.models.shared_mask(model))
     assert len(flags) == len(jax.tree.leaves(params)) and any(flags) and not all(flags)
 
