@@ -10,14 +10,20 @@ Parameters are split into *shared* ones (receiving gradient from several tasks: 
 units) and *task-specific* ones (reached by one task's loss only: heads, towers, per-task gates). Each model lists
 the top-level attributes holding task-specific parameters in ``task_specific``; :func:`shared_mask` turns that into
 a boolean pytree that corrjax.mtl uses to route leaves around the aggregator.
+
+Every model takes Flax's mixed-precision pair ``dtype`` (computation; None: from inputs and parameters) and
+``param_dtype`` (storage, float32 by default) and hands them to its heads, gates and, through
+:func:`build_backbone`, to its backbone factories.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -27,9 +33,33 @@ from corrjax.models.backbones import MLP
 BackboneFactory = Callable[..., nnx.Module]  # called as factory(rngs=rngs)
 
 
-def build_backbone(factory: BackboneFactory, rngs: nnx.Rngs, name: str = "factory") -> nnx.Module:
-    """Calls ``factory(rngs=rngs)`` and checks the result exposes an int ``out_features``."""
-    module = factory(rngs=rngs)
+def _accepts(factory: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def build_backbone(
+    factory: BackboneFactory,
+    rngs: nnx.Rngs,
+    name: str = "factory",
+    *,
+    dtype: Any = None,
+    param_dtype: Any = None,
+) -> nnx.Module:
+    """Calls ``factory(rngs=rngs)`` and checks the result exposes an int ``out_features``.
+
+    ``dtype`` / ``param_dtype`` (when not None) are passed on when the factory accepts them and does not already
+    fix them (a ``functools.partial`` keyword, e.g. from the config, wins)."""
+    fixed = getattr(factory, "keywords", None) or {}
+    kwargs = {
+        key: value
+        for key, value in (("dtype", dtype), ("param_dtype", param_dtype))
+        if value is not None and key not in fixed and _accepts(factory, key)
+    }
+    module = factory(rngs=rngs, **kwargs)
     if not isinstance(getattr(module, "out_features", None), int):
         raise TypeError(f"`{name}` must build a module with an int `out_features`, got {type(module).__name__}")
     return module
@@ -41,10 +71,20 @@ class TaskHead(nnx.Module):
     ``hidden`` adds ReLU Dense layers before the output layer (the MMoE/PLE "towers").
     """
 
-    def __init__(self, in_features: int, spec: TaskSpec, hidden: Sequence[int] = (), *, rngs: nnx.Rngs) -> None:
-        self.tower = MLP(in_features, hidden, rngs=rngs) if hidden else None
+    def __init__(
+        self,
+        in_features: int,
+        spec: TaskSpec,
+        hidden: Sequence[int] = (),
+        *,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ) -> None:
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        self.tower = MLP(in_features, hidden, **kw) if hidden else None
         width = self.tower.out_features if hidden else in_features
-        self.out = nnx.Linear(width, spec.num_outputs, rngs=rngs)
+        self.out = nnx.Linear(width, spec.num_outputs, **kw)
         self.output_shape = spec.output_shape
 
     def __call__(self, z: jax.Array) -> jax.Array:
@@ -54,8 +94,17 @@ class TaskHead(nnx.Module):
         return y.reshape(y.shape[0], *self.output_shape)
 
 
-def make_heads(in_features: int, tasks: Sequence[TaskSpec], hidden: Sequence[int], rngs: nnx.Rngs) -> nnx.Dict:
-    return nnx.Dict({t.name: TaskHead(in_features, t, hidden, rngs=rngs) for t in tasks})
+def make_heads(
+    in_features: int,
+    tasks: Sequence[TaskSpec],
+    hidden: Sequence[int],
+    rngs: nnx.Rngs,
+    *,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+) -> nnx.Dict:
+    kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+    return nnx.Dict({t.name: TaskHead(in_features, t, hidden, **kw) for t in tasks})
 
 
 class MultiTaskModel(nnx.Module):

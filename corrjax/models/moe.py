@@ -30,8 +30,8 @@ from corrjax.models.base import BackboneFactory, MultiTaskModel, build_backbone,
 UpperExpertFactory = Callable[[int, nnx.Rngs], nnx.Module]
 
 
-def _experts(factory: BackboneFactory, count: int, rngs: nnx.Rngs, name: str) -> nnx.List:
-    experts = [build_backbone(factory, rngs, name) for _ in range(count)]
+def _experts(factory: BackboneFactory, count: int, rngs: nnx.Rngs, name: str, **dtypes: Any) -> nnx.List:
+    experts = [build_backbone(factory, rngs, name, **dtypes) for _ in range(count)]
     widths = {e.out_features for e in experts}
     if len(widths) > 1:  # `count` may be 0 (CGC/PLE without shared or without task experts)
         raise ValueError(f"`{name}` must build experts of one width, got {sorted(widths)}")
@@ -39,8 +39,10 @@ def _experts(factory: BackboneFactory, count: int, rngs: nnx.Rngs, name: str) ->
 
 
 def _mix(gate_logits: jax.Array, experts: jax.Array) -> jax.Array:
-    """``softmax(gate_logits) (n, E)`` weighted sum of ``experts (n, E, h)`` -> ``(n, h)``."""
-    return jnp.einsum("ne,neh->nh", jax.nn.softmax(gate_logits, axis=-1), experts)
+    """``softmax(gate_logits) (n, E)`` weighted sum of ``experts (n, E, h)`` -> ``(n, h)`` (the softmax in at least
+    float32, the mixture in the experts' dtype)."""
+    weights = jax.nn.softmax(gate_logits.astype(jnp.promote_types(gate_logits.dtype, jnp.float32)), axis=-1)
+    return jnp.einsum("ne,neh->nh", weights.astype(experts.dtype), experts)
 
 
 def _run(experts: nnx.List, x: jax.Array) -> jax.Array:
@@ -57,6 +59,7 @@ class MMoE(MultiTaskModel):
       num_experts: ``E``.
       gate_in_features: size of the flattened input the gates see (``prod(x.shape[1:])``).
       tower_hidden: widths of each task's tower.
+      dtype, param_dtype: computation and parameter dtypes of the experts, gates and heads.
     """
 
     task_specific = ("gates", "heads")
@@ -69,18 +72,21 @@ class MMoE(MultiTaskModel):
         num_experts: int = 4,
         gate_in_features: int,
         tower_hidden: Sequence[int] = (),
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
         if num_experts < 1:
             raise ValueError(f"`num_experts` must be >= 1, got {num_experts}")
         self._init_tasks(tasks)
-        self.experts = _experts(expert, num_experts, rngs, "expert")
-        self._init_gates(gate_in_features, num_experts, rngs)
-        self.heads = make_heads(self.experts[0].out_features, self.tasks, tower_hidden, rngs)
+        kw = {"dtype": dtype, "param_dtype": param_dtype}
+        self.experts = _experts(expert, num_experts, rngs, "expert", **kw)
+        self._init_gates(gate_in_features, num_experts, rngs, **kw)
+        self.heads = make_heads(self.experts[0].out_features, self.tasks, tower_hidden, rngs, **kw)
         self.num_experts = num_experts
 
-    def _init_gates(self, in_features: int, num_experts: int, rngs: nnx.Rngs) -> None:
-        self.gates = nnx.Dict({n: nnx.Linear(in_features, num_experts, rngs=rngs) for n in self.task_names})
+    def _init_gates(self, in_features: int, num_experts: int, rngs: nnx.Rngs, **dtypes: Any) -> None:
+        self.gates = nnx.Dict({n: nnx.Linear(in_features, num_experts, rngs=rngs, **dtypes) for n in self.task_names})
 
     def features(self, x: jax.Array) -> jax.Array:
         return _run(self.experts, x)
@@ -107,8 +113,8 @@ class OMoE(MMoE):
 
     task_specific = ("heads",)
 
-    def _init_gates(self, in_features: int, num_experts: int, rngs: nnx.Rngs) -> None:
-        self.gate = nnx.Linear(in_features, num_experts, rngs=rngs)
+    def _init_gates(self, in_features: int, num_experts: int, rngs: nnx.Rngs, **dtypes: Any) -> None:
+        self.gate = nnx.Linear(in_features, num_experts, rngs=rngs, **dtypes)
 
     def gate_logits(self, x: jax.Array) -> dict[str, jax.Array]:
         """``{task: (n, E)}``: the one gate's logits (the same array for every task)."""
@@ -132,6 +138,8 @@ class CGCLevel(nnx.Module):
         num_task_experts: int,
         gate_in_features: int,
         shared_gate: bool,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
         if num_shared_experts < 0 or num_task_experts < 0 or num_shared_experts + num_task_experts < 1:
@@ -140,12 +148,15 @@ class CGCLevel(nnx.Module):
                 "and give each gate at least one expert"
             )
         self.task_names = tuple(task_names)
-        self.shared = _experts(make_expert, num_shared_experts, rngs, "expert")
-        self.task = nnx.Dict({n: _experts(make_expert, num_task_experts, rngs, "expert") for n in self.task_names})
+        kw = {"dtype": dtype, "param_dtype": param_dtype}
+        self.shared = _experts(make_expert, num_shared_experts, rngs, "expert", **kw)
+        self.task = nnx.Dict(
+            {n: _experts(make_expert, num_task_experts, rngs, "expert", **kw) for n in self.task_names}
+        )
         gate_size = num_shared_experts + num_task_experts
-        self.gates = nnx.Dict({n: nnx.Linear(gate_in_features, gate_size, rngs=rngs) for n in self.task_names})
+        self.gates = nnx.Dict({n: nnx.Linear(gate_in_features, gate_size, rngs=rngs, **kw) for n in self.task_names})
         total = num_shared_experts + num_task_experts * len(self.task_names)
-        self.shared_gate = nnx.Linear(gate_in_features, total, rngs=rngs) if shared_gate else None
+        self.shared_gate = nnx.Linear(gate_in_features, total, rngs=rngs, **kw) if shared_gate else None
         self.num_shared, self.num_task = num_shared_experts, num_task_experts
         first = self.shared[0] if num_shared_experts else self.task[self.task_names[0]][0]
         self.out_features = first.out_features
@@ -187,6 +198,7 @@ class PLE(MultiTaskModel):
       upper_expert: factory called as ``upper_expert(in_features, rngs=rngs)`` for experts above the first level;
         by default a one-layer ReLU MLP of the first level's width.
       tower_hidden: widths of each task's tower.
+      dtype, param_dtype: computation and parameter dtypes of the experts, gates and heads.
 
     ``features(x)`` returns ``{"experts": (n, E_total, h), "inputs": {...}}``: the top level's expert outputs and the
     representations its gates read (``x`` itself when ``L = 1``).
@@ -205,6 +217,8 @@ class PLE(MultiTaskModel):
         gate_in_features: int,
         upper_expert: UpperExpertFactory | None = None,
         tower_hidden: Sequence[int] = (),
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
         if num_levels < 1:
@@ -221,6 +235,8 @@ class PLE(MultiTaskModel):
                 # The shared gate forms the next level's shared input, read only by shared experts (and the next
                 # shared gate): without shared experts it would feed nothing.
                 shared_gate=level < num_levels - 1 and num_shared_experts > 0,
+                dtype=dtype,
+                param_dtype=param_dtype,
                 rngs=rngs,
             )
             levels.append(lvl)
@@ -228,7 +244,9 @@ class PLE(MultiTaskModel):
             make = partial(upper_expert, width) if upper_expert is not None else partial(MLP, width, (width,))
             gate_in = width
         self.levels = nnx.List(levels)
-        self.heads = make_heads(levels[-1].out_features, self.tasks, tower_hidden, rngs)
+        self.heads = make_heads(
+            levels[-1].out_features, self.tasks, tower_hidden, rngs, dtype=dtype, param_dtype=param_dtype
+        )
         self.num_levels = num_levels
 
     def is_task_specific(self, path: tuple[str | int, ...]) -> bool:
@@ -275,6 +293,8 @@ class CGC(PLE):
         num_task_experts: int = 1,
         gate_in_features: int,
         tower_hidden: Sequence[int] = (),
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
         super().__init__(
@@ -285,5 +305,7 @@ class CGC(PLE):
             num_task_experts=num_task_experts,
             gate_in_features=gate_in_features,
             tower_hidden=tower_hidden,
+            dtype=dtype,
+            param_dtype=param_dtype,
             rngs=rngs,
         )

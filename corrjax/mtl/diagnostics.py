@@ -47,6 +47,12 @@ def _cosine_from_gramian(gram: jax.Array) -> jax.Array:
     return jnp.where(eye & (diag > 0) & jnp.isfinite(diag), jnp.ones_like(cos), cos)
 
 
+def cosine_from_gramian(gramian: jax.Array) -> jax.Array:
+    """:func:`task_gradient_cosine` from the ``(T, T)`` task Gramian ``G = J J^T`` (e.g. a
+    :class:`corrjax.mtl.TaskGramian`'s ``value``, computed once and shared with the aggregator)."""
+    return _cosine_from_gramian(jnp.asarray(gramian))
+
+
 def task_gradient_cosine(task_grads: Any) -> jax.Array:
     """``(T, T)`` cosine similarities ``<g_i, g_j> / (|g_i| |g_j|)`` of the task gradients over the whole pytree.
 

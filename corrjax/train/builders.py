@@ -44,9 +44,20 @@ def fill_input_sizes(node: Any, input_shape: Sequence[int]) -> Any:
     return node
 
 
-def build_model(model_cfg: Any, tasks: Sequence[TaskSpec], input_shape: Sequence[int], seed: int) -> nnx.Module:
-    """Instantiates ``model_cfg`` for ``tasks`` with ``nnx.Rngs(seed)``."""
+def build_model(
+    model_cfg: Any,
+    tasks: Sequence[TaskSpec],
+    input_shape: Sequence[int],
+    seed: int,
+    *,
+    dtype: Any = None,
+    param_dtype: Any = None,
+) -> nnx.Module:
+    """Instantiates ``model_cfg`` for ``tasks`` with ``nnx.Rngs(seed)``; ``dtype`` / ``param_dtype`` (the run's
+    precision, :mod:`corrjax.train.precision`; None: the model's defaults) are passed to the model, which hands them
+    to its backbones and heads, unless the config sets them."""
     node = fill_input_sizes(model_cfg, tuple(int(s) for s in input_shape))
     # Through a partial: Hydra would turn TaskSpec objects passed as instantiate kwargs into config nodes.
     factory = instantiate(node, _partial_=True)
-    return factory(tasks=tuple(tasks), rngs=nnx.Rngs(seed))
+    dtypes = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None and k not in node}
+    return factory(tasks=tuple(tasks), rngs=nnx.Rngs(seed), **dtypes)
