@@ -204,6 +204,11 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     mesh = sharding.make_mesh(cfg.parallel)
     if tc.batch_size % mesh.devices.size:
         raise ValueError(f"`trainer.batch_size`={tc.batch_size} must be divisible by the {mesh.devices.size} devices")
+    if (tc.batch_size // tc.grad_accum_steps) % mesh.devices.size:  # every device holds part of every micro-batch
+        raise ValueError(
+            f"`trainer.batch_size`={tc.batch_size} must be divisible by `trainer.grad_accum_steps`="
+            f"{tc.grad_accum_steps} x the {mesh.devices.size} devices"
+        )
     setup = build(cfg)
     steps = sharding.jit_setup_steps(setup, mesh, cfg.parallel.axis_name)
     data_sharding = sharding.batch_sharding(mesh, cfg.parallel.axis_name)

@@ -215,3 +215,20 @@ def test_train_step_computes_the_task_gramian_once():
     gram_flops = 2 * 3 * 3 * shared
     extra = _flops(mgda_fn, st_m, batch) - _flops(mean_fn, st0, batch)
     assert 0 < extra < 0.25 * gram_flops, (extra, gram_flops)
+
+
+def test_tiny_run_float16_accumulated_on_the_mesh(compose_fn, tmp_path):
+    """End to end on the 8 fake devices: float16 compute with loss scaling (its state checkpointed with the rest),
+    2 micro-batches per step split over the data axis, one task pulled back at a time."""
+    from corrjax.train import loop
+
+    overrides = ["trainer=tiny", "logger=minimal", "data.num_examples=256", "trainer.noise_scale=false"]
+    cfg = compose_fn(
+        [*overrides, "parallel.compute_dtype=float16", "trainer.grad_accum_steps=2", "mtl.task_batch_size=1"]
+    )
+    summary = loop.run(cfg, run_dir=tmp_path)
+    assert summary["completed"] and summary["nonfinite_total"] == 0
+    assert np.isfinite(summary["eval/loss"])
+    bad = compose_fn([*overrides, "trainer.grad_accum_steps=4"])  # 16 examples: 4 micro-batches of 4 over 8 devices
+    with pytest.raises(ValueError, match=r"`trainer.grad_accum_steps`=4 x the 8 devices"):
+        loop.run(bad, run_dir=tmp_path / "bad")
