@@ -3,6 +3,10 @@
 Every backbone maps a batch ``x (n, ...)`` to features ``(n, out_features)`` and exposes ``out_features``, which
 is all the multi-task architectures need from it. They hold only ``nnx.Param`` state (GroupNorm rather than
 BatchNorm), so a model is a pure function of its parameters after ``nnx.split``.
+
+Every backbone takes Flax's mixed-precision pair: ``dtype``, the dtype its layers compute in (None: from the inputs
+and parameters), and ``param_dtype``, the dtype its parameters are stored in (float32 by default), e.g.
+``dtype=jnp.bfloat16`` for bfloat16 compute with float32 master weights.
 """
 
 from __future__ import annotations
@@ -10,12 +14,14 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 Activation = Callable[[jax.Array], jax.Array]
+Dtype = Any
 
 
 def flatten(x: jax.Array) -> jax.Array:
@@ -30,6 +36,7 @@ class MLP(nnx.Module):
       in_features: size of the flattened input ``prod(x.shape[1:])``.
       hidden: widths of the Dense layers; each is followed by ``activation`` (the last one too unless
         ``activate_last=False``).
+      dtype, param_dtype: computation and parameter dtypes (module docstring).
     """
 
     def __init__(
@@ -39,13 +46,17 @@ class MLP(nnx.Module):
         *,
         activation: Activation = nnx.relu,
         activate_last: bool = True,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
         hidden = tuple(int(h) for h in hidden)
         if not hidden or min(hidden) < 1 or in_features < 1:
             raise ValueError(f"`in_features`={in_features} and `hidden`={hidden} must be positive and non-empty")
         sizes = (int(in_features), *hidden)
-        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(sizes)])
+        self.layers = nnx.List(
+            [nnx.Linear(a, b, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for a, b in itertools.pairwise(sizes)]
+        )
         self.activation = activation
         self.activate_last = activate_last
         self.in_features = int(in_features)
@@ -78,19 +89,31 @@ class LeNet(nnx.Module):
         out_features: int = 50,
         kernel_size: int = 5,
         padding: str = "SAME",
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
         h, w, c = (int(s) for s in in_shape)
         convs = []
         for ch in channels:
-            convs.append(nnx.Conv(c, int(ch), (kernel_size, kernel_size), padding=padding, rngs=rngs))
+            convs.append(
+                nnx.Conv(
+                    c,
+                    int(ch),
+                    (kernel_size, kernel_size),
+                    padding=padding,
+                    dtype=dtype,
+                    param_dtype=param_dtype,
+                    rngs=rngs,
+                )
+            )
             if padding == "VALID":
                 h, w = h - kernel_size + 1, w - kernel_size + 1
             h, w, c = h // 2, w // 2, int(ch)
         if h < 1 or w < 1:
             raise ValueError(f"`in_shape`={tuple(in_shape)} is too small for {len(channels)} conv/pool blocks")
         self.convs = nnx.List(convs)
-        self.dense = nnx.Linear(h * w * c, int(out_features), rngs=rngs)
+        self.dense = nnx.Linear(h * w * c, int(out_features), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.in_shape = tuple(int(s) for s in in_shape)
         self.out_features = int(out_features)
 
@@ -111,13 +134,23 @@ def _groups(channels: int, max_groups: int = 8) -> int:
 class ResidualBlock(nnx.Module):
     """Pre-activation-free basic block: conv3x3-GN-ReLU-conv3x3-GN, plus a 1x1 projection shortcut when needed."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, *, rngs: nnx.Rngs) -> None:
-        self.conv1 = nnx.Conv(in_channels, out_channels, (3, 3), strides=stride, use_bias=False, rngs=rngs)
-        self.norm1 = nnx.GroupNorm(out_channels, num_groups=_groups(out_channels), rngs=rngs)
-        self.conv2 = nnx.Conv(out_channels, out_channels, (3, 3), use_bias=False, rngs=rngs)
-        self.norm2 = nnx.GroupNorm(out_channels, num_groups=_groups(out_channels), rngs=rngs)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        *,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ) -> None:
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        self.conv1 = nnx.Conv(in_channels, out_channels, (3, 3), strides=stride, use_bias=False, **kw)
+        self.norm1 = nnx.GroupNorm(out_channels, num_groups=_groups(out_channels), **kw)
+        self.conv2 = nnx.Conv(out_channels, out_channels, (3, 3), use_bias=False, **kw)
+        self.norm2 = nnx.GroupNorm(out_channels, num_groups=_groups(out_channels), **kw)
         if stride != 1 or in_channels != out_channels:
-            self.proj = nnx.Conv(in_channels, out_channels, (1, 1), strides=stride, use_bias=False, rngs=rngs)
+            self.proj = nnx.Conv(in_channels, out_channels, (1, 1), strides=stride, use_bias=False, **kw)
         else:
             self.proj = None
 
@@ -143,15 +176,18 @@ class ResNet(nnx.Module):
         widths: Sequence[int] = (16, 32, 64),
         blocks_per_stage: int = 2,
         stem_stride: int = 1,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
         widths = tuple(int(w) for w in widths)
-        self.stem = nnx.Conv(int(in_channels), widths[0], (3, 3), strides=stem_stride, use_bias=False, rngs=rngs)
-        self.stem_norm = nnx.GroupNorm(widths[0], num_groups=_groups(widths[0]), rngs=rngs)
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        self.stem = nnx.Conv(int(in_channels), widths[0], (3, 3), strides=stem_stride, use_bias=False, **kw)
+        self.stem_norm = nnx.GroupNorm(widths[0], num_groups=_groups(widths[0]), **kw)
         blocks, c = [], widths[0]
         for s, w in enumerate(widths):
             for b in range(blocks_per_stage):
-                blocks.append(ResidualBlock(c, w, stride=2 if (s > 0 and b == 0) else 1, rngs=rngs))
+                blocks.append(ResidualBlock(c, w, stride=2 if (s > 0 and b == 0) else 1, **kw))
                 c = w
         self.blocks = nnx.List(blocks)
         self.in_channels = int(in_channels)
@@ -173,9 +209,19 @@ class ConvBlock(nnx.Module):
     channel count.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, *, pool: bool = True, rngs: nnx.Rngs) -> None:
-        self.conv = nnx.Conv(int(in_channels), int(out_channels), (3, 3), use_bias=False, rngs=rngs)
-        self.norm = nnx.GroupNorm(int(out_channels), num_groups=_groups(int(out_channels)), rngs=rngs)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        pool: bool = True,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ) -> None:
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        self.conv = nnx.Conv(int(in_channels), int(out_channels), (3, 3), use_bias=False, **kw)
+        self.norm = nnx.GroupNorm(int(out_channels), num_groups=_groups(int(out_channels)), **kw)
         self.pool = pool
         self.out_features = int(out_channels)
 

@@ -10,10 +10,15 @@ Parameters are split into *shared* ones (receiving gradient from several tasks: 
 units) and *task-specific* ones (reached by one task's loss only: heads, towers, per-task gates). Each model lists
 the top-level attributes holding task-specific parameters in ``task_specific``; :func:`shared_mask` turns that into
 a boolean pytree that corrjax.mtl uses to route leaves around the aggregator.
+
+Every model takes Flax's mixed-precision pair ``dtype`` (computation; None: from inputs and parameters) and
+``param_dtype`` (storage, float32 by default) and hands them to its heads, gates and, through
+:func:`build_backbone`, to its backbone factories.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -29,9 +34,33 @@ from corrjax.models.backbones import MLP
 BackboneFactory = Callable[..., nnx.Module]  # called as factory(rngs=rngs)
 
 
-def build_backbone(factory: BackboneFactory, rngs: nnx.Rngs, name: str = "factory") -> nnx.Module:
-    """Calls ``factory(rngs=rngs)`` and checks the result exposes an int ``out_features``."""
-    module = factory(rngs=rngs)
+def _accepts(factory: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def build_backbone(
+    factory: BackboneFactory,
+    rngs: nnx.Rngs,
+    name: str = "factory",
+    *,
+    dtype: Any = None,
+    param_dtype: Any = None,
+) -> nnx.Module:
+    """Calls ``factory(rngs=rngs)`` and checks the result exposes an int ``out_features``.
+
+    ``dtype`` / ``param_dtype`` (when not None) are passed on when the factory accepts them and does not already
+    fix them (a ``functools.partial`` keyword, e.g. from the config, wins)."""
+    fixed = getattr(factory, "keywords", None) or {}
+    kwargs = {
+        key: value
+        for key, value in (("dtype", dtype), ("param_dtype", param_dtype))
+        if value is not None and key not in fixed and _accepts(factory, key)
+    }
+    module = factory(rngs=rngs, **kwargs)
     if not isinstance(getattr(module, "out_features", None), int):
         raise TypeError(f"`{name}` must build a module with an int `out_features`, got {type(module).__name__}")
     return module
@@ -43,10 +72,20 @@ class TaskHead(nnx.Module):
     ``hidden`` adds ReLU Dense layers before the output layer (the MMoE/PLE "towers").
     """
 
-    def __init__(self, in_features: int, spec: TaskSpec, hidden: Sequence[int] = (), *, rngs: nnx.Rngs) -> None:
-        self.tower = MLP(in_features, hidden, rngs=rngs) if hidden else None
+    def __init__(
+        self,
+        in_features: int,
+        spec: TaskSpec,
+        hidden: Sequence[int] = (),
+        *,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ) -> None:
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        self.tower = MLP(in_features, hidden, **kw) if hidden else None
         width = self.tower.out_features if hidden else in_features
-        self.out = nnx.Linear(width, spec.num_outputs, rngs=rngs)
+        self.out = nnx.Linear(width, spec.num_outputs, **kw)
         self.output_shape = spec.output_shape
 
     def __call__(self, z: jax.Array) -> jax.Array:
@@ -81,15 +120,23 @@ class Stacked(nnx.Module):
       count: number of copies (>= 1).
       rngs: the model's ``nnx.Rngs``.
       name: with a name, ``factory`` must build modules with an int ``out_features`` (backbones, experts;
-        :func:`build_backbone`), and errors name this argument.
+        :func:`build_backbone`, which also hands them ``dtype`` / ``param_dtype``), and errors name this argument.
     """
 
     def __init__(
-        self, factory: Callable[..., nnx.Module], count: int, *, rngs: nnx.Rngs, name: str | None = None
+        self,
+        factory: Callable[..., nnx.Module],
+        count: int,
+        *,
+        rngs: nnx.Rngs,
+        name: str | None = None,
+        dtype: Any = None,
+        param_dtype: Any = None,
     ) -> None:
         if count < 1:
             raise ValueError(f"`{name or 'count'}`: a stack needs at least one copy, got {count}")
-        make = factory if name is None else (lambda rngs: build_backbone(factory, rngs, name))
+        dtypes = {"dtype": dtype, "param_dtype": param_dtype}
+        make = factory if name is None else (lambda rngs: build_backbone(factory, rngs, name, **dtypes))
         self.stack = _stack_create(make, count, rngs)
         self.count = int(count)
         self.out_features = getattr(self.stack, "out_features", None)
@@ -129,7 +176,16 @@ class TaskHeads(nnx.Module):
     view), so ``heads[name](z)`` equals that task's entry of ``heads(z)``.
     """
 
-    def __init__(self, in_features: int, tasks: Sequence[TaskSpec], hidden: Sequence[int], *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        tasks: Sequence[TaskSpec],
+        hidden: Sequence[int],
+        *,
+        rngs: nnx.Rngs,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+    ):
         by_shape: dict[tuple[int, ...], list[TaskSpec]] = {}
         for t in tasks:
             by_shape.setdefault(tuple(t.output_shape), []).append(t)
@@ -138,7 +194,11 @@ class TaskHeads(nnx.Module):
         self.members = {_group_name(shape): tuple(t.name for t in ts) for shape, ts in by_shape.items()}
         self.groups = nnx.Dict(
             {
-                _group_name(shape): Stacked(partial(TaskHead, in_features, ts[0], hidden), len(ts), rngs=rngs)
+                _group_name(shape): Stacked(
+                    partial(TaskHead, in_features, ts[0], hidden, dtype=dtype, param_dtype=param_dtype),
+                    len(ts),
+                    rngs=rngs,
+                )
                 for shape, ts in by_shape.items()
             }
         )
@@ -168,8 +228,16 @@ class TaskHeads(nnx.Module):
         return self.groups[group][i]
 
 
-def make_heads(in_features: int, tasks: Sequence[TaskSpec], hidden: Sequence[int], rngs: nnx.Rngs) -> TaskHeads:
-    return TaskHeads(in_features, tasks, hidden, rngs=rngs)
+def make_heads(
+    in_features: int,
+    tasks: Sequence[TaskSpec],
+    hidden: Sequence[int],
+    rngs: nnx.Rngs,
+    *,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+) -> TaskHeads:
+    return TaskHeads(in_features, tasks, hidden, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
 
 class MultiTaskModel(nnx.Module):

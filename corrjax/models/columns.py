@@ -9,6 +9,7 @@ spatial axes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,16 +25,24 @@ class CrossStitchUnit(nnx.Module):
     """Learned linear mixing of task columns: ``h'_t = sum_s alpha[t, s] h_s`` on ``(T, n, ...)`` activations.
 
     Initialised as in Misra et al. (2016): ``self_weight`` on the diagonal, the rest spread evenly over the row.
+    ``alpha`` is stored in ``param_dtype``; the mixing runs in ``dtype`` (None: the promoted dtype of ``alpha`` and
+    ``h``).
     """
 
-    def __init__(self, num_tasks: int, self_weight: float = 0.9) -> None:
+    def __init__(
+        self, num_tasks: int, self_weight: float = 0.9, *, dtype: Any = None, param_dtype: Any = jnp.float32
+    ) -> None:
         off = (1.0 - self_weight) / (num_tasks - 1) if num_tasks > 1 else 0.0
         alpha = np.full((num_tasks, num_tasks), off, np.float32)
         np.fill_diagonal(alpha, 1.0 if num_tasks == 1 else self_weight)
-        self.alpha = nnx.Param(jnp.asarray(alpha))
+        self.alpha = nnx.Param(jnp.asarray(alpha, param_dtype))
+        self.dtype = dtype
 
     def __call__(self, h: jax.Array) -> jax.Array:
-        return jnp.tensordot(self.alpha[...], h, axes=(1, 0))
+        alpha = self.alpha[...]
+        if self.dtype is not None:
+            alpha, h = alpha.astype(self.dtype), h.astype(self.dtype)
+        return jnp.tensordot(alpha, h, axes=(1, 0))
 
 
 class CrossStitch(MultiTaskModel):
@@ -53,17 +62,20 @@ class CrossStitch(MultiTaskModel):
         *,
         head_hidden: Sequence[int] = (),
         self_weight: float = 0.9,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
         if not stages:
             raise ValueError("`stages` must contain at least one factory")
         self._init_tasks(tasks)
+        kw = {"dtype": dtype, "param_dtype": param_dtype}
         self.columns = nnx.Dict(
-            {n: nnx.List([build_backbone(s, rngs, "stages") for s in stages]) for n in self.task_names}
+            {n: nnx.List([build_backbone(s, rngs, "stages", **kw) for s in stages]) for n in self.task_names}
         )
-        self.stitches = nnx.List([CrossStitchUnit(len(self.tasks), self_weight) for _ in stages])
+        self.stitches = nnx.List([CrossStitchUnit(len(self.tasks), self_weight, **kw) for _ in stages])
         width = self.columns[self.task_names[0]][-1].out_features
-        self.heads = make_heads(width, self.tasks, head_hidden, rngs)
+        self.heads = make_heads(width, self.tasks, head_hidden, rngs, **kw)
 
     def features(self, x: jax.Array) -> jax.Array:
         hs = [x] * len(self.task_names)
@@ -94,20 +106,23 @@ class MTAN(MultiTaskModel):
         tasks: Sequence[TaskSpec],
         *,
         head_hidden: Sequence[int] = (),
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
         if not stages:
             raise ValueError("`stages` must contain at least one factory")
         self._init_tasks(tasks)
-        self.trunk = nnx.List([build_backbone(s, rngs, "stages") for s in stages])
+        kw = {"dtype": dtype, "param_dtype": param_dtype}
+        self.trunk = nnx.List([build_backbone(s, rngs, "stages", **kw) for s in stages])
         widths = [s.out_features for s in self.trunk]
         self.attention = nnx.Dict(
             {
-                n: nnx.List([nnx.Linear(w if i == 0 else 2 * w, w, rngs=rngs) for i, w in enumerate(widths)])
+                n: nnx.List([nnx.Linear(w if i == 0 else 2 * w, w, rngs=rngs, **kw) for i, w in enumerate(widths)])
                 for n in self.task_names
             }
         )
-        self.heads = make_heads(widths[-1], self.tasks, head_hidden, rngs)
+        self.heads = make_heads(widths[-1], self.tasks, head_hidden, rngs, **kw)
 
     def features(self, x: jax.Array) -> tuple[jax.Array, ...]:
         us, h = [], x

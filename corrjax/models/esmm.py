@@ -60,10 +60,18 @@ class SeparateTowers(MultiTaskModel):
     task_specific = ("heads",)
 
     def __init__(
-        self, tasks: Sequence[TaskSpec], *, in_features: int, tower_hidden: Sequence[int] = (), rngs: nnx.Rngs
+        self,
+        tasks: Sequence[TaskSpec],
+        *,
+        in_features: int,
+        tower_hidden: Sequence[int] = (),
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
     ) -> None:
         self._init_tasks(tasks)
-        self.heads = make_heads(int(in_features), self.tasks, tuple(tower_hidden), rngs)
+        kw = {"dtype": dtype, "param_dtype": param_dtype}
+        self.heads = make_heads(int(in_features), self.tasks, tuple(tower_hidden), rngs, **kw)
         self.in_features = int(in_features)
 
     def features(self, x: jax.Array) -> jax.Array:
@@ -91,6 +99,7 @@ class ESMM(MultiTaskModel):
       body: factory ``body(tasks=BODY_TASKS, rngs=rngs)`` of the two-task network that gives the CTR and CVR
         logits, e.g. ``functools.partial(MMoE, expert, num_experts=4, gate_in_features=d)``; default
         :class:`SeparateTowers` on ``in_features``.
+      dtype, param_dtype: computation and parameter dtypes, handed to the body (a factory that does not fix them).
       rngs: parameter initialisation.
 
     ``model(x) == {ctr_task: a, ctcvr_task: logit(sigmoid(a) sigmoid(b)), cvr_output: b}``; ``features`` and
@@ -107,6 +116,8 @@ class ESMM(MultiTaskModel):
         in_features: int | None = None,
         tower_hidden: Sequence[int] = (64, 32),
         body: BodyFactory | None = None,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
         self._init_tasks(tasks)
@@ -124,9 +135,18 @@ class ESMM(MultiTaskModel):
         if body is None:
             if in_features is None:
                 raise ValueError("ESMM needs `in_features` for its default body (or a `body` factory)")
-            self.body = SeparateTowers(BODY_TASKS, in_features=in_features, tower_hidden=tower_hidden, rngs=rngs)
+            self.body = SeparateTowers(
+                BODY_TASKS,
+                in_features=in_features,
+                tower_hidden=tower_hidden,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
         else:
-            self.body = body(tasks=BODY_TASKS, rngs=rngs)
+            fixed = getattr(body, "keywords", None) or {}
+            dtypes = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if k not in fixed}
+            self.body = body(tasks=BODY_TASKS, rngs=rngs, **dtypes)
             if not isinstance(self.body, MultiTaskModel) or set(self.body.task_names) != {CTR, CVR}:
                 raise TypeError(f"`body` must build a MultiTaskModel for the tasks {CTR!r}, {CVR!r}")
         self.ctr_task, self.ctcvr_task, self.cvr_output = ctr_task, ctcvr_task, cvr_output

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from corrjax.data.spec import TaskSpec
@@ -19,6 +21,7 @@ class HPS(MultiTaskModel):
         (e.g. ``functools.partial(MLP, 100, (64,))``).
       tasks: the task specs.
       head_hidden: widths of each task's tower before its output layer.
+      dtype, param_dtype: computation and parameter dtypes of the trunk and heads.
     """
 
     task_specific = ("heads",)
@@ -29,11 +32,14 @@ class HPS(MultiTaskModel):
         tasks: Sequence[TaskSpec],
         *,
         head_hidden: Sequence[int] = (),
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
         self._init_tasks(tasks)
-        self.trunk = build_backbone(backbone, rngs, "backbone")
-        self.heads = make_heads(self.trunk.out_features, self.tasks, head_hidden, rngs)
+        kw = {"dtype": dtype, "param_dtype": param_dtype}
+        self.trunk = build_backbone(backbone, rngs, "backbone", **kw)
+        self.heads = make_heads(self.trunk.out_features, self.tasks, head_hidden, rngs, **kw)
 
     def features(self, x: jax.Array) -> jax.Array:
         return self.trunk(x)

@@ -38,20 +38,23 @@ from corrjax.models.base import BackboneFactory, MultiTaskModel, Stacked, make_h
 UpperExpertFactory = Callable[[int, nnx.Rngs], nnx.Module]
 
 
-def _experts(factory: BackboneFactory, count: int, rngs: nnx.Rngs, name: str) -> Stacked | None:
+def _experts(factory: BackboneFactory, count: int, rngs: nnx.Rngs, name: str, **dtypes: Any) -> Stacked | None:
     """``count`` experts stacked (None for none: CGC/PLE without shared or without task experts)."""
-    return Stacked(factory, count, rngs=rngs, name=name) if count else None
+    return Stacked(factory, count, rngs=rngs, name=name, **dtypes) if count else None
 
 
 def _mix(gate_logits: jax.Array, experts: jax.Array) -> jax.Array:
-    """``softmax(gate_logits) (n, E)`` weighted sum of ``experts (n, E, h)`` -> ``(n, h)``."""
-    return jnp.einsum("ne,neh->nh", jax.nn.softmax(gate_logits, axis=-1), experts)
+    """``softmax(gate_logits) (n, E)`` weighted sum of ``experts (n, E, h)`` -> ``(n, h)`` (the softmax in at least
+    float32, the mixture in the experts' dtype)."""
+    weights = jax.nn.softmax(gate_logits.astype(jnp.promote_types(gate_logits.dtype, jnp.float32)), axis=-1)
+    return jnp.einsum("ne,neh->nh", weights.astype(experts.dtype), experts)
 
 
 def _mix_stacked(gate_logits: jax.Array, experts: jax.Array) -> jax.Array:
     """Every task's mixture at once: ``softmax(gate_logits) (T, n, E)`` and ``experts (n, E, h)`` or per task
     ``(n, T, E, h)`` -> ``(T, n, h)``."""
-    w = jax.nn.softmax(gate_logits, axis=-1)
+    w = jax.nn.softmax(gate_logits.astype(jnp.promote_types(gate_logits.dtype, jnp.float32)), axis=-1)
+    w = w.astype(experts.dtype)
     if experts.ndim == 3:
         return jnp.einsum("tne,neh->tnh", w, experts)
     return jnp.einsum("tne,nteh->tnh", w, experts)
@@ -67,6 +70,7 @@ class MMoE(MultiTaskModel):
       num_experts: ``E``.
       gate_in_features: size of the flattened input the gates see (``prod(x.shape[1:])``).
       tower_hidden: widths of each task's tower.
+      dtype, param_dtype: computation and parameter dtypes of the experts, gates and heads.
     """
 
     task_specific = ("gates", "heads")
@@ -79,19 +83,23 @@ class MMoE(MultiTaskModel):
         num_experts: int = 4,
         gate_in_features: int,
         tower_hidden: Sequence[int] = (),
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
         if num_experts < 1:
             raise ValueError(f"`num_experts` must be >= 1, got {num_experts}")
         self._init_tasks(tasks)
-        self.experts = _experts(expert, num_experts, rngs, "expert")
-        self._init_gates(gate_in_features, num_experts, rngs)
-        self.heads = make_heads(self.experts.out_features, self.tasks, tower_hidden, rngs)
+        kw = {"dtype": dtype, "param_dtype": param_dtype}
+        self.experts = _experts(expert, num_experts, rngs, "expert", **kw)
+        self._init_gates(gate_in_features, num_experts, rngs, **kw)
+        self.heads = make_heads(self.experts.out_features, self.tasks, tower_hidden, rngs, **kw)
         self.num_experts = num_experts
 
-    def _init_gates(self, in_features: int, num_experts: int, rngs: nnx.Rngs) -> None:
+    def _init_gates(self, in_features: int, num_experts: int, rngs: nnx.Rngs, **dtypes: Any) -> None:
         # One stacked Linear: gates.stack.kernel is (T, in_features, E); gates[t] is task t's gate.
-        self.gates = Stacked(partial(nnx.Linear, in_features, num_experts), len(self.task_names), rngs=rngs)
+        gate = partial(nnx.Linear, in_features, num_experts, **dtypes)
+        self.gates = Stacked(gate, len(self.task_names), rngs=rngs)
 
     def features(self, x: jax.Array) -> jax.Array:
         return jnp.moveaxis(self.experts(x), 0, 1)
@@ -121,8 +129,8 @@ class OMoE(MMoE):
 
     task_specific = ("heads",)
 
-    def _init_gates(self, in_features: int, num_experts: int, rngs: nnx.Rngs) -> None:
-        self.gate = nnx.Linear(in_features, num_experts, rngs=rngs)
+    def _init_gates(self, in_features: int, num_experts: int, rngs: nnx.Rngs, **dtypes: Any) -> None:
+        self.gate = nnx.Linear(in_features, num_experts, rngs=rngs, **dtypes)
 
     def gate_logits(self, x: jax.Array) -> dict[str, jax.Array]:
         """``{task: (n, E)}``: the one gate's logits (the same array for every task)."""
@@ -149,6 +157,8 @@ class CGCLevel(nnx.Module):
         num_task_experts: int,
         gate_in_features: int,
         shared_gate: bool,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
         if num_shared_experts < 0 or num_task_experts < 0 or num_shared_experts + num_task_experts < 1:
@@ -158,13 +168,14 @@ class CGCLevel(nnx.Module):
             )
         self.task_names = tuple(task_names)
         num_tasks = len(self.task_names)
-        self.shared = _experts(make_expert, num_shared_experts, rngs, "expert")
+        kw = {"dtype": dtype, "param_dtype": param_dtype}
+        self.shared = _experts(make_expert, num_shared_experts, rngs, "expert", **kw)
         # All tasks' experts in one stack, task-major: task t's m experts are copies t*m .. t*m + m - 1.
-        self.task = _experts(make_expert, num_task_experts * num_tasks, rngs, "expert")
+        self.task = _experts(make_expert, num_task_experts * num_tasks, rngs, "expert", **kw)
         gate_size = num_shared_experts + num_task_experts
-        self.gates = Stacked(partial(nnx.Linear, gate_in_features, gate_size), num_tasks, rngs=rngs)
+        self.gates = Stacked(partial(nnx.Linear, gate_in_features, gate_size, **kw), num_tasks, rngs=rngs)
         total = num_shared_experts + num_task_experts * num_tasks
-        self.shared_gate = nnx.Linear(gate_in_features, total, rngs=rngs) if shared_gate else None
+        self.shared_gate = nnx.Linear(gate_in_features, total, rngs=rngs, **kw) if shared_gate else None
         self.num_shared, self.num_task = num_shared_experts, num_task_experts
         self.out_features = (self.shared if num_shared_experts else self.task).out_features
 
@@ -236,6 +247,7 @@ class PLE(MultiTaskModel):
       upper_expert: factory called as ``upper_expert(in_features, rngs=rngs)`` for experts above the first level;
         by default a one-layer ReLU MLP of the first level's width.
       tower_hidden: widths of each task's tower.
+      dtype, param_dtype: computation and parameter dtypes of the experts, gates and heads.
 
     ``features(x)`` returns ``{"experts": (n, E_total, h), "inputs": {...}}``: the top level's expert outputs and the
     representations its gates read (``x`` itself when ``L = 1``).
@@ -254,6 +266,8 @@ class PLE(MultiTaskModel):
         gate_in_features: int,
         upper_expert: UpperExpertFactory | None = None,
         tower_hidden: Sequence[int] = (),
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
         if num_levels < 1:
@@ -270,6 +284,8 @@ class PLE(MultiTaskModel):
                 # The shared gate forms the next level's shared input, read only by shared experts (and the next
                 # shared gate): without shared experts it would feed nothing.
                 shared_gate=level < num_levels - 1 and num_shared_experts > 0,
+                dtype=dtype,
+                param_dtype=param_dtype,
                 rngs=rngs,
             )
             levels.append(lvl)
@@ -277,7 +293,9 @@ class PLE(MultiTaskModel):
             make = partial(upper_expert, width) if upper_expert is not None else partial(MLP, width, (width,))
             gate_in = width
         self.levels = nnx.List(levels)
-        self.heads = make_heads(levels[-1].out_features, self.tasks, tower_hidden, rngs)
+        self.heads = make_heads(
+            levels[-1].out_features, self.tasks, tower_hidden, rngs, dtype=dtype, param_dtype=param_dtype
+        )
         self.num_levels = num_levels
 
     def is_task_specific(self, path: tuple[str | int, ...]) -> bool:
@@ -323,6 +341,8 @@ class CGC(PLE):
         num_task_experts: int = 1,
         gate_in_features: int,
         tower_hidden: Sequence[int] = (),
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
         super().__init__(
@@ -333,5 +353,7 @@ class CGC(PLE):
             num_task_experts=num_task_experts,
             gate_in_features=gate_in_features,
             tower_hidden=tower_hidden,
+            dtype=dtype,
+            param_dtype=param_dtype,
             rngs=rngs,
         )

@@ -13,10 +13,13 @@ bargaining) are JAX code inside the step.
 - Loss weightings (extra argument ``task_losses``): ``uncertainty_weighting``, ``dwa``, ``gradnorm``, ``famo``,
   ``geometric_mean``, ``stch``, ``imtl_l``; ``imtl`` (IMTL-G on the IMTL-L-scaled gradients).
 - Diagnostics returning arrays for a training loop to log: ``task_gradient_cosine``, ``conflict_fraction``,
-  ``gradient_norm_ratios``, ``gradient_magnitude_similarity``, ``tag_affinity``, ``gradient_diagnostics``.
+  ``gradient_norm_ratios``, ``gradient_magnitude_similarity``, ``tag_affinity``, ``gradient_diagnostics``;
+  ``cosine_from_gramian`` with a :class:`TaskGramian` computed once and passed to the aggregator as
+  ``task_gramian=`` (Gramian-weighting aggregators reuse it instead of computing ``J J^T`` again).
 """
 
 from corrjax.mtl import solvers
+from corrjax.mtl._gramian import TaskGramian
 from corrjax.mtl._gramian import combine as combine_tasks
 from corrjax.mtl._gramian import gramian as task_gramian
 from corrjax.mtl.aggregators._base import GramianWeighting, from_weighting
@@ -37,6 +40,7 @@ from corrjax.mtl.aggregators.projection import gradvac, pcgrad
 from corrjax.mtl.aggregators.sdmgrad import sdmgrad
 from corrjax.mtl.diagnostics import (
     conflict_fraction,
+    cosine_from_gramian,
     gradient_diagnostics,
     gradient_magnitude_similarity,
     gradient_norm_ratios,
@@ -52,11 +56,13 @@ from corrjax.mtl.weighting import dwa, famo, geometric_mean, gradnorm, uncertain
 __all__ = [
     "GramianWeighting",
     "RepGrads",
+    "TaskGramian",
     "aligned_mtl",
     "cagrad",
     "combine_tasks",
     "config_grad",
     "conflict_fraction",
+    "cosine_from_gramian",
     "db_mtl",
     "dualproj",
     "dwa",

@@ -7,6 +7,7 @@ time (a ``(T, p) x (p, T)`` matmul per leaf, summed), so the Jacobian is never c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -92,6 +93,49 @@ def gramian(task_grads: Any) -> Array:
                 x, x, ((axes, axes), ((), ())), precision=jax.lax.Precision.HIGHEST, out_sharding=out_sharding
             )
     return g
+
+
+@dataclass(frozen=True, eq=False)
+class TaskGramian:
+    """A task Gramian computed once, tied to the task-stacked leaves it is the Gramian of.
+
+    A training step that logs Gramian diagnostics (cosines, norms) computes ``TaskGramian.of(task_grads)`` once and
+    passes it to the aggregator as the extra argument ``task_gramian=``: Gramian-weighting aggregators
+    (:func:`corrjax.mtl.from_weighting`: MGDA, PCGrad, UPGrad, CAGrad, ...) then reuse ``value`` instead of computing
+    ``J J^T`` again, provided the updates they receive are the very arrays it was computed from (checked by object
+    identity at trace time, so an aggregator behind a transform that changes the gradients, such as IMTL-L's
+    scaling, recomputes it). It is a trace-time hint, not a pytree: pass it to ``update`` inside the traced step.
+
+    Attributes:
+      value: the ``(T, T)`` Gramian (:func:`gramian`), or None for a pytree without leaves.
+      leaves: the leaves it was computed from.
+    """
+
+    value: Array | None
+    leaves: tuple[Any, ...]
+
+    @classmethod
+    def of(cls, task_grads: Any) -> TaskGramian:
+        """The Gramian of ``task_grads`` (a task-stacked pytree, possibly without leaves)."""
+        leaves = tuple(jax.tree.leaves(task_grads))
+        return cls(gramian(task_grads) if leaves else None, leaves)
+
+    def matches(self, task_grads: Any) -> bool:
+        """Whether ``task_grads``' leaves are the very arrays (same objects, same order) this was computed from."""
+        leaves = jax.tree.leaves(task_grads)
+        return (
+            self.value is not None
+            and len(leaves) == len(self.leaves)
+            and all(a is b for a, b in zip(leaves, self.leaves, strict=True))
+        )
+
+
+def gramian_reusing(task_grads: Any, precomputed: Any = None) -> Array:
+    """:func:`gramian` of ``task_grads``, taken from ``precomputed`` (a :class:`TaskGramian`) when it was computed
+    from these very leaves."""
+    if isinstance(precomputed, TaskGramian) and precomputed.matches(task_grads):
+        return precomputed.value
+    return gramian(task_grads)
 
 
 def combine(weights: Array, task_grads: Any) -> Any:

@@ -47,6 +47,12 @@ def _cosine_from_gramian(gram: jax.Array) -> jax.Array:
     return jnp.where(eye & (diag > 0) & jnp.isfinite(diag), jnp.ones_like(cos), cos)
 
 
+def cosine_from_gramian(gramian: jax.Array) -> jax.Array:
+    """:func:`task_gradient_cosine` from the ``(T, T)`` task Gramian ``G = J J^T`` (e.g. a
+    :class:`corrjax.mtl.TaskGramian`'s ``value``, computed once and shared with the aggregator)."""
+    return _cosine_from_gramian(jnp.asarray(gramian))
+
+
 def task_gradient_cosine(task_grads: Any) -> jax.Array:
     """``(T, T)`` cosine similarities ``<g_i, g_j> / (|g_i| |g_j|)`` of the task gradients over the whole pytree.
 
@@ -182,6 +188,9 @@ def tag_affinity(
         True take the lookahead step. Default: every leaf.
       task_losses: the ``(T,)`` losses at ``params`` if already computed (saves one forward pass).
 
+    Half-precision parameters: the lookahead step and both losses are computed on float32 copies of the shared
+    parameters (a small step would round away in bfloat16).
+
     Returns:
       ``(T, T)`` array ``Z`` with ``Z[i, j] = Z_{i -> j}``.
 
@@ -205,15 +214,19 @@ def tag_affinity(
     if update_fn is None:
         update_fn = lambda g: jax.tree.map(lambda x: -learning_rate * x, g)
 
+    # In at least float32: a small step on half-precision parameters would round away (mixed-precision training
+    # applies it to float32 master weights), and the losses before and after must be computed alike.
+    wide = lambda p: p.astype(jnp.promote_types(p.dtype, jnp.float32))
     if task_losses is None:
-        task_losses = loss_fn(params, *args)
+        task_losses = loss_fn(jax.tree.map(lambda p, s: wide(p) if s else p, params, shared), *args)
     base = jnp.asarray(task_losses)
+    base = base.astype(jnp.promote_types(base.dtype, jnp.float32))
     if base.shape != (t,):
         raise ValueError(f"tag_affinity: the losses must have shape ({t},) (T,), got {base.shape}")
 
     def lookahead(g_i):
         step = update_fn(g_i)
-        moved = jax.tree.map(lambda p, u, s: (p + u).astype(p.dtype) if s else p, params, step, shared)
+        moved = jax.tree.map(lambda p, u, s: wide(p) + wide(u) if s else p, params, step, shared)
         return loss_fn(moved, *args)
 
     after = jax.vmap(lookahead)(task_grads)  # (T_i, T_j)

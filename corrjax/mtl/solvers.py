@@ -48,6 +48,10 @@ def _check_square(g: Array, name: str = "gramian") -> Array:
         raise ValueError(f"`{name}` must be a square (T, T) matrix with T >= 1, got shape {tuple(g.shape)}")
     if not jnp.issubdtype(g.dtype, jnp.floating):
         g = g.astype(jnp.result_type(float))
+    elif jnp.finfo(g.dtype).bits < 32:
+        # bfloat16/float16 Gramians are solved in float32 (XLA has no half-precision linear algebra, and a half
+        # precision solve would be far less accurate than the Gramian); the weights come back in float32.
+        g = g.astype(jnp.float32)
     return g
 
 

@@ -59,7 +59,8 @@ def partial_corr_test(x: Any, *, alternative: str = "two-sided", axis_name: Axis
     n = global_n(x2.shape[0], axis_name)
     d = x2.shape[1]
     dof = n - d
-    r = partial_corr(x2, axis_name=axis_name)
+    # The p-values from the float32 (or wider) statistic: from a half-precision one they would inherit its rounding.
+    r = partial_corr(x2.astype(jnp.promote_types(x2.dtype, jnp.float32)), axis_name=axis_name)
     if dof < 1:
-        return PartialCorrResult(r, jnp.full_like(r, jnp.nan), dof)
-    return PartialCorrResult(r, pearson_pvalue(r, dof + 2, alternative), dof)
+        return PartialCorrResult(r.astype(x2.dtype), jnp.full_like(r, jnp.nan), dof)
+    return PartialCorrResult(r.astype(x2.dtype), pearson_pvalue(r, dof + 2, alternative), dof)

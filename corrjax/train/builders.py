@@ -62,11 +62,15 @@ def build_model(
     seed: int,
     *,
     features: Sequence[Any] | None = None,
+    dtype: Any = None,
+    param_dtype: Any = None,
 ) -> nnx.Module:
     """Instantiates ``model_cfg`` for ``tasks`` with ``nnx.Rngs(seed)``.
 
     ``input_shape`` is one example's ``x`` shape (None for tabular data); ``features`` the dataset's
-    :class:`~corrjax.data.FeatureSpec` tuple, if it has one, for the embedding front (``model.input``)."""
+    :class:`~corrjax.data.FeatureSpec` tuple, if it has one, for the embedding front (``model.input``); ``dtype`` /
+    ``param_dtype`` (the run's precision, :mod:`corrjax.train.precision`; None: the model's defaults) are passed to
+    the model, which hands them to its backbones and heads, unless the config sets them."""
     if isinstance(model_cfg, DictConfig | ListConfig):
         model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
     model_cfg = dict(model_cfg)
@@ -93,5 +97,6 @@ def build_model(
     node = fill_input_sizes(model_cfg, tuple(int(s) for s in input_shape))
     # Through a partial: Hydra would turn TaskSpec objects passed as instantiate kwargs into config nodes.
     factory = instantiate(node, _partial_=True)
-    model = factory(tasks=tuple(tasks), rngs=rngs)
+    dtypes = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None and k not in node}
+    model = factory(tasks=tuple(tasks), rngs=rngs, **dtypes)
     return model if front is None else EmbeddedModel(front, model)

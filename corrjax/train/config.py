@@ -50,6 +50,10 @@ class TrainerConfig:
     # Stop (with a checkpoint) after this many steps of this invocation; a later `trainer.resume=true` continues.
     stop_after: int | None = None
     max_nonfinite_in_a_row: int = 10
+    # Micro-batches per optimiser step: each step's batch of `batch_size` examples (the global batch) is split into
+    # this many micro-batches of batch_size / grad_accum_steps, whose task-stacked gradients are averaged before the
+    # aggregator runs once (corrjax.train.accumulate). batch_size must be a multiple of grad_accum_steps x devices.
+    grad_accum_steps: int = 1
     # Log McCandlish et al.'s gradient noise scale at every log step (one more forward/backward pass there).
     noise_scale: bool = True
     progress: bool = True
@@ -78,6 +82,7 @@ _TRAINER_MINIMUMS = {
     "keep_checkpoints": 1,
     "stop_after": 1,
     "max_nonfinite_in_a_row": 1,
+    "grad_accum_steps": 1,
 }
 
 
@@ -87,12 +92,16 @@ def check_trainer(trainer: Any) -> None:
 
     The structured schema rejects misspelt keys and wrong types at composition; this catches the well-typed values
     that would otherwise crash mid-run (``log_every=0``) or silently misbehave (``max_nonfinite_in_a_row=0``)."""
+    get = trainer.get if hasattr(trainer, "get") else lambda k, d=None: getattr(trainer, k, d)
     for key, minimum in _TRAINER_MINIMUMS.items():
-        value = trainer.get(key) if hasattr(trainer, "get") else getattr(trainer, key, None)
+        value = get(key)
         if value is None and key == "stop_after":
             continue
         if value is None or value < minimum:
             raise ValueError(f"`trainer.{key}`={value} must be >= {minimum}")
+    accum, batch = get("grad_accum_steps", 1), get("batch_size")
+    if batch % accum:
+        raise ValueError(f"`trainer.grad_accum_steps`={accum} must divide `trainer.batch_size`={batch}")
 
 
 @dataclass
@@ -111,12 +120,17 @@ class DistributedConfig:
 class ParallelConfig:
     """Mesh shape: the data axis spans ``data`` devices (-1: every device of every process), or ``mesh`` gives a
     2-D ``{data: -1, fsdp: 2}`` mesh whose ``fsdp`` axis shards parameters and optimiser state (leaves of at least
-    ``fsdp_min_size`` elements; :mod:`corrjax.train.sharding`)."""
+    ``fsdp_min_size`` elements; :mod:`corrjax.train.sharding`). Precision (:mod:`corrjax.train.precision`): the
+    layers compute in ``compute_dtype`` and store parameters (hence gradients and optimiser state) in
+    ``param_dtype``; ``auto`` is bfloat16 compute on accelerators and float32 on CPU, and float32 parameters
+    everywhere; float16 turns on dynamic loss scaling."""
 
     data: int = -1
     axis_name: str = "data"
     mesh: dict[str, int] | None = None
     fsdp_min_size: int = 16384
+    compute_dtype: str = "auto"
+    param_dtype: str = "auto"
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 

@@ -253,6 +253,11 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     mesh = sharding.make_mesh(cfg.parallel)
     if tc.batch_size % mesh.devices.size:
         raise ValueError(f"`trainer.batch_size`={tc.batch_size} must be divisible by the {mesh.devices.size} devices")
+    if (tc.batch_size // tc.grad_accum_steps) % mesh.devices.size:  # every device holds part of every micro-batch
+        raise ValueError(
+            f"`trainer.batch_size`={tc.batch_size} must be divisible by `trainer.grad_accum_steps`="
+            f"{tc.grad_accum_steps} x the {mesh.devices.size} devices"
+        )
     min_size = int(cfg.parallel.get("fsdp_min_size", 2**14))
     setup = build(cfg, task_grad_constraint=sharding.task_grad_constraint(mesh, min_size))
     selector = selection.Selector.from_config(tc, setup.tasks)

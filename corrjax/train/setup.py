@@ -12,6 +12,7 @@ Everything here is host-side construction; nothing is compiled and no array is p
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,9 +27,12 @@ from omegaconf import DictConfig, OmegaConf
 from corrjax.data import TaskSpec
 from corrjax.data.iterator import check_seed
 from corrjax.models import shared_mask
-from corrjax.train import builders, optimizer, state, step, tasks
+from corrjax.train import builders, optimizer, precision, state, step, tasks
 
 __all__ = ["Setup", "build", "with_seed"]
+
+log = logging.getLogger(__name__)
+_FLOAT32 = precision.Precision(np.float32, np.float32)
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,8 @@ class Setup:
       train_step, eval_step, noise_step, representation_step: the pure steps of :mod:`corrjax.train.step`.
       reported_tasks: dataset tasks that the model predicts as extra outputs without training them (its
         ``reported_outputs``, e.g. ESMM's post-click CVR): evaluated, never in the loss.
+      precision: the dtype policy (``parallel.compute_dtype`` / ``param_dtype``, :mod:`corrjax.train.precision`).
+      loss_scale: dynamic loss scaling of a float16 run (None otherwise).
     """
 
     cfg: DictConfig
@@ -71,6 +77,8 @@ class Setup:
     noise_step: Callable
     representation_step: Callable
     reported_tasks: tuple[TaskSpec, ...] = ()
+    precision: precision.Precision = _FLOAT32
+    loss_scale: precision.DynamicLossScale | None = None
 
     @property
     def names(self) -> list[str]:
@@ -92,7 +100,11 @@ class Setup:
             tree = isinstance(sharding, state.TrainState)
             params = to_global(params, sharding.params if tree else sharding)
             rest = to_global(rest, sharding.rest if tree else sharding)
-        init = jax.jit(lambda p, r: state.create_state(p, r, self.tx, self.seed), out_shardings=sharding)
+        scale = None if self.loss_scale is None else self.loss_scale.init
+        init = jax.jit(
+            lambda p, r: state.create_state(p, r, self.tx, self.seed, None if scale is None else scale()),
+            out_shardings=sharding,
+        )
         return init(params, rest)
 
 
@@ -129,10 +141,22 @@ def build(cfg: DictConfig, seed: int | None = None, *, task_grad_constraint: Cal
     run_tasks = tasks.select_tasks(train_data.tasks, cfg.get("tasks"))
     x0, features = train_data[0]["x"], getattr(train_data, "features", None)
     input_shape = None if isinstance(x0, Mapping) else np.shape(x0)
-    model = builders.build_model(cfg.model, run_tasks, input_shape, seed, features=features)
+    policy = precision.resolve_precision(cfg.parallel)
+    task_batch = optimizer.task_batch_size(cfg.mtl, len(run_tasks))
+    model = builders.build_model(
+        cfg.model,
+        run_tasks,
+        input_shape,
+        seed,
+        features=features,
+        dtype=policy.compute_dtype,
+        param_dtype=policy.param_dtype,
+    )
     mask = shared_mask(model)
     graphdef, params, rest = state.split_model(model)
     tx = optimizer.build_optimizer(cfg.mtl, cfg.optim, mask, len(run_tasks))
+    loss_scale = precision.DynamicLossScale() if policy.loss_scaling else None
+    log.info(optimizer.task_jacobian_estimate(params, mask, len(run_tasks), task_batch))
     loss_fns = tasks.task_loss_fns(run_tasks, OmegaConf.to_container(cfg.task_losses))
     regularizer, weight = _regularizer(cfg)
     return Setup(
@@ -160,9 +184,14 @@ def build(cfg: DictConfig, seed: int | None = None, *, task_grad_constraint: Cal
             regularizer=regularizer,
             regularizer_weight=weight,
             task_grad_constraint=task_grad_constraint,
+            task_batch_size=task_batch,
+            grad_accum_steps=int(cfg.trainer.get("grad_accum_steps", 1)),
+            loss_scale=loss_scale,
         ),
         eval_step=step.make_eval_step(graphdef),
         noise_step=step.make_noise_scale_step(graphdef, run_tasks, loss_fns),
         representation_step=step.make_representation_step(graphdef),
         reported_tasks=_reported_tasks(model, train_data.tasks, run_tasks),
+        precision=policy,
+        loss_scale=loss_scale,
     )

@@ -30,6 +30,8 @@ class TrainState:
       nonfinite_streak: consecutive skipped (non-finite) steps ending at ``step``.
       nonfinite_max_streak: longest such streak so far (lets the host check a stop condition lazily).
       nonfinite_total: skipped steps in total.
+      loss_scale: the dynamic loss-scale state (:class:`corrjax.train.precision.LossScaleState`) of a float16 run;
+        None (no leaves) otherwise.
     """
 
     step: jax.Array
@@ -40,6 +42,7 @@ class TrainState:
     nonfinite_streak: jax.Array
     nonfinite_max_streak: jax.Array
     nonfinite_total: jax.Array
+    loss_scale: Any = None
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
@@ -52,8 +55,11 @@ def merge_model(graphdef: nnx.GraphDef, params: Any, rest: Any) -> nnx.Module:
     return nnx.merge(graphdef, params, rest)
 
 
-def create_state(params: Any, rest: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
-    """A fresh state at step 0 (call under ``jit`` with out shardings to place it on the mesh).
+def create_state(
+    params: Any, rest: Any, tx: optax.GradientTransformation, seed: int, loss_scale: Any = None
+) -> TrainState:
+    """A fresh state at step 0 (call under ``jit`` with out shardings to place it on the mesh); ``loss_scale`` is the
+    initial :class:`~corrjax.train.precision.LossScaleState` of a float16 run (None: no loss scaling).
 
     Every counter is its own array: the train step donates the state, and XLA refuses to donate one buffer twice.
     """
@@ -67,4 +73,5 @@ def create_state(params: Any, rest: Any, tx: optax.GradientTransformation, seed:
         nonfinite_streak=zero(),
         nonfinite_max_streak=zero(),
         nonfinite_total=zero(),
+        loss_scale=loss_scale,
     )

@@ -8,8 +8,13 @@ non-finite the whole update is dropped (state unchanged except the step and skip
 include the task weights of a weighting that keeps them in its state (:func:`task_weights`, as
 ``train/weights/<task>``). A non-finite gradient
 makes the update non-finite, unless the optax chain removes it on purpose (``optax.zero_nans()``), in which case
-the step is kept. ``make_eval_step``
-returns the per-task outputs of a batch, ``make_noise_scale_step`` the gradient noise scale and
+the step is kept. Mixed precision
+(:mod:`corrjax.train.precision`): model outputs and representations are upcast to float32 before any loss, metric or
+regulariser, and a float16 run scales its losses dynamically. Gradient accumulation (``grad_accum_steps``,
+:mod:`corrjax.train.accumulate`) splits the batch into micro-batches inside the step and averages their
+task-stacked gradients before the aggregator runs once. The task Gramian is computed once
+(:class:`corrjax.mtl.TaskGramian`) and shared by the ``train/grad_cosine`` diagnostic and the aggregator.
+``make_eval_step`` returns the per-task outputs of a batch, ``make_noise_scale_step`` the gradient noise scale and
 ``make_representation_step`` the representations the CKA diagnostics are computed from. Everything here is pure and
 knows nothing of meshes: :func:`corrjax.train.sharding.jit_steps` jits the steps with their shardings.
 """
@@ -26,6 +31,8 @@ from flax import nnx
 
 import corrjax.mtl
 from corrjax.data import TaskSpec
+from corrjax.train import accumulate
+from corrjax.train.precision import DynamicLossScale, upcast
 from corrjax.train.regularizers import flatten_representation
 from corrjax.train.state import TrainState, merge_model
 from corrjax.train.tasks import stacked_losses
@@ -39,16 +46,30 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.stack(leaves).all() if leaves else jnp.array(True)
 
 
-def shared_gradient_cosine(task_grads: Any, shared: Any | None, num_tasks: int) -> jax.Array:
-    """``(T, T)`` :func:`corrjax.mtl.task_gradient_cosine` of the task gradients restricted to the shared parameters
-    (all of them if ``shared`` is None); all NaN when no parameter is shared (the task gradients then have no common
-    coordinates)."""
+def _shared_leaves(task_grads: Any, shared: Any | None) -> list[jax.Array]:
     leaves = jax.tree.leaves(task_grads)
     if shared is not None:
         leaves = [g for g, s in zip(leaves, jax.tree.leaves(shared), strict=True) if s]
-    if not leaves:
+    return leaves
+
+
+def shared_task_gramian(task_grads: Any, shared: Any | None) -> corrjax.mtl.TaskGramian:
+    """The :class:`corrjax.mtl.TaskGramian` of the task gradients restricted to the shared parameters (all of them if
+    ``shared`` is None): the leaves the aggregator behind :func:`corrjax.mtl.shared_only` receives, so passing it as
+    ``task_gramian=`` lets the aggregator reuse it. Its ``value`` is None when no parameter is shared."""
+    return corrjax.mtl.TaskGramian.of(_shared_leaves(task_grads, shared))
+
+
+def shared_gradient_cosine(
+    task_grads: Any, shared: Any | None, num_tasks: int, gramian: corrjax.mtl.TaskGramian | None = None
+) -> jax.Array:
+    """``(T, T)`` :func:`corrjax.mtl.task_gradient_cosine` of the task gradients restricted to the shared parameters
+    (all of them if ``shared`` is None), from ``gramian`` (:func:`shared_task_gramian`) when given; all NaN when no
+    parameter is shared (the task gradients then have no common coordinates)."""
+    gramian = shared_task_gramian(task_grads, shared) if gramian is None else gramian
+    if gramian.value is None:
         return jnp.full((num_tasks, num_tasks), jnp.nan, jnp.float32)
-    return corrjax.mtl.task_gradient_cosine(leaves)
+    return corrjax.mtl.cosine_from_gramian(gramian.value)
 
 
 def task_weights(opt_state: Any, num_tasks: int) -> jax.Array | None:
@@ -72,34 +93,66 @@ def make_train_step(
     regularizer: Callable[[jax.Array], jax.Array] | None = None,
     regularizer_weight: float = 0.0,
     task_grad_constraint: Callable[[Any, Any], Any] | None = None,
+    task_batch_size: int | None = None,
+    grad_accum_steps: int = 1,
+    loss_scale: DynamicLossScale | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds the pure step. ``shared`` is :func:`corrjax.models.shared_mask` of the model; ``regularizer`` maps
     the shared representation ``model.features(x)`` to a scalar whose ``regularizer_weight / T`` multiple is added
     to every task loss (so it enters the summed objective once with ``regularizer_weight``).
     ``task_grad_constraint(task_grads, params) -> task_grads`` (identity when None) is applied to the task-stacked
-    gradients before the optax chain: :func:`corrjax.train.sharding.task_grad_constraint` keeps them FSDP-sharded."""
+    gradients before the optax chain: :func:`corrjax.train.sharding.task_grad_constraint` keeps them FSDP-sharded.
+
+    ``task_batch_size`` is :func:`corrjax.mtl.value_and_task_grad`'s (tasks pulled back per vmapped group; None:
+    by backend). ``grad_accum_steps`` ``k > 1`` splits every batch into ``k`` micro-batches (its size must be a
+    multiple of ``k``) whose losses and task-stacked gradients are averaged (:func:`corrjax.train.accumulate.
+    accumulate`) before the aggregator and optimiser run once. ``loss_scale`` (float16 runs) enables dynamic loss
+    scaling; the state must then carry its :class:`~corrjax.train.precision.LossScaleState`."""
     names = [t.name for t in tasks]
     num_tasks = len(names)
 
-    def losses_fn(params, rest, batch):
+    def losses_fn(params, rest, batch, scale):
         model = merge_model(graphdef, params, rest)
         z = model.features(batch["x"])
-        outputs = model.from_features(z, batch["x"])
+        # Mixed precision: losses and the regulariser in float32 whatever the compute dtype.
+        outputs = upcast(model.from_features(z, batch["x"]))
         losses = stacked_losses(loss_fns, names, outputs, batch)
         reg = jnp.zeros((), losses.dtype)
         if regularizer is not None:
-            reg = regularizer(flatten_representation(z))
+            reg = regularizer(upcast(flatten_representation(z)))
             losses = losses + (regularizer_weight / num_tasks) * reg
         new_rest = nnx.state(model, nnx.Not(nnx.Param))
-        return losses, (new_rest, reg)
+        # Loss scaling: the differentiated losses are scaled, the reported ones (aux) are not.
+        scaled = losses if scale is None else losses * scale
+        return scaled, (new_rest, losses, reg)
 
-    task_grad = corrjax.mtl.value_and_task_grad(losses_fn, has_aux=True, shared=shared)
+    task_grad = corrjax.mtl.value_and_task_grad(losses_fn, has_aux=True, shared=shared, task_batch_size=task_batch_size)
+
+    def micro_step(params, rest, batch, scale):
+        (_, (new_rest, losses, reg)), grads = task_grad(params, rest, batch, scale)
+        return new_rest, (losses, reg, grads)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        (losses, (new_rest, reg)), grads = task_grad(state.params, state.rest, batch)
+        scale = None if loss_scale is None else state.loss_scale.scale
+        # --- task gradients: one pass, or the mean over grad_accum_steps micro-batches (trainer.grad_accum_steps).
+        if grad_accum_steps == 1:
+            new_rest, (losses, reg, grads) = micro_step(state.params, state.rest, batch, scale)
+        else:
+            new_rest, (losses, reg, grads) = accumulate.accumulate(
+                lambda rest, mb: micro_step(state.params, rest, mb, scale), state.rest, batch, grad_accum_steps
+            )
         if task_grad_constraint is not None:
             grads = task_grad_constraint(grads, state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params, task_losses=losses)
+        # --- loss scaling (float16): unscale; overflow makes the update non-finite and the guard below skips it.
+        grads_finite = jnp.array(True)
+        if loss_scale is not None:
+            grads = jax.tree.map(
+                lambda g: (g / scale.astype(jnp.promote_types(g.dtype, jnp.float32))).astype(g.dtype), grads
+            )
+            grads_finite = _all_finite(grads)
+        # --- the task Gramian, computed once: the aggregator (extra arg task_gramian) and the diagnostics share it.
+        gramian = shared_task_gramian(grads, shared)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, task_losses=losses, task_gramian=gramian)
         params = optax.apply_updates(state.params, updates)
         finite = _all_finite(losses) & _all_finite(updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -114,17 +167,21 @@ def make_train_step(
             nonfinite_max_streak=jnp.maximum(state.nonfinite_max_streak, streak),
             nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
         )
+        if loss_scale is not None:
+            new_state = new_state.replace(loss_scale=loss_scale.adjust(state.loss_scale, finite & grads_finite))
         metrics = {"train/loss": losses.sum(), "train/finite": finite}
         for i, n in enumerate(names):
             metrics[f"train/{n}/loss"] = losses[i]
         if regularizer is not None:
             metrics["train/regularizer"] = reg
         metrics["train/update_norm"] = optax.tree.norm(updates)
-        metrics["train/grad_cosine"] = shared_gradient_cosine(grads, shared, num_tasks)
+        metrics["train/grad_cosine"] = shared_gradient_cosine(grads, shared, num_tasks, gramian)
         weights = task_weights(opt_state, num_tasks)
         if weights is not None:  # learned / loss-based task weights (uw, dwa, gradnorm, famo, ...)
             for i, n in enumerate(names):
                 metrics[f"train/weights/{n}"] = weights[i]
+        if loss_scale is not None:
+            metrics["train/loss_scale"] = state.loss_scale.scale
         return new_state, metrics
 
     return train_step
@@ -144,7 +201,7 @@ def make_noise_scale_step(
     names = [t.name for t in tasks]
 
     def summed(params, rest, batch):
-        outputs = merge_model(graphdef, params, rest)(batch["x"])
+        outputs = upcast(merge_model(graphdef, params, rest)(batch["x"]))
         return stacked_losses(loss_fns, names, outputs, batch).sum()
 
     def noise_step(state: TrainState, batch: Batch) -> Metrics:
@@ -165,7 +222,7 @@ def make_eval_step(graphdef: nnx.GraphDef) -> Callable[[TrainState, Batch], dict
 
     def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
         model = merge_model(graphdef, state.params, state.rest)
-        return dict(model(batch["x"]))
+        return dict(upcast(model(batch["x"])))
 
     return eval_step
 
@@ -177,10 +234,10 @@ def make_representation_step(graphdef: nnx.GraphDef) -> Callable[[TrainState, ja
 
     def representation_step(state: TrainState, x: jax.Array) -> dict[str, jax.Array]:
         model = merge_model(graphdef, state.params, state.rest)
-        z = model.features(x)
+        z = upcast(model.features(x))
         out = {"shared": flatten_representation(z)}
         if hasattr(model, "gate_weights"):
-            gates = model.gate_weights(x)
+            gates = upcast(model.gate_weights(x))
             names = list(gates)
             out["gate_usage"] = jnp.stack([gates[n].mean(0) for n in names])
             if isinstance(z, jax.Array) and z.ndim == 3 and all(g.shape[-1] == z.shape[1] for g in gates.values()):

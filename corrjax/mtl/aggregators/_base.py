@@ -88,8 +88,9 @@ def from_weighting(weighting: GramianWeighting) -> optax.GradientTransformationE
     """Aggregator from a Gramian weighting: ``updates -> sum_t w_t * updates[t]``.
 
     The input is a task-stacked pytree (every leaf ``(T, ...)``); the output drops the task axis and keeps each leaf's
-    dtype. The Gramian is computed leaf by leaf in at least float32. Extra args (e.g. ``task_losses``) are forwarded
-    to ``weighting.update``.
+    dtype. The Gramian is computed leaf by leaf in at least float32, or taken from the extra argument
+    ``task_gramian`` (a :class:`corrjax.mtl.TaskGramian` of these very updates, e.g. computed once by a training step
+    for its diagnostics). Other extra args (e.g. ``task_losses``) are forwarded to ``weighting.update``.
     """
 
     def init_fn(params: Any) -> Any:
@@ -99,7 +100,8 @@ def from_weighting(weighting: GramianWeighting) -> optax.GradientTransformationE
     def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
         del params
         t = _gramian.num_tasks(updates, floating=True)
-        g = _gramian.gramian(updates) if weighting.needs_gramian else None
+        precomputed = extra_args.pop("task_gramian", None)
+        g = _gramian.gramian_reusing(updates, precomputed) if weighting.needs_gramian else None
         weights, state = weighting.update(g, state, t, **extra_args)
         return _gramian.combine(weights, updates), state
 
