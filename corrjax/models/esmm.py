@@ -34,7 +34,7 @@ from flax import nnx
 
 from corrjax.data.spec import TaskSpec
 from corrjax.models.backbones import flatten
-from corrjax.models.base import MultiTaskModel, make_heads
+from corrjax.models.base import MultiTaskModel, TaskHead
 
 # The body's internal tasks.
 CTR, CVR = "ctr", "cvr"
@@ -70,8 +70,11 @@ class SeparateTowers(MultiTaskModel):
         rngs: nnx.Rngs,
     ) -> None:
         self._init_tasks(tasks)
-        kw = {"dtype": dtype, "param_dtype": param_dtype}
-        self.heads = make_heads(int(in_features), self.tasks, tuple(tower_hidden), rngs, **kw)
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        # One module per tower, not a stacked TaskHeads: the CTR tower is shared (both ESMM losses reach it) and the
+        # CVR tower task-specific, and the shared/task split (corrjax.models.shared_mask) is per parameter leaf.
+        hidden = tuple(tower_hidden)
+        self.heads = nnx.Dict({t.name: TaskHead(int(in_features), t, hidden, **kw) for t in self.tasks})
         self.in_features = int(in_features)
 
     def features(self, x: jax.Array) -> jax.Array:

@@ -138,7 +138,10 @@ def test_esmm_product_structure_and_split(body):
     np.testing.assert_allclose(sig(out["purchase"]), sig(out["click"]) * sig(out["cvr"]), rtol=1e-5)
     # The CVR network is reached by the CTCVR loss alone (task-specific); the CTR network by both (shared).
     mask = shared_mask(model)["inner"]["body"]
-    assert not any(jax.tree.leaves(mask["heads"]["cvr"])) and all(jax.tree.leaves(mask["heads"]["ctr"]))
+    if body == "towers":
+        assert not any(jax.tree.leaves(mask["heads"]["cvr"])) and all(jax.tree.leaves(mask["heads"]["ctr"]))
+    else:  # MMoE's stacked heads hold the CTR and CVR towers in the same leaves, which both losses reach: shared
+        assert all(jax.tree.leaves(mask["heads"]))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     y = {"click": jnp.array([1.0, 0, 1, 0]), "purchase": jnp.array([1.0, 0, 0, 0])}
 
@@ -149,8 +152,14 @@ def test_esmm_product_structure_and_split(body):
 
     jac = jax.jacrev(losses)(params)
     heads = jac["inner"]["body"]["heads"]
-    assert all(np.all(np.asarray(g[0]) == 0) for g in jax.tree.leaves(heads["cvr"]))  # no CTR-loss gradient
-    assert all(np.any(np.asarray(g[1]) != 0) for g in jax.tree.leaves(heads["ctr"]["out"]))  # CTCVR reaches CTR
+    if body == "towers":
+        cvr, ctr_out = jax.tree.leaves(heads["cvr"]), jax.tree.leaves(heads["ctr"]["out"])
+    else:  # stacked: leaves (loss, head, ...) with the heads in BODY_TASKS order (ctr, cvr)
+        stack = heads["groups"]["out_scalar"]["stack"]
+        cvr = [g[:, 1] for g in jax.tree.leaves(stack)]
+        ctr_out = [g[:, 0] for g in jax.tree.leaves(stack["out"])]
+    assert all(np.all(np.asarray(g[0]) == 0) for g in cvr)  # no CTR-loss gradient
+    assert all(np.any(np.asarray(g[1]) != 0) for g in ctr_out)  # CTCVR reaches CTR
 
 
 def test_esmm_checks_tasks():
