@@ -75,12 +75,16 @@ class JittedSteps(NamedTuple):
 
     train: Callable
     eval: Callable
-    noise: Callable
+    noise: Callable | None
     representation: Callable
 
 
 def jit_setup_steps(setup: Any, mesh: Mesh, axis_name: str = "data") -> JittedSteps:
     """The train, eval and noise-scale steps of ``setup`` with :func:`jit_steps`'s shardings and its representation
-    step with :func:`jit_replicated`'s."""
-    train, evaluate, noise = jit_steps(setup.train_step, setup.eval_step, mesh, axis_name, setup.noise_step)
+    step with :func:`jit_replicated`'s (``noise`` None when ``setup`` has no noise-scale step)."""
+    train, evaluate = jit_steps(setup.train_step, setup.eval_step, mesh, axis_name)
+    noise = None
+    if setup.noise_step is not None:
+        rep, data = replicated(mesh), batch_sharding(mesh, axis_name)
+        noise = jax.jit(setup.noise_step, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=0)
     return JittedSteps(train, evaluate, noise, jit_replicated(setup.representation_step, mesh))

@@ -6,8 +6,9 @@ the per-task losses, per-task gradients of the shared parameters from :func:`cor
 optimiser) with the task losses as extra args, and the non-finite guard: when any task loss or the update is
 non-finite the whole update is dropped (state unchanged except the step and skip counters). A non-finite gradient
 makes the update non-finite, unless the optax chain removes it on purpose (``optax.zero_nans()``), in which case
-the step is kept. ``make_eval_step``
-returns the per-task outputs of a batch, ``make_noise_scale_step`` the gradient noise scale and
+the step is kept. The gradient noise scale comes from the two halves of the batch, inside the train step where the
+losses allow it and from ``make_noise_scale_step`` at log steps otherwise. ``make_eval_step``
+returns the per-task outputs of a batch and
 ``make_representation_step`` the representations the CKA diagnostics are computed from. Everything here is pure and
 knows nothing of meshes: :func:`corrjax.train.sharding.jit_steps` jits the steps with their shardings.
 """
@@ -23,6 +24,7 @@ import optax
 from flax import nnx
 
 import corrjax.mtl
+import corrjax.optim
 from corrjax.data import TaskSpec
 from corrjax.train.regularizers import flatten_representation
 from corrjax.train.state import TrainState, merge_model
@@ -48,6 +50,58 @@ def shared_gradient_cosine(task_grads: Any, shared: Any | None, num_tasks: int) 
     return corrjax.mtl.task_gradient_cosine(leaves)
 
 
+def summed_task_gradient(task_grads: Any, shared: Any | None, task_axis: int = 0) -> Any:
+    """The gradient of the summed task losses from :func:`corrjax.mtl.value_and_task_grad`'s task-stacked one: the
+    shared leaves summed over their task axis (``task_axis``), the task-specific leaves (already the summed loss's
+    gradient) as they are. ``shared`` None: every leaf has the task axis."""
+    if shared is None:
+        return jax.tree.map(lambda g: g.sum(task_axis), task_grads)
+    return jax.tree.map(
+        lambda s, g: jax.tree.map(lambda x: x.sum(task_axis), g) if s else g, shared, task_grads, is_leaf=_is_flag
+    )
+
+
+def _is_flag(x: Any) -> bool:
+    return isinstance(x, bool)
+
+
+def _halves(batch: Batch) -> Batch:
+    """Every leaf ``(n, ...)`` -> ``(n // 2, 2, ...)`` (``n`` even): consecutive pairs of examples, so that axis 1
+    indexes the two halves of the batch (its even and odd examples). A pair sits on one device whenever each device
+    holds an even number of rows, so the split moves no data; an explicitly sharded batch keeps its example axis's
+    sharding on the pair axis."""
+
+    def split(v: jax.Array) -> jax.Array:
+        shape = (v.shape[0] // 2, 2, *v.shape[1:])
+        sharding = jax.typeof(v).sharding
+        spec = tuple(sharding.spec) + (None,) * (v.ndim - len(sharding.spec))
+        if any(p is not None for p in spec):  # explicit sharding in the type (an Explicit mesh axis)
+            out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(spec[0], None, *spec[1:]))
+            return jax.lax.reshape(v, shape, out_sharding=out)
+        return v.reshape(shape)
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def two_halves_noise_terms(half_grads: Any, half_size: int) -> tuple[jax.Array, jax.Array]:
+    """Unbiased ``(|G|^2, tr(Sigma))`` (:func:`corrjax.optim.noise_terms_from_two_batches`) from the gradients
+    ``(2, ...)`` of one loss on the two halves of a batch: ``|G_{B/2}|^2`` is their mean squared norm and
+    ``|G_B|^2`` the squared norm of their mean (the whole batch's gradient when the loss is a per-example mean)."""
+    from corrjax.optim import noise_terms_from_two_batches
+
+    small = 0.5 * sum(optax.tree.norm(jax.tree.map(lambda g, i=i: g[i], half_grads), squared=True) for i in (0, 1))
+    big = optax.tree.norm(jax.tree.map(lambda g: g.mean(0), half_grads), squared=True)
+    return noise_terms_from_two_batches(small, big, half_size, 2 * half_size)
+
+
+def _noise_metrics(noise: Any) -> Metrics:
+    return {
+        "train/noise_scale": noise.noise_scale,
+        "train/grad_sq_norm": noise.grad_sq_norm,
+        "train/trace_cov": noise.trace_cov,
+    }
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tasks: Sequence[TaskSpec],
@@ -57,29 +111,59 @@ def make_train_step(
     *,
     regularizer: Callable[[jax.Array], jax.Array] | None = None,
     regularizer_weight: float = 0.0,
+    noise_scale_decay: float | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds the pure step. ``shared`` is :func:`corrjax.models.shared_mask` of the model; ``regularizer`` maps
     the shared representation ``model.features(x)`` to a scalar whose ``regularizer_weight / T`` multiple is added
-    to every task loss (so it enters the summed objective once with ``regularizer_weight``)."""
+    to every task loss (so it enters the summed objective once with ``regularizer_weight``).
+
+    Metrics: ``train/loss`` (the objective: the summed task losses plus ``regularizer_weight`` times the
+    regulariser), ``train/<task>/loss`` (each task's own loss, without the regulariser), ``train/regularizer`` (its
+    unweighted value, with a regulariser), ``train/update_norm`` and ``train/grad_cosine``.
+
+    ``noise_scale_decay`` (a float): McCandlish et al.'s (2018) gradient noise scale from the gradients the step
+    computes anyway. The task gradients are taken on the two halves of the batch (its even and odd examples; one
+    ``vmap`` over them: the same work as the whole batch) and averaged, which for per-example-mean losses is
+    exactly the whole batch's gradient; the halves' gradients of the summed loss give the unbiased two-batch
+    estimates of ``|G|^2`` and ``tr(Sigma)`` (:func:`two_halves_noise_terms`), smoothed by
+    :func:`corrjax.optim.noise_scale_ema` in ``state.noise_scale`` and reported as ``train/noise_scale``,
+    ``train/grad_sq_norm`` and ``train/trace_cov`` at every step. Only for per-example-mean task losses, no
+    regulariser and an even batch (a batch-level loss of the halves is not that of the batch):
+    :func:`make_noise_scale_step` serves the other runs."""
     names = [t.name for t in tasks]
     num_tasks = len(names)
+    if noise_scale_decay is not None and regularizer is not None:
+        raise ValueError("the in-step noise scale (`noise_scale_decay`) needs a run without a regularizer")
 
     def losses_fn(params, rest, batch):
         model = merge_model(graphdef, params, rest)
         z = model.features(batch["x"])
         outputs = model.from_features(z, batch["x"])
-        losses = jnp.stack([loss_fns[n](outputs[n], batch[n]) for n in names])
-        reg = jnp.zeros((), losses.dtype)
+        task_losses = jnp.stack([loss_fns[n](outputs[n], batch[n]) for n in names])
+        losses, reg = task_losses, jnp.zeros((), task_losses.dtype)
         if regularizer is not None:
             reg = regularizer(flatten_representation(z))
-            losses = losses + (regularizer_weight / num_tasks) * reg
+            losses = task_losses + (regularizer_weight / num_tasks) * reg
         new_rest = nnx.state(model, nnx.Not(nnx.Param))
-        return losses, (new_rest, reg)
+        return losses, (new_rest, reg, task_losses)
 
     task_grad = corrjax.mtl.value_and_task_grad(losses_fn, has_aux=True, shared=shared)
 
+    def gradients(state: TrainState, batch: Batch):
+        if noise_scale_decay is None:
+            return *task_grad(state.params, state.rest, batch), state.noise_scale
+        n = batch["x"].shape[0]
+        if n % 2:
+            raise ValueError(f"the in-step noise scale needs an even batch size, got {n}")
+        out, half_grads = jax.vmap(task_grad, in_axes=(None, None, 1))(state.params, state.rest, _halves(batch))
+        losses, (rest, reg, task_losses) = out
+        g2, trace = two_halves_noise_terms(summed_task_gradient(half_grads, shared, task_axis=1), n // 2)
+        noise = corrjax.optim.noise_scale_ema(state.noise_scale, g2, trace, noise_scale_decay)
+        aux = (jax.tree.map(lambda r: r[0], rest), reg.mean(0), task_losses.mean(0))
+        return (losses.mean(0), aux), jax.tree.map(lambda g: g.mean(0), half_grads), noise
+
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        (losses, (new_rest, reg)), grads = task_grad(state.params, state.rest, batch)
+        (losses, (new_rest, reg, task_losses)), grads, noise = gradients(state, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params, task_losses=losses)
         params = optax.apply_updates(state.params, updates)
         finite = _all_finite(losses) & _all_finite(updates)
@@ -94,14 +178,17 @@ def make_train_step(
             nonfinite_streak=streak,
             nonfinite_max_streak=jnp.maximum(state.nonfinite_max_streak, streak),
             nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+            noise_scale=keep(noise, state.noise_scale),
         )
         metrics = {"train/loss": losses.sum(), "train/finite": finite}
         for i, n in enumerate(names):
-            metrics[f"train/{n}/loss"] = losses[i]
+            metrics[f"train/{n}/loss"] = task_losses[i]
         if regularizer is not None:
             metrics["train/regularizer"] = reg
         metrics["train/update_norm"] = optax.tree.norm(updates)
         metrics["train/grad_cosine"] = shared_gradient_cosine(grads, shared, num_tasks)
+        if noise_scale_decay is not None:
+            metrics.update(_noise_metrics(new_state.noise_scale))
         return new_state, metrics
 
     return train_step
@@ -111,28 +198,30 @@ def make_noise_scale_step(
     graphdef: nnx.GraphDef,
     tasks: Sequence[TaskSpec],
     loss_fns: Mapping[str, Callable[[jax.Array, jax.Array], jax.Array]],
-) -> Callable[[TrainState, Batch], Metrics]:
-    """``(state, batch) -> metrics``: McCandlish et al.'s (2018) simple noise scale ``B_simple = tr(Sigma) / |G|^2``
-    of the summed task loss, from the two-batch estimator (:func:`corrjax.optim.noise_terms_from_two_batches`):
-    the gradients of the two halves of the batch give ``|G_{B/2}|^2`` (their mean squared norm) and, averaged,
-    ``|G_B|^2``. Costs one forward and backward pass over the batch; a single-batch estimate, so noisy."""
-    from corrjax.optim import noise_terms_from_two_batches
-
+    decay: float = 0.99,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """``(state, batch) -> (state, metrics)`` for the runs whose train step cannot estimate the noise scale itself
+    (batch-level losses, a regulariser, an odd batch; see :func:`make_train_step`): McCandlish et al.'s (2018)
+    simple noise scale ``B_simple = tr(Sigma) / |G|^2`` of the summed task loss (without the regulariser) from the
+    gradients of the two halves of the batch (:func:`two_halves_noise_terms`), one more forward and backward pass
+    over the batch, run at log steps. The estimates are smoothed by :func:`corrjax.optim.noise_scale_ema`
+    (``decay`` per call) in ``state.noise_scale``; the metrics are the smoothed ``train/noise_scale``,
+    ``train/grad_sq_norm`` and ``train/trace_cov``."""
     names = [t.name for t in tasks]
 
     def summed(params, rest, batch):
         outputs = merge_model(graphdef, params, rest)(batch["x"])
         return sum(loss_fns[n](outputs[n], batch[n]) for n in names)
 
-    def noise_step(state: TrainState, batch: Batch) -> Metrics:
-        n = batch["x"].shape[0]
-        half = n // 2
-        halves = [{k: v[:half] for k, v in batch.items()}, {k: v[half : 2 * half] for k, v in batch.items()}]
-        g1, g2 = (jax.grad(summed)(state.params, state.rest, h) for h in halves)
-        small = 0.5 * (optax.tree.norm(g1, squared=True) + optax.tree.norm(g2, squared=True))
-        big = optax.tree.norm(jax.tree.map(lambda a, b: 0.5 * (a + b), g1, g2), squared=True)
-        g_sq, trace = noise_terms_from_two_batches(small, big, half, 2 * half)
-        return {"train/noise_scale": trace / g_sq, "train/grad_sq_norm": g_sq, "train/trace_cov": trace}
+    def noise_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        half = batch["x"].shape[0] // 2
+        halves = _halves({k: v[: 2 * half] for k, v in batch.items()})
+        half_grads = jax.vmap(jax.grad(summed), in_axes=(None, None, 1))(state.params, state.rest, halves)
+        g2, trace = two_halves_noise_terms(half_grads, half)
+        noise = corrjax.optim.noise_scale_ema(state.noise_scale, g2, trace, decay)
+        finite = jnp.isfinite(g2) & jnp.isfinite(trace)
+        noise = jax.tree.map(lambda a, b: jnp.where(finite, a, b), noise, state.noise_scale)
+        return state.replace(noise_scale=noise), _noise_metrics(noise)
 
     return noise_step
 
