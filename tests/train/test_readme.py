@@ -116,7 +116,18 @@ def reader_inputs() -> dict:
     }
 
 
+def test_readme_python_snippets_compile():
+    """Every python snippet is valid Python (the slow test below runs them)."""
+    blocks = snippets({"python"})
+    assert len(blocks) >= 5
+    for line, _, text in blocks:
+        compile(text, f"README.md:{line}", "exec")
+
+
+@pytest.mark.slow
 def test_readme_python_snippets_run(tmp_path, monkeypatch):
+    """The python snippets in README order, in one namespace (~5 minutes on a busy 2-core CPU: every corrjax.stats
+    function of the tour compiles)."""
     blocks = snippets({"python"})
     assert blocks, "README.md has no python snippet"
     monkeypatch.chdir(tmp_path)  # anything a snippet writes stays here
