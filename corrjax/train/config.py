@@ -112,7 +112,7 @@ def _walk_numbers(node: Any, path: str):
 
 
 def check_values(cfg: Any) -> None:
-    """Raises ``ValueError`` naming the key for a negative or NaN rate (``learning_rate``, ``weight_decay``,
+    """Raises ``ValueError`` naming the key for a negative rate (``learning_rate``, ``weight_decay``,
     ``data.noise_std``, ...: :data:`NON_NEGATIVE_KEYS`) or a size below 1 (``hidden``, ``num_examples``, ...:
     :data:`POSITIVE_KEYS`) anywhere in the ``data``, ``model``, ``mtl``, ``optim`` and ``regularizer`` nodes.
 
@@ -133,7 +133,7 @@ def check_values(cfg: Any) -> None:
             key = path.rsplit(".", 1)[-1].split("[", 1)[0]
             if key in POSITIVE_KEYS and not value >= 1:
                 raise ValueError(f"`{path}`={value} must be >= 1 (a size)")
-            if key in NON_NEGATIVE_KEYS and not value >= 0:
+            if key in NON_NEGATIVE_KEYS and value < 0:  # NaN passes: `data.noise_std=nan` makes non-finite data
                 raise ValueError(f"`{path}`={value} must be >= 0")
 
 

@@ -246,7 +246,7 @@ def test_synthetic_refuses_negative_noise_naming_the_argument():
 
     for kwargs, name in (
         ({"noise_std": -1.0}, "noise_std"),
-        ({"scale": float("nan")}, "scale"),
+        ({"scale": -0.5}, "scale"),
         ({"num_sin": -1}, "num_sin"),
     ):
         with pytest.raises(ValueError, match=f"`{name}`"):
