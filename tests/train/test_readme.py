@@ -161,11 +161,15 @@ def _tiny(argv: list[str]) -> list[str]:
 
 
 def _fill_placeholders(argv: list[str], cwd: Path) -> list[str]:
-    """``outputs/<name>/<stamp>`` and ``multirun/<name>/<stamp>`` -> the newest such folder under ``cwd``."""
+    """``multirun/<name>/<stamp>`` -> the newest sweep folder under ``cwd``; ``outputs/<name>/<stamp>`` -> the newest
+    run of the command's own data-model-mtl choices (the run ``name``: resuming needs the run's config)."""
+    choices = {"data": "synthetic", "model": "hps", "mtl": "ew"}
+    choices.update(a.split("=", 1) for a in argv if a.split("=", 1)[0] in choices)
 
     def newest(kind: str) -> str:
-        found = sorted((p for p in (cwd / kind).glob("*/*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
-        assert found, f"no {kind}/ folder for the placeholder yet"
+        pattern = "*/*" if kind == "multirun" else f"{'-'.join(choices.values())}/*"
+        found = sorted((p for p in (cwd / kind).glob(pattern) if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        assert found, f"no {kind}/{pattern} folder for the placeholder yet"
         return str(found[-1].relative_to(cwd))
 
     return [re.sub(r"(outputs|multirun)/<name>/<stamp>", lambda m: newest(m.group(1)), a) for a in argv]
