@@ -12,7 +12,8 @@ The MMoE paper's generator, generalised from two tasks to ``T`` tasks with a tar
 The paper does not state every constant; the defaults ``d = 100``, ``c = 0.3``, ``m = 5``, ``noise_std = 0.1``
 follow the public re-implementations. The label correlation is lower than ``R_ij`` because of the sine terms (the
 paper reports it as a monotone function of ``p``); :func:`synthetic` records the realised value in ``info``.
-Everything is pure JAX and seeded: the same seed gives the same problem and the same examples.
+Everything is pure JAX and seeded: the same seed gives the same problem and the same examples. :func:`synthetic`
+compiles one program for all its draws (problem and a block of examples), whatever the split and its size.
 """
 
 from __future__ import annotations
@@ -90,26 +91,68 @@ def make_problem(
     return _draw_problem(key, jnp.asarray(psd_cholesky(r), jnp.float32), scale, num_features, num_sin)
 
 
+def _normals(keys: jax.Array, length: int) -> jax.Array:
+    """``(K, length)`` standard normals, row ``k`` from ``keys[k]``: one draw site, however many rows (each site
+    costs XLA about a second of compilation on a CPU). Threefry is counter based, so a row's first ``m`` values do
+    not depend on ``length``."""
+    return jax.vmap(lambda k: jax.random.normal(k, (length,)))(keys)
+
+
+def _problem_size(num_tasks: int, num_features: int, num_sin: int) -> int:
+    return num_features * num_tasks + 2 * num_sin
+
+
+def _problem_from_normals(z: jax.Array, lower: jax.Array, scale: Any, num_features: int, num_sin: int):
+    t = lower.shape[0]
+    g, alpha, beta = jnp.split(
+        z[: _problem_size(t, num_features, num_sin)], [num_features * t, num_features * t + num_sin]
+    )
+    q, _ = jnp.linalg.qr(g.reshape(num_features, t))  # (d, T), orthonormal columns
+    weights = scale * lower.astype(q.dtype) @ q.T  # (T, d)
+    return SyntheticProblem(weights, alpha, beta)
+
+
+def _examples_from_normals(problem: SyntheticProblem, z: jax.Array, num_examples: int, noise_std: Any):
+    num_tasks, d = problem.weights.shape
+    x = z[: num_examples * d].reshape(num_examples, d)
+    eps = z[num_examples * d : num_examples * (d + num_tasks)].reshape(num_examples, num_tasks)
+    lin = x @ problem.weights.T  # (n, T)
+    nonlin = jnp.sin(lin[..., None] * problem.alpha + problem.beta).sum(-1)
+    return x, lin + nonlin + noise_std * eps
+
+
 @partial(jax.jit, static_argnums=(3, 4))
 def _draw_problem(key: jax.Array, lower: jax.Array, scale: float, num_features: int, num_sin: int) -> SyntheticProblem:
-    k_u, k_a, k_b = jax.random.split(key, 3)
-    q, _ = jnp.linalg.qr(jax.random.normal(k_u, (num_features, lower.shape[0])))  # (d, T), orthonormal columns
-    weights = scale * lower.astype(q.dtype) @ q.T  # (T, d)
-    alpha = jax.random.normal(k_a, (num_sin,))
-    beta = jax.random.normal(k_b, (num_sin,))
-    return SyntheticProblem(weights, alpha, beta)
+    z = _normals(key[None], _problem_size(lower.shape[0], num_features, num_sin))[0]
+    return _problem_from_normals(z, lower, scale, num_features, num_sin)
 
 
 @partial(jax.jit, static_argnums=2)
 def sample(problem: SyntheticProblem, key: jax.Array, num_examples: int, noise_std: float = 0.1):
     """Draws ``x (n, d)`` and targets ``y (n, T)`` from ``problem``. Pure and jittable (``num_examples`` static)."""
-    k_x, k_e = jax.random.split(key)
     num_tasks, d = problem.weights.shape
-    x = jax.random.normal(k_x, (num_examples, d))
-    lin = x @ problem.weights.T  # (n, T)
-    nonlin = jnp.sin(lin[..., None] * problem.alpha + problem.beta).sum(-1)
-    y = lin + nonlin + noise_std * jax.random.normal(k_e, (num_examples, num_tasks))
-    return x, y
+    z = _normals(key[None], num_examples * (d + num_tasks))[0]
+    return _examples_from_normals(problem, z, num_examples, noise_std)
+
+
+# Examples are drawn in blocks of this many, each from its own key: one compiled program serves every split and
+# size, and the first k examples of a split are the same whatever `num_examples` is.
+BLOCK_SIZE = 1024
+
+
+@partial(jax.jit, static_argnames=("num_features", "num_sin", "block_size"))
+def _generate(seed, lower, scale, noise_std, stream, block, *, num_features, num_sin, block_size):
+    """:func:`synthetic`'s one compiled program: the problem of ``seed`` (:func:`make_problem` of
+    ``fold_in(key(seed), 0)``) and block ``block`` of the examples of split ``stream`` (``1 + SPLITS[split]``),
+    drawn with :func:`sample` from ``fold_in(fold_in(key(seed), stream), block)``. Everything but the sizes is
+    traced, so each call reuses the program."""
+    key = jax.random.key(seed)
+    t = lower.shape[0]
+    keys = jnp.stack([jax.random.fold_in(key, 0), jax.random.fold_in(jax.random.fold_in(key, stream), block)])
+    size = max(_problem_size(t, num_features, num_sin), block_size * (num_features + t))
+    z = _normals(keys, size)  # one draw site for the problem (row 0) and the block (row 1)
+    problem = _problem_from_normals(z[0], lower, scale, num_features, num_sin)
+    return (problem, *_examples_from_normals(problem, z[1], block_size, noise_std))
 
 
 def synthetic(
@@ -127,8 +170,13 @@ def synthetic(
     """The MMoE synthetic dataset as an in-memory :class:`ArrayDataset`.
 
     Tasks are regressions named ``task0 .. task{T-1}``; ``x`` is float32 ``(n, num_features)``. All splits of one
-    ``seed`` (an int in ``[0, 2**31)``) share the problem (weights, sine constants) and draw independent examples.
-    ``info`` holds the problem, the target correlation and the realised label correlation.
+    ``seed`` (an int in ``[0, 2**31)``) share the problem (weights, sine constants) and draw independent examples,
+    in blocks of :data:`BLOCK_SIZE` from one compiled program (so the first ``k`` examples of a split do not depend
+    on ``num_examples``). ``info`` holds the problem, the target correlation and the realised label correlation.
+
+    Raises ``ValueError`` naming the argument for an unknown split, a seed outside ``[0, 2**31)``, a non-positive
+    ``num_examples``, a negative ``noise_std`` or ``scale``, a negative ``num_sin``, fewer
+    ``num_features`` than tasks and an invalid ``correlation``.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown `split`={split!r}; expected one of {', '.join(map(repr, SPLITS))}")
@@ -136,23 +184,27 @@ def synthetic(
     n = DEFAULT_SIZES[split] if num_examples is None else int(num_examples)
     if n < 1:
         raise ValueError(f"`num_examples` must be positive, got {n}")
-    key = jax.random.key(seed)
-    problem = make_problem(
-        jax.random.fold_in(key, 0),
-        correlation,
-        num_tasks=num_tasks,
-        num_features=num_features,
-        scale=scale,
-        num_sin=num_sin,
-    )
-    x, y = sample(problem, jax.random.fold_in(key, 1 + SPLITS[split]), n, noise_std)
-    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    for name, value in (("noise_std", noise_std), ("scale", scale)):
+        if value < 0:  # NaN passes: NaN noise gives non-finite labels on purpose (the training tests' bad data)
+            raise ValueError(f"`{name}`={value} must be >= 0")
+    if isinstance(num_sin, bool) or not isinstance(num_sin, int) or num_sin < 0:
+        raise ValueError(f"`num_sin`={num_sin!r} must be an int >= 0")
+    target = correlation_matrix(correlation, num_tasks)
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < num_tasks:
+        raise ValueError(f"`num_features`={num_features!r} must be an int >= `num_tasks`={num_tasks}")
+    lower = psd_cholesky(target).astype(np.float32)
+    args = (np.int32(seed), lower, np.float32(scale), np.float32(noise_std), np.int32(1 + SPLITS[split]))
+    sizes = {"num_features": num_features, "num_sin": num_sin, "block_size": BLOCK_SIZE}
+    blocks = [_generate(*args, np.int32(b), **sizes) for b in range(-(-n // BLOCK_SIZE))]
+    problem = jax.tree.map(np.asarray, blocks[0][0])
+    x = np.concatenate([np.asarray(b[1], np.float32) for b in blocks])[:n]
+    y = np.concatenate([np.asarray(b[2], np.float32) for b in blocks])[:n]
     tasks = tuple(TaskSpec(f"task{k}", "regression", 1) for k in range(num_tasks))
     arrays = {"x": x, **{t.name: y[:, k] for k, t in enumerate(tasks)}}
     label_corr = np.corrcoef(y, rowvar=False) if n > 1 else np.full((num_tasks, num_tasks), np.nan)
     info = {
-        "problem": jax.tree.map(np.asarray, problem),
-        "target_correlation": correlation_matrix(correlation, num_tasks),
+        "problem": problem,
+        "target_correlation": target,
         "label_correlation": np.atleast_2d(label_corr),
         "split": split,
         "seed": seed,

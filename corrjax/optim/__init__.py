@@ -16,6 +16,7 @@ from corrjax.optim.grad_variance import (
 from corrjax.optim.noise_scale import (
     GradientNoiseScaleState,
     gradient_noise_scale,
+    noise_scale_ema,
     noise_terms_from_moments,
     noise_terms_from_two_batches,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "fast_path_mask",
     "gradient_noise_scale",
     "msvag",
+    "noise_scale_ema",
     "noise_terms_from_moments",
     "noise_terms_from_two_batches",
     "per_example_moments",

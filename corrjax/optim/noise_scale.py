@@ -12,6 +12,7 @@ import optax
 __all__ = [
     "GradientNoiseScaleState",
     "gradient_noise_scale",
+    "noise_scale_ema",
     "noise_terms_from_moments",
     "noise_terms_from_two_batches",
 ]
@@ -78,6 +79,35 @@ def noise_terms_from_two_batches(
     return g2, trace
 
 
+def noise_scale_ema(
+    state: GradientNoiseScaleState, grad_sq_norm: chex.Numeric, trace_cov: chex.Numeric, decay: chex.Numeric = 0.99
+) -> GradientNoiseScaleState:
+    """One step of :func:`gradient_noise_scale`'s smoothing: the bias-corrected EMAs (``decay``) of the unbiased
+    estimates ``grad_sq_norm`` (``|G|^2``) and ``trace_cov`` (``tr(Sigma)``), and their ratio ``B_simple``.
+
+    McCandlish et al. (2018), Appendix A.1: the ratio of single-batch estimates is biased and very noisy, so the
+    two estimators are averaged over steps *before* the ratio is taken. Start from ``GradientNoiseScaleState`` of
+    zeros (``gradient_noise_scale().init(None)``); the state keeps its dtypes (a stable scan carry). Pure and
+    jittable (``decay`` may be an array)."""
+    count = optax.safe_increment(state.count)
+    d = jnp.asarray(decay, jnp.float32)
+    correction = 1 - d ** count.astype(jnp.float32)
+    # The stored fields are bias-corrected; undo the correction of the previous step to get the raw EMAs.
+    prev = 1 - d ** state.count.astype(jnp.float32)
+    raw_g2 = d * state.grad_sq_norm * prev + (1 - d) * grad_sq_norm
+    raw_tr = d * state.trace_cov * prev + (1 - d) * trace_cov
+    g2_hat, tr_hat = raw_g2 / correction, raw_tr / correction
+    ratio = jnp.where(g2_hat > 0, tr_hat / jnp.where(g2_hat > 0, g2_hat, 1), jnp.inf)
+    # float64 gradients (x64) make the estimates float64; the state keeps its init dtypes (a stable scan carry).
+    keep = lambda x, old: jnp.asarray(x).astype(old.dtype)
+    return GradientNoiseScaleState(
+        count=count,
+        grad_sq_norm=keep(g2_hat, state.grad_sq_norm),
+        trace_cov=keep(tr_hat, state.trace_cov),
+        noise_scale=keep(ratio, state.noise_scale),
+    )
+
+
 def gradient_noise_scale(*, decay: chex.Numeric = 0.99) -> optax.GradientTransformationExtraArgs:
     r"""Tracks McCandlish et al.'s simple noise scale ``B_simple = tr(Sigma) / |G|^2``; updates pass through unchanged.
 
@@ -129,22 +159,6 @@ def gradient_noise_scale(*, decay: chex.Numeric = 0.99) -> optax.GradientTransfo
                 "`small_batch_sq_norm`, `small_batch_size` and `sample_size`; got "
                 f"{sorted(k for k, v in extra.items() if v is not None)}"
             )
-        count = optax.safe_increment(state.count)
-        d = jnp.asarray(decay, jnp.float32)
-        correction = 1 - d ** count.astype(jnp.float32)
-        # The stored fields are bias-corrected; undo the correction of the previous step to get the raw EMAs.
-        prev = 1 - d ** state.count.astype(jnp.float32)
-        raw_g2 = d * state.grad_sq_norm * prev + (1 - d) * g2
-        raw_tr = d * state.trace_cov * prev + (1 - d) * trace
-        g2_hat, tr_hat = raw_g2 / correction, raw_tr / correction
-        ratio = jnp.where(g2_hat > 0, tr_hat / jnp.where(g2_hat > 0, g2_hat, 1), jnp.inf)
-        # float64 gradients (x64) make the estimates float64; the state keeps its init dtypes (a stable scan carry).
-        keep = lambda x, old: jnp.asarray(x).astype(old.dtype)
-        return updates, GradientNoiseScaleState(
-            count=count,
-            grad_sq_norm=keep(g2_hat, state.grad_sq_norm),
-            trace_cov=keep(tr_hat, state.trace_cov),
-            noise_scale=keep(ratio, state.noise_scale),
-        )
+        return updates, noise_scale_ema(state, g2, trace, decay)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

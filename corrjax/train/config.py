@@ -54,8 +54,11 @@ class TrainerConfig:
     # this many micro-batches of batch_size / grad_accum_steps, whose task-stacked gradients are averaged before the
     # aggregator runs once (corrjax.train.accumulate). batch_size must be a multiple of grad_accum_steps x devices.
     grad_accum_steps: int = 1
-    # Log McCandlish et al.'s gradient noise scale at every log step (one more forward/backward pass there).
+    # Log McCandlish et al.'s gradient noise scale (corrjax.train.step: from the two halves of the batch the step
+    # already differentiates, or one more forward/backward pass at log steps for batch-level losses), its two
+    # estimators smoothed by an EMA of this decay per step.
     noise_scale: bool = True
+    noise_scale_decay: float = 0.99
     progress: bool = True
     # Validation and model selection (corrjax.train.selection; README "Validation and model selection").
     # train: train (from `ckpt_path`'s weights when given); eval: evaluate `ckpt_path` only (scripts/eval.py).
@@ -69,6 +72,9 @@ class TrainerConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     # After training, the selected checkpoint is evaluated on this split into summary.json's test/...; null: skip.
     test_split: str | None = "test"
+    # Persistent XLA compilation cache (corrjax.train.compile_cache): auto ($XDG_CACHE_HOME/corrjax/jax or
+    # ~/.cache/corrjax/jax unless JAX_COMPILATION_CACHE_DIR is set), a directory, or null (no cache).
+    compilation_cache_dir: str | None = "auto"
 
 
 # Lower bounds of the trainer's counts (the schema checks types only): 0 disables evaluation and checkpointing.
@@ -102,6 +108,64 @@ def check_trainer(trainer: Any) -> None:
     accum, batch = get("grad_accum_steps", 1), get("batch_size")
     if batch % accum:
         raise ValueError(f"`trainer.grad_accum_steps`={accum} must divide `trainer.batch_size`={batch}")
+    decay = trainer.get("noise_scale_decay", 0.99) if hasattr(trainer, "get") else 0.99
+    if not 0 <= decay < 1:
+        raise ValueError(f"`trainer.noise_scale_decay`={decay} must be in [0, 1)")
+
+
+# Keys of the `_target_` groups whose numbers must be positive (sizes) or non-negative (rates, optional sizes),
+# wherever they sit in the node (lists checked element by element): `check_values`.
+POSITIVE_KEYS = frozenset(
+    {
+        "hidden", "head_hidden", "tower_hidden", "expert_hidden", "widths", "channels", "out_features",
+        "in_features", "gate_in_features", "num_experts", "num_levels", "blocks_per_stage", "stem_stride",
+        "num_examples", "num_tasks", "num_features", "image_size", "decay_steps", "transition_steps",
+    }
+)  # fmt: skip
+NON_NEGATIVE_KEYS = frozenset(
+    {
+        "learning_rate", "peak_value", "init_value", "end_value", "weight_decay", "noise_std", "scale",
+        "num_sin", "num_shared_experts", "num_task_experts", "warmup_steps", "max_norm", "weight",
+    }
+)  # fmt: skip
+_VALUE_GROUPS = ("data", "model", "mtl", "optim", "regularizer")
+
+
+def _walk_numbers(node: Any, path: str):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _walk_numbers(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _walk_numbers(value, f"{path}[{i}]")
+    elif isinstance(node, int | float) and not isinstance(node, bool):
+        yield path, node
+
+
+def check_values(cfg: Any) -> None:
+    """Raises ``ValueError`` naming the key for a negative rate (``learning_rate``, ``weight_decay``,
+    ``data.noise_std``, ...: :data:`NON_NEGATIVE_KEYS`) or a size below 1 (``hidden``, ``num_examples``, ...:
+    :data:`POSITIVE_KEYS`) anywhere in the ``data``, ``model``, ``mtl``, ``optim`` and ``regularizer`` nodes.
+
+    The targets would accept most of them (``optax.adam(-1e-3)`` ascends; a negative noise std flips the noise's
+    sign) or fail far from the key; null values (sizes filled from the data) are skipped, and a node whose
+    interpolations do not resolve is left to its instantiation to report."""
+    from omegaconf import OmegaConf
+
+    for group in _VALUE_GROUPS:
+        node = cfg.get(group) if hasattr(cfg, "get") else getattr(cfg, group, None)
+        if node is None:
+            continue
+        try:
+            plain = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+        except Exception:  # an interpolation that only resolves later (or never): instantiation reports it
+            continue
+        for path, value in _walk_numbers(plain, group):
+            key = path.rsplit(".", 1)[-1].split("[", 1)[0]
+            if key in POSITIVE_KEYS and not value >= 1:
+                raise ValueError(f"`{path}`={value} must be >= 1 (a size)")
+            if key in NON_NEGATIVE_KEYS and value < 0:  # NaN passes: `data.noise_std=nan` makes non-finite data
+                raise ValueError(f"`{path}`={value} must be >= 0")
 
 
 @dataclass

@@ -6,7 +6,8 @@ for every seed. :func:`train_seeds` builds every seed with the loop's own :func:
 data, model, regulariser and optimiser state, from the config with that seed), stacks the states along a leading
 seed axis, and compiles one program: a ``lax.scan`` over the steps between two evaluations whose body runs the
 setup's train step for every seed (``jax.lax.map`` over the seed axis, ``seed_batch`` seeds vectorised at a time)
-and, at the logging steps, its gradient-noise-scale step (``trainer.noise_scale``), as the loop does. Each seed
+and, at the logging steps, its gradient-noise-scale step (when the train step does not estimate the noise scale
+itself: :func:`corrjax.train.setup.noise_scale_in_step`), as the loop does. Each seed
 reads the batches its own :class:`~corrjax.data.BatchIterator` would hand it (the epoch order depends on the seed),
 so seed ``s`` of an ensemble computes what the single run with ``seed=s`` computes, up to floating-point
 reassociation: the two agree to ~1e-7 over the tests' short runs, and over long runs the rounding differences grow
@@ -53,7 +54,8 @@ import numpy as np
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from corrjax.train.config import check_trainer
+from corrjax.train import compile_cache
+from corrjax.train.config import check_trainer, check_values
 from corrjax.train.selection import check_config as selection_check_config
 from corrjax.train.setup import with_seed
 from corrjax.train.targets import check_config
@@ -76,6 +78,7 @@ def _check(cfg: DictConfig, seeds: Sequence[int], run_dirs: Sequence[str | Path]
     if len(run_dirs) != len(seeds):
         raise ValueError(f"{len(run_dirs)} `run_dirs` for {len(seeds)} `seeds`; give one directory per seed")
     check_trainer(cfg.trainer)
+    check_values(cfg)
     check_config(cfg)
     selection_check_config(cfg)
     if cfg.get("ckpt_path") or cfg.trainer.get("mode", "train") != "train":
@@ -154,14 +157,15 @@ def _scan_fn(train_step, noise_step, names: Sequence[str], seed_batch: int):
     """Jitted ``(states, train arrays (S, N, ...), indices (K, S, B), logged (K,)) -> (states, metrics (K, S, ...))``:
     K steps, each running the train step for every seed (``seed_batch`` seeds vectorised at a time) on its own batch
     rows, and at the ``logged`` steps the noise-scale step on the new state and the same batch, as the loop does
-    (``noise_step`` None: no noise scale; its metrics are NaN at the other steps)."""
+    (``noise_step`` None: none; its metrics are NaN at the other steps)."""
 
     def one_seed(st, batch, logged):
         st, metrics = train_step(st, batch)
         if noise_step is not None:
-            shapes = jax.eval_shape(noise_step, st, batch)
-            skip = lambda: jax.tree.map(lambda a: jnp.full(a.shape, jnp.nan, a.dtype), shapes)
-            metrics = {**metrics, **jax.lax.cond(logged, lambda: noise_step(st, batch), skip)}
+            shapes = jax.eval_shape(noise_step, st, batch)[1]
+            skip = lambda: (st, jax.tree.map(lambda a: jnp.full(a.shape, jnp.nan, a.dtype), shapes))
+            st, noise_metrics = jax.lax.cond(logged, lambda: noise_step(st, batch), skip)
+            metrics = {**metrics, **noise_metrics}
         return st, metrics
 
     def run(states, arrays, indices, logged):
@@ -244,6 +248,7 @@ def train_seeds(
 
     seeds = [int(s) for s in seeds]
     _check(cfg, seeds, run_dirs, seed_batch)
+    compile_cache.configure(cfg.trainer.get("compilation_cache_dir", "auto"))
     run_dirs = [Path(d).absolute() for d in run_dirs]
     overrides = [list(o) for o in overrides] if overrides is not None else [[f"seed={s}"] for s in seeds]
     if len(overrides) != len(seeds):
@@ -284,7 +289,7 @@ def _train_seeds(
     iterators = [BatchIterator(setup.train_data, tc.batch_size, seed=s, prefetch=0) for s in seeds]
     per_epoch = iterators[0].steps_per_epoch
 
-    scan = _scan_fn(setup.train_step, setup.noise_step if tc.noise_scale else None, names, seed_batch)
+    scan = _scan_fn(setup.train_step, setup.noise_step, names, seed_batch)
     evaluate_all = _eval_fn(
         setup.eval_step, setup.representation_step, setup.tasks, int(tc.eval_batch_size), seed_batch
     )

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 from omegaconf import DictConfig
 
-from corrjax.train import distributed, rundir, targets
+from corrjax.train import compile_cache, distributed, rundir, targets
 from corrjax.train.console import make_console
 from corrjax.train.signals import Interrupt
 
@@ -147,7 +147,7 @@ def _initialize(cfg: DictConfig) -> None:
     """Refuses a bad ``seed``, ``trainer`` count or ``_target_`` before anything runs, then initialises multi-host
     JAX when asked (before any other JAX call) and quietens the libraries' loggers."""
     from corrjax.data.iterator import check_seed  # touches no JAX device
-    from corrjax.train.config import check_trainer
+    from corrjax.train.config import check_trainer, check_values
     from corrjax.train.selection import check_config
     from corrjax.train.writers import check_logger
 
@@ -155,8 +155,10 @@ def _initialize(cfg: DictConfig) -> None:
     check_trainer(cfg.trainer)
     check_config(cfg)
     check_logger(cfg.logger)
+    check_values(cfg)
     targets.check_config(cfg)
     distributed.maybe_initialize(cfg.parallel.distributed)
+    compile_cache.configure(cfg.trainer.get("compilation_cache_dir", "auto"))
     for noisy in ("absl", "orbax", "jax._src.xla_bridge", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -179,8 +181,9 @@ def _train(state, start, iterator, steps, evaluator, writer, ckpt, interrupt, tc
         throughput.tick()
         progress.update(bar, advance=1)
         if logging_step:
-            if tc.noise_scale:
-                metrics = {**metrics, **steps.noise(state, batch)}
+            if steps.noise is not None:
+                state, noise_metrics = steps.noise(state, batch)
+                metrics = {**metrics, **noise_metrics}
             record = last_train = tracking.train_record(
                 jax.device_get(metrics), examples_per_s=throughput.rate(), nonfinite_total=state.nonfinite_total
             )
@@ -230,7 +233,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Trains as ``cfg`` says and returns the final summary (also written to ``summary.json`` by process 0).
 
     Raises ``ValueError`` at once, naming the key, for a ``seed`` outside ``[0, 2**31)``, a ``trainer`` count
-    below its minimum (:func:`corrjax.train.config.check_trainer`) or a ``_target_`` outside the allow-list
+    below its minimum (:func:`corrjax.train.config.check_trainer`), a negative rate or non-positive size in the
+    target groups (:func:`corrjax.train.config.check_values`) or a ``_target_`` outside the allow-list
     (:func:`corrjax.train.targets.check_config`). The run holds its directory for its whole life
     (:func:`corrjax.train.rundir.claim`): a second run there fails at once, and a fresh run in a directory with a
     previous run's results fails unless ``trainer.overwrite=true``."""

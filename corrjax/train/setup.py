@@ -21,7 +21,6 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from corrjax.data import TaskSpec
@@ -50,7 +49,9 @@ class Setup:
       tx: the optax chain (aggregator then optimiser).
       loss_fns: ``{task: loss(output, label)}``.
       regularizer, regularizer_weight: the representation regulariser (None: none) and its weight.
-      train_step, eval_step, noise_step, representation_step: the pure steps of :mod:`corrjax.train.step`.
+      train_step, eval_step, noise_step, representation_step: the pure steps of :mod:`corrjax.train.step`;
+        ``noise_step`` is None unless ``trainer.noise_scale`` is on and the train step cannot estimate the noise
+        scale itself (:func:`noise_scale_in_step`).
       reported_tasks: dataset tasks that the model predicts as extra outputs without training them (its
         ``reported_outputs``, e.g. ESMM's post-click CVR): evaluated, never in the loss.
       precision: the dtype policy (``parallel.compute_dtype`` / ``param_dtype``, :mod:`corrjax.train.precision`).
@@ -74,7 +75,7 @@ class Setup:
     regularizer_weight: float
     train_step: Callable
     eval_step: Callable
-    noise_step: Callable
+    noise_step: Callable | None
     representation_step: Callable
     reported_tasks: tuple[TaskSpec, ...] = ()
     precision: precision.Precision = _FLOAT32
@@ -125,7 +126,23 @@ def _regularizer(cfg: DictConfig) -> tuple[Callable | None, float]:
     node = cfg.get("regularizer")
     if node is None or node.get("fn") is None:
         return None, 0.0
-    return instantiate(node.fn), float(node.weight)
+    return builders.instantiate_node(node.fn, "regularizer.fn"), float(node.weight)
+
+
+def noise_scale_in_step(
+    trainer: Any, per_example_means: bool, regularizer: Callable | None, loss_scaling: bool = False
+) -> bool:
+    """Whether the train step estimates the gradient noise scale from the two halves of its batch (per-example-mean
+    task losses, no regulariser, an even ``trainer.batch_size``, no gradient accumulation and no float16 loss
+    scaling); otherwise the noise-scale step runs at log steps (:func:`corrjax.train.step.make_train_step`)."""
+    simple = int(trainer.get("grad_accum_steps", 1)) == 1 and not loss_scaling
+    return (
+        bool(trainer.noise_scale)
+        and per_example_means
+        and regularizer is None
+        and trainer.batch_size % 2 == 0
+        and simple
+    )
 
 
 def build(cfg: DictConfig, seed: int | None = None, *, task_grad_constraint: Callable | None = None) -> Setup:
@@ -136,8 +153,8 @@ def build(cfg: DictConfig, seed: int | None = None, *, task_grad_constraint: Cal
     ``task_losses`` entry naming an unknown task or loss (each naming the key)."""
     seed = check_seed(cfg.seed if seed is None else seed)
     cfg = with_seed(cfg, seed) if seed != cfg.seed else cfg
-    train_data = instantiate(cfg.data, split="train")
-    eval_data = instantiate(cfg.data, split=cfg.trainer.eval_split)
+    train_data = builders.instantiate_node(cfg.data, "data", split="train")
+    eval_data = builders.instantiate_node(cfg.data, "data", split=cfg.trainer.eval_split)
     run_tasks = tasks.select_tasks(train_data.tasks, cfg.get("tasks"))
     x0, features = train_data[0]["x"], getattr(train_data, "features", None)
     input_shape = None if isinstance(x0, Mapping) else np.shape(x0)
@@ -159,6 +176,15 @@ def build(cfg: DictConfig, seed: int | None = None, *, task_grad_constraint: Cal
     log.info(optimizer.task_jacobian_estimate(params, mask, len(run_tasks), task_batch))
     loss_fns = tasks.task_loss_fns(run_tasks, OmegaConf.to_container(cfg.task_losses))
     regularizer, weight = _regularizer(cfg)
+    tc = cfg.trainer
+    in_step = noise_scale_in_step(
+        tc, tasks.per_example_means(run_tasks, cfg.task_losses), regularizer, loss_scale is not None
+    )
+    decay = float(tc.get("noise_scale_decay", 0.99))
+    noise_step = None
+    if tc.noise_scale and not in_step:
+        # One estimate per log step: the EMA's decay per estimate spans the steps in between.
+        noise_step = step.make_noise_scale_step(graphdef, run_tasks, loss_fns, decay=decay ** int(tc.log_every))
     return Setup(
         cfg=cfg,
         seed=seed,
@@ -187,9 +213,10 @@ def build(cfg: DictConfig, seed: int | None = None, *, task_grad_constraint: Cal
             task_batch_size=task_batch,
             grad_accum_steps=int(cfg.trainer.get("grad_accum_steps", 1)),
             loss_scale=loss_scale,
+            noise_scale_decay=decay if in_step else None,
         ),
         eval_step=step.make_eval_step(graphdef),
-        noise_step=step.make_noise_scale_step(graphdef, run_tasks, loss_fns),
+        noise_step=noise_step,
         representation_step=step.make_representation_step(graphdef),
         reported_tasks=_reported_tasks(model, train_data.tasks, run_tasks),
         precision=policy,

@@ -200,14 +200,18 @@ class JittedSteps(NamedTuple):
 
     train: Callable
     eval: Callable
-    noise: Callable
+    noise: Callable | None
     representation: Callable
 
 
 def jit_setup_steps(setup: Any, mesh: Mesh, axis_name: str = "data", state_sharding: Any = None) -> JittedSteps:
     """The train, eval and noise-scale steps of ``setup`` with :func:`jit_steps`'s shardings and its representation
-    step with :func:`jit_replicated`'s, the state as ``state_sharding`` (default replicated)."""
-    train, evaluate, noise = jit_steps(
-        setup.train_step, setup.eval_step, mesh, axis_name, setup.noise_step, state_sharding=state_sharding
-    )
+    step with :func:`jit_replicated`'s, the state as ``state_sharding`` (default replicated; ``noise`` None when
+    ``setup`` has no noise-scale step, which returns the state with its noise-scale EMA and donates the old one)."""
+    train, evaluate = jit_steps(setup.train_step, setup.eval_step, mesh, axis_name, state_sharding=state_sharding)
+    noise = None
+    if setup.noise_step is not None:
+        rep, data = replicated(mesh), batch_sharding(mesh, axis_name)
+        st = rep if state_sharding is None else state_sharding
+        noise = jax.jit(setup.noise_step, in_shardings=(st, data), out_shardings=(st, rep), donate_argnums=0)
     return JittedSteps(train, evaluate, noise, jit_replicated(setup.representation_step, mesh, state_sharding))

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from corrjax.optim import GradientNoiseScaleState
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -30,6 +32,8 @@ class TrainState:
       nonfinite_streak: consecutive skipped (non-finite) steps ending at ``step``.
       nonfinite_max_streak: longest such streak so far (lets the host check a stop condition lazily).
       nonfinite_total: skipped steps in total.
+      noise_scale: the EMAs of the gradient noise scale's two estimators
+        (:class:`corrjax.optim.GradientNoiseScaleState`; all zero while ``trainer.noise_scale`` is off).
       loss_scale: the dynamic loss-scale state (:class:`corrjax.train.precision.LossScaleState`) of a float16 run;
         None (no leaves) otherwise.
     """
@@ -42,6 +46,7 @@ class TrainState:
     nonfinite_streak: jax.Array
     nonfinite_max_streak: jax.Array
     nonfinite_total: jax.Array
+    noise_scale: GradientNoiseScaleState
     loss_scale: Any = None
 
 
@@ -64,6 +69,7 @@ def create_state(
     Every counter is its own array: the train step donates the state, and XLA refuses to donate one buffer twice.
     """
     zero = lambda: jnp.zeros((), jnp.int32)
+    zeros_f32 = lambda: jnp.zeros((), jnp.float32)
     return TrainState(
         step=zero(),
         params=params,
@@ -73,5 +79,8 @@ def create_state(
         nonfinite_streak=zero(),
         nonfinite_max_streak=zero(),
         nonfinite_total=zero(),
+        noise_scale=GradientNoiseScaleState(
+            count=zero(), grad_sq_norm=zeros_f32(), trace_cov=zeros_f32(), noise_scale=zeros_f32()
+        ),
         loss_scale=loss_scale,
     )

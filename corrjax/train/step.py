@@ -14,7 +14,9 @@ regulariser, and a float16 run scales its losses dynamically. Gradient accumulat
 :mod:`corrjax.train.accumulate`) splits the batch into micro-batches inside the step and averages their
 task-stacked gradients before the aggregator runs once. The task Gramian is computed once
 (:class:`corrjax.mtl.TaskGramian`) and shared by the ``train/grad_cosine`` diagnostic and the aggregator.
-``make_eval_step`` returns the per-task outputs of a batch, ``make_noise_scale_step`` the gradient noise scale and
+The gradient noise scale comes from the two halves of the batch, inside the train step where the
+losses allow it and from ``make_noise_scale_step`` at log steps otherwise. ``make_eval_step``
+returns the per-task outputs of a batch and
 ``make_representation_step`` the representations the CKA diagnostics are computed from. Everything here is pure and
 knows nothing of meshes: :func:`corrjax.train.sharding.jit_steps` jits the steps with their shardings.
 """
@@ -30,6 +32,7 @@ import optax
 from flax import nnx
 
 import corrjax.mtl
+import corrjax.optim
 from corrjax.data import TaskSpec
 from corrjax.train import accumulate
 from corrjax.train.precision import DynamicLossScale, upcast
@@ -83,6 +86,58 @@ def task_weights(opt_state: Any, num_tasks: int) -> jax.Array | None:
     return None
 
 
+def summed_task_gradient(task_grads: Any, shared: Any | None, task_axis: int = 0) -> Any:
+    """The gradient of the summed task losses from :func:`corrjax.mtl.value_and_task_grad`'s task-stacked one: the
+    shared leaves summed over their task axis (``task_axis``), the task-specific leaves (already the summed loss's
+    gradient) as they are. ``shared`` None: every leaf has the task axis."""
+    if shared is None:
+        return jax.tree.map(lambda g: g.sum(task_axis), task_grads)
+    return jax.tree.map(
+        lambda s, g: jax.tree.map(lambda x: x.sum(task_axis), g) if s else g, shared, task_grads, is_leaf=_is_flag
+    )
+
+
+def _is_flag(x: Any) -> bool:
+    return isinstance(x, bool)
+
+
+def _halves(batch: Batch) -> Batch:
+    """Every leaf ``(n, ...)`` -> ``(n // 2, 2, ...)`` (``n`` even): consecutive pairs of examples, so that axis 1
+    indexes the two halves of the batch (its even and odd examples). A pair sits on one device whenever each device
+    holds an even number of rows, so the split moves no data; an explicitly sharded batch keeps its example axis's
+    sharding on the pair axis."""
+
+    def split(v: jax.Array) -> jax.Array:
+        shape = (v.shape[0] // 2, 2, *v.shape[1:])
+        sharding = jax.typeof(v).sharding
+        spec = tuple(sharding.spec) + (None,) * (v.ndim - len(sharding.spec))
+        if any(p is not None for p in spec):  # explicit sharding in the type (an Explicit mesh axis)
+            out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(spec[0], None, *spec[1:]))
+            return jax.lax.reshape(v, shape, out_sharding=out)
+        return v.reshape(shape)
+
+    return jax.tree.map(split, batch)
+
+
+def two_halves_noise_terms(half_grads: Any, half_size: int) -> tuple[jax.Array, jax.Array]:
+    """Unbiased ``(|G|^2, tr(Sigma))`` (:func:`corrjax.optim.noise_terms_from_two_batches`) from the gradients
+    ``(2, ...)`` of one loss on the two halves of a batch: ``|G_{B/2}|^2`` is their mean squared norm and
+    ``|G_B|^2`` the squared norm of their mean (the whole batch's gradient when the loss is a per-example mean)."""
+    from corrjax.optim import noise_terms_from_two_batches
+
+    small = 0.5 * sum(optax.tree.norm(jax.tree.map(lambda g, i=i: g[i], half_grads), squared=True) for i in (0, 1))
+    big = optax.tree.norm(jax.tree.map(lambda g: g.mean(0), half_grads), squared=True)
+    return noise_terms_from_two_batches(small, big, half_size, 2 * half_size)
+
+
+def _noise_metrics(noise: Any) -> Metrics:
+    return {
+        "train/noise_scale": noise.noise_scale,
+        "train/grad_sq_norm": noise.grad_sq_norm,
+        "train/trace_cov": noise.trace_cov,
+    }
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tasks: Sequence[TaskSpec],
@@ -96,6 +151,7 @@ def make_train_step(
     task_batch_size: int | None = None,
     grad_accum_steps: int = 1,
     loss_scale: DynamicLossScale | None = None,
+    noise_scale_decay: float | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds the pure step. ``shared`` is :func:`corrjax.models.shared_mask` of the model; ``regularizer`` maps
     the shared representation ``model.features(x)`` to a scalar whose ``regularizer_weight / T`` multiple is added
@@ -107,40 +163,72 @@ def make_train_step(
     by backend). ``grad_accum_steps`` ``k > 1`` splits every batch into ``k`` micro-batches (its size must be a
     multiple of ``k``) whose losses and task-stacked gradients are averaged (:func:`corrjax.train.accumulate.
     accumulate`) before the aggregator and optimiser run once. ``loss_scale`` (float16 runs) enables dynamic loss
-    scaling; the state must then carry its :class:`~corrjax.train.precision.LossScaleState`."""
+    scaling; the state must then carry its :class:`~corrjax.train.precision.LossScaleState`.
+
+    Metrics: ``train/loss`` (the objective: the summed task losses plus ``regularizer_weight`` times the
+    regulariser), ``train/<task>/loss`` (each task's own loss, without the regulariser), ``train/regularizer`` (its
+    unweighted value, with a regulariser), ``train/update_norm`` and ``train/grad_cosine``.
+
+    ``noise_scale_decay`` (a float): McCandlish et al.'s (2018) gradient noise scale from the gradients the step
+    computes anyway. The task gradients are taken on the two halves of the batch (its even and odd examples; one
+    ``vmap`` over them: the same work as the whole batch) and averaged, which for per-example-mean losses is
+    exactly the whole batch's gradient; the halves' gradients of the summed loss give the unbiased two-batch
+    estimates of ``|G|^2`` and ``tr(Sigma)`` (:func:`two_halves_noise_terms`), smoothed by
+    :func:`corrjax.optim.noise_scale_ema` in ``state.noise_scale`` and reported as ``train/noise_scale``,
+    ``train/grad_sq_norm`` and ``train/trace_cov`` at every step. Only for per-example-mean task losses, no
+    regulariser, an even batch, no accumulation and no loss scaling (a batch-level loss of the halves is not that
+    of the batch): :func:`make_noise_scale_step` serves the other runs."""
     names = [t.name for t in tasks]
     num_tasks = len(names)
+    if noise_scale_decay is not None and (regularizer is not None or grad_accum_steps != 1 or loss_scale is not None):
+        raise ValueError(
+            "the in-step noise scale (`noise_scale_decay`) needs a run without a regularizer, gradient accumulation "
+            "or loss scaling"
+        )
 
     def losses_fn(params, rest, batch, scale):
         model = merge_model(graphdef, params, rest)
         z = model.features(batch["x"])
         # Mixed precision: losses and the regulariser in float32 whatever the compute dtype.
         outputs = upcast(model.from_features(z, batch["x"]))
-        losses = stacked_losses(loss_fns, names, outputs, batch)
-        reg = jnp.zeros((), losses.dtype)
+        task_losses = stacked_losses(loss_fns, names, outputs, batch)
+        losses, reg = task_losses, jnp.zeros((), task_losses.dtype)
         if regularizer is not None:
             reg = regularizer(upcast(flatten_representation(z)))
-            losses = losses + (regularizer_weight / num_tasks) * reg
+            losses = task_losses + (regularizer_weight / num_tasks) * reg
         new_rest = nnx.state(model, nnx.Not(nnx.Param))
         # Loss scaling: the differentiated losses are scaled, the reported ones (aux) are not.
         scaled = losses if scale is None else losses * scale
-        return scaled, (new_rest, losses, reg)
+        return scaled, (new_rest, losses, reg, task_losses)
 
     task_grad = corrjax.mtl.value_and_task_grad(losses_fn, has_aux=True, shared=shared, task_batch_size=task_batch_size)
 
     def micro_step(params, rest, batch, scale):
-        (_, (new_rest, losses, reg)), grads = task_grad(params, rest, batch, scale)
-        return new_rest, (losses, reg, grads)
+        (_, (new_rest, losses, reg, task_losses)), grads = task_grad(params, rest, batch, scale)
+        return new_rest, (losses, reg, task_losses, grads)
+
+    def gradients(state: TrainState, batch: Batch, scale: Any):
+        """``(new_rest, (losses, reg, task_losses, task-stacked grads), noise-scale state)`` of one batch."""
+        if noise_scale_decay is None:
+            if grad_accum_steps == 1:
+                return *micro_step(state.params, state.rest, batch, scale), state.noise_scale
+            return *accumulate.accumulate(
+                lambda rest, mb: micro_step(state.params, rest, mb, scale), state.rest, batch, grad_accum_steps
+            ), state.noise_scale
+        n = jax.tree.leaves(batch["x"])[0].shape[0]
+        if n % 2:
+            raise ValueError(f"the in-step noise scale needs an even batch size, got {n}")
+        step_halves = jax.vmap(micro_step, in_axes=(None, None, 1, None))
+        rest, (losses, reg, task_losses, half_grads) = step_halves(state.params, state.rest, _halves(batch), scale)
+        g2, trace = two_halves_noise_terms(summed_task_gradient(half_grads, shared, task_axis=1), n // 2)
+        noise = corrjax.optim.noise_scale_ema(state.noise_scale, g2, trace, noise_scale_decay)
+        out = (losses.mean(0), reg.mean(0), task_losses.mean(0), jax.tree.map(lambda g: g.mean(0), half_grads))
+        return jax.tree.map(lambda r: r[0], rest), out, noise
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         scale = None if loss_scale is None else state.loss_scale.scale
-        # --- task gradients: one pass, or the mean over grad_accum_steps micro-batches (trainer.grad_accum_steps).
-        if grad_accum_steps == 1:
-            new_rest, (losses, reg, grads) = micro_step(state.params, state.rest, batch, scale)
-        else:
-            new_rest, (losses, reg, grads) = accumulate.accumulate(
-                lambda rest, mb: micro_step(state.params, rest, mb, scale), state.rest, batch, grad_accum_steps
-            )
+        # --- task gradients: one pass, the mean over grad_accum_steps micro-batches, or the two halves' mean.
+        new_rest, (losses, reg, task_losses, grads), noise = gradients(state, batch, scale)
         if task_grad_constraint is not None:
             grads = task_grad_constraint(grads, state.params)
         # --- loss scaling (float16): unscale; overflow makes the update non-finite and the guard below skips it.
@@ -166,12 +254,13 @@ def make_train_step(
             nonfinite_streak=streak,
             nonfinite_max_streak=jnp.maximum(state.nonfinite_max_streak, streak),
             nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+            noise_scale=keep(noise, state.noise_scale),
         )
         if loss_scale is not None:
             new_state = new_state.replace(loss_scale=loss_scale.adjust(state.loss_scale, finite & grads_finite))
         metrics = {"train/loss": losses.sum(), "train/finite": finite}
         for i, n in enumerate(names):
-            metrics[f"train/{n}/loss"] = losses[i]
+            metrics[f"train/{n}/loss"] = task_losses[i]
         if regularizer is not None:
             metrics["train/regularizer"] = reg
         metrics["train/update_norm"] = optax.tree.norm(updates)
@@ -182,6 +271,8 @@ def make_train_step(
                 metrics[f"train/weights/{n}"] = weights[i]
         if loss_scale is not None:
             metrics["train/loss_scale"] = state.loss_scale.scale
+        if noise_scale_decay is not None:
+            metrics.update(_noise_metrics(new_state.noise_scale))
         return new_state, metrics
 
     return train_step
@@ -191,28 +282,30 @@ def make_noise_scale_step(
     graphdef: nnx.GraphDef,
     tasks: Sequence[TaskSpec],
     loss_fns: Mapping[str, Callable[[jax.Array, jax.Array], jax.Array]],
-) -> Callable[[TrainState, Batch], Metrics]:
-    """``(state, batch) -> metrics``: McCandlish et al.'s (2018) simple noise scale ``B_simple = tr(Sigma) / |G|^2``
-    of the summed task loss, from the two-batch estimator (:func:`corrjax.optim.noise_terms_from_two_batches`):
-    the gradients of the two halves of the batch give ``|G_{B/2}|^2`` (their mean squared norm) and, averaged,
-    ``|G_B|^2``. Costs one forward and backward pass over the batch; a single-batch estimate, so noisy."""
-    from corrjax.optim import noise_terms_from_two_batches
-
+    decay: float = 0.99,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """``(state, batch) -> (state, metrics)`` for the runs whose train step cannot estimate the noise scale itself
+    (batch-level losses, a regulariser, an odd batch; see :func:`make_train_step`): McCandlish et al.'s (2018)
+    simple noise scale ``B_simple = tr(Sigma) / |G|^2`` of the summed task loss (without the regulariser) from the
+    gradients of the two halves of the batch (:func:`two_halves_noise_terms`), one more forward and backward pass
+    over the batch, run at log steps. The estimates are smoothed by :func:`corrjax.optim.noise_scale_ema`
+    (``decay`` per call) in ``state.noise_scale``; the metrics are the smoothed ``train/noise_scale``,
+    ``train/grad_sq_norm`` and ``train/trace_cov``."""
     names = [t.name for t in tasks]
 
     def summed(params, rest, batch):
         outputs = upcast(merge_model(graphdef, params, rest)(batch["x"]))
         return stacked_losses(loss_fns, names, outputs, batch).sum()
 
-    def noise_step(state: TrainState, batch: Batch) -> Metrics:
-        n = jax.tree.leaves(batch["x"])[0].shape[0]
-        half = n // 2
-        halves = [jax.tree.map(lambda v: v[:half], batch), jax.tree.map(lambda v: v[half : 2 * half], batch)]
-        g1, g2 = (jax.grad(summed)(state.params, state.rest, h) for h in halves)
-        small = 0.5 * (optax.tree.norm(g1, squared=True) + optax.tree.norm(g2, squared=True))
-        big = optax.tree.norm(jax.tree.map(lambda a, b: 0.5 * (a + b), g1, g2), squared=True)
-        g_sq, trace = noise_terms_from_two_batches(small, big, half, 2 * half)
-        return {"train/noise_scale": trace / g_sq, "train/grad_sq_norm": g_sq, "train/trace_cov": trace}
+    def noise_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        half = jax.tree.leaves(batch["x"])[0].shape[0] // 2
+        halves = _halves(jax.tree.map(lambda v: v[: 2 * half], batch))
+        half_grads = jax.vmap(jax.grad(summed), in_axes=(None, None, 1))(state.params, state.rest, halves)
+        g2, trace = two_halves_noise_terms(half_grads, half)
+        noise = corrjax.optim.noise_scale_ema(state.noise_scale, g2, trace, decay)
+        finite = jnp.isfinite(g2) & jnp.isfinite(trace)
+        noise = jax.tree.map(lambda a, b: jnp.where(finite, a, b), noise, state.noise_scale)
+        return state.replace(noise_scale=noise), _noise_metrics(noise)
 
     return noise_step
 

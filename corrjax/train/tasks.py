@@ -242,6 +242,16 @@ def stacked_losses(
     return losses
 
 
+def per_example_means(tasks: Sequence[TaskSpec], regression_losses: Mapping[str, str] | None = None) -> bool:
+    """Whether every task trains on its kind's mean per-example loss (no correlation loss in ``task_losses``): then
+    a batch's loss is the mean of its halves' losses, and the train step may differentiate the halves
+    (:func:`corrjax.train.step.make_train_step`'s in-step noise scale)."""
+    regression_losses = dict(regression_losses or {})
+    # A kind with missing labels (binary: label < 0) averages over the labelled examples, whose count differs
+    # between the halves: not a per-example mean over the batch.
+    return all(regression_losses.get(t.name, "mse") == "mse" and KINDS[t.kind].labelled is None for t in tasks)
+
+
 def select_tasks(available: Any, names: Any) -> tuple[TaskSpec, ...]:
     """The dataset's task specs, restricted to ``names`` (in the dataset's order) when given."""
     available = tuple(available)

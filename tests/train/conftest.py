@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -25,13 +26,25 @@ TINY = ["trainer=tiny", "logger=minimal", "data.num_examples=256"]
 
 @pytest.fixture(scope="session", autouse=True)
 def _compilation_cache(tmp_path_factory):
+    """The cache in a temporary folder, in this process and (through JAX's environment variables) in the
+    subprocesses the tests start: runs keep it (``trainer.compilation_cache_dir=auto`` honours JAX's own setting),
+    so no test writes to the user's cache (~/.cache/corrjax/jax)."""
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
     old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    folder = str(tmp_path_factory.mktemp("xla_cache"))
+    env = {"JAX_COMPILATION_CACHE_DIR": folder, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    old_env = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     yield
     for n, v in old.items():
         jax.config.update(n, v)
+    for k, v in old_env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import jax
@@ -192,3 +193,93 @@ def test_distributed_autodetect(monkeypatch):
     off = SimpleNamespace(enabled=False)
     assert distributed.maybe_initialize(off) is False
     assert distributed.broadcast_str("/some/run/dir") == "/some/run/dir"  # one process: identity
+
+
+# Issue 19's confusing cases: each fails at once with an error naming the key, or now does what the user asked.
+
+
+def test_experiment_preset_keeps_the_trainer_preset_chosen_with_it(compose_fn):
+    """``experiment=X trainer=tiny`` runs tiny's 4 steps (it used to run the preset's 400 silently); without a
+    trainer choice the experiment's values hold, and its other trainer keys stay (celeba's eval split)."""
+    assert compose_fn(["experiment=multidigits_mtl"]).trainer.max_steps == 400
+    tiny = compose_fn(["experiment=multidigits_mtl", "trainer=tiny"]).trainer
+    assert (tiny.max_steps, tiny.batch_size, tiny.log_every) == (4, 16, 1)
+    celeba = compose_fn(["experiment=celeba", "trainer=tiny"]).trainer
+    assert (celeba.max_steps, celeba.eval_split) == (4, "val")
+    assert compose_fn(["experiment=multidigits_mtl", "trainer.max_steps=7"]).trainer.max_steps == 7
+
+
+def test_adam_cosine_follows_the_run_length(compose_fn):
+    """``optim=adam_cosine trainer=tiny`` used to fail with optax's "decay_steps=-46" (a fixed 50-step warmup in
+    a 4-step run): the warmup is now a fraction of ``trainer.max_steps``, and a fixed one too long names its keys."""
+    for overrides, steps in ((["trainer=tiny"], 4), ([], 600), (["trainer.max_steps=0"], 1)):
+        cfg = compose_fn(["optim=adam_cosine", *overrides])
+        schedule = instantiate(cfg.optim._args_[1].learning_rate)
+        warmup = int(0.1 * steps)
+        ref = optax.warmup_cosine_decay_schedule(0.0, 1e-3, warmup, steps)
+        np.testing.assert_allclose([schedule(i) for i in range(steps + 1)], [ref(i) for i in range(steps + 1)])
+        assert isinstance(optimizer.build_optimizer(cfg.mtl, cfg.optim, None, 2), optax.GradientTransformation)
+    with pytest.raises(ValueError, match=r"`warmup_steps`=50 must be in \[0, `decay_steps`=4\].*trainer.max_steps"):
+        optimizer.warmup_cosine_schedule(1e-3, 4, warmup_steps=50)
+    linear = optimizer.warmup_cosine_schedule(1e-3, 4, warmup_steps=4)
+    np.testing.assert_allclose([linear(i) for i in range(5)], [0, 2.5e-4, 5e-4, 7.5e-4, 1e-3], rtol=1e-6)
+
+
+def test_missing_tfds_data_is_reported_as_text_naming_the_key(compose_fn, tmp_path):
+    """The not-prepared error reaches the user as itself (its lines, not a repr with literal \\n) with a note naming
+    the ``data`` key, not wrapped in Hydra's InstantiationException."""
+    from corrjax.data import DatasetNotPreparedError
+    from corrjax.train.setup import build
+
+    cfg = compose_fn(["data=multimnist", f"data.data_dir={tmp_path}"])
+    with pytest.raises(DatasetNotPreparedError) as e:
+        build(cfg)
+    assert "\n    tfds build mnist" in str(e.value) and "\\n" not in str(e.value)
+    assert any("`data`" in note and "corrjax.data.multimnist" in note for note in e.value.__notes__)
+
+
+def test_image_model_on_vector_data_names_the_keys(compose_fn):
+    """``model=hps_lenet`` on the synthetic data used to fail with "not enough values to unpack"."""
+    cfg = compose_fn(["model=hps_lenet"])
+    with pytest.raises(ValueError, match=r"`model.backbone.in_shape`.*\(H, W, C\) images.*`data`.*\(100,\)"):
+        builders.build_model(cfg.model, (), (100,), seed=0)
+    with pytest.raises(ValueError, match=r"`model.backbone.in_channels`.*images.*\(7,\)"):
+        builders.build_model(compose_fn(["model=hps_resnet"]).model, (), (7,), seed=0)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("data.noise_std=-1", "`data.noise_std`=-1"),
+        ("data.num_examples=-5", "`data.num_examples`=-5"),
+        ("optim.learning_rate=-1e-3", "`optim.learning_rate`=-0.001"),
+        ("optim=adam_cosine", None),  # nested: the schedule's peak value (set below)
+        ("model.backbone.hidden=[64,-3]", "`model.backbone.hidden[1]`=-3"),
+        ("model.head_hidden=[0]", "`model.head_hidden[0]`=0"),
+        ("trainer.batch_size=-2", "`trainer.batch_size`=-2"),
+        ("trainer.max_steps=-1", "`trainer.max_steps`=-1"),
+        ("trainer.noise_scale_decay=1.5", "`trainer.noise_scale_decay`=1.5"),
+    ],
+)
+def test_negative_rates_and_sizes_are_refused_naming_the_key(compose_fn, tmp_path, override, key):
+    from corrjax.train import loop
+
+    overrides = [override]
+    if key is None:
+        overrides, key = [override, "optim._args_.1.learning_rate.peak_value=-0.1"], "peak_value`=-0.1"
+    cfg = compose_fn(overrides)
+    with pytest.raises(ValueError, match=re.escape(key)):
+        loop.run(cfg, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before anything ran
+
+
+def test_synthetic_refuses_negative_noise_naming_the_argument():
+    from corrjax.data import synthetic
+
+    for kwargs, name in (
+        ({"noise_std": -1.0}, "noise_std"),
+        ({"scale": -0.5}, "scale"),
+        ({"num_sin": -1}, "num_sin"),
+    ):
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            synthetic("val", num_examples=4, **kwargs)

@@ -236,17 +236,18 @@ def test_nonfinite_step_is_skipped_and_counted():
 
 
 def test_sharded_step_equals_unsharded(mesh8):
-    """The jitted step with explicit shardings on the 8-device data axis gives the single-device result."""
+    """The jitted step with explicit shardings on the 8-device data axis gives the single-device result (with the
+    in-step noise scale, whose two halves of the batch span four devices each)."""
     from omegaconf import OmegaConf
 
     model = builders.build_model(OmegaConf.load(CONFIGS / "model" / "hps.yaml"), REG, (6,), seed=0)
     mask = shared_mask(model)
     graphdef, params, rest = state.split_model(model)
     tx = optax.chain(optax.masked(instantiate({"_target_": "corrjax.mtl.pcgrad"}), mask), optax.sgd(0.1))
-    fn = step.make_train_step(graphdef, REG, tasks.task_loss_fns(REG), tx, mask)
+    fn = step.make_train_step(graphdef, REG, tasks.task_loss_fns(REG), tx, mask, noise_scale_decay=0.9)
     eval_fn = step.make_eval_step(graphdef)
     st0 = state.create_state(params, rest, tx, seed=0)
-    plain, _ = jax.jit(fn)(st0, _batch())
+    plain, plain_metrics = jax.jit(fn)(st0, _batch())
     sharded_step, sharded_eval = sharding.jit_steps(fn, eval_fn, mesh8)
     rep = sharding.replicated(mesh8)
     data = sharding.batch_sharding(mesh8)
@@ -255,6 +256,7 @@ def test_sharded_step_equals_unsharded(mesh8):
     assert metrics["train/loss"].sharding.is_fully_replicated
     assert out.params["trunk"]["layers"][0]["kernel"][...].sharding.is_fully_replicated
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), out.params, plain.params)
+    np.testing.assert_allclose(metrics["train/noise_scale"], plain_metrics["train/noise_scale"], rtol=1e-4)
     preds = sharded_eval(out, jax.device_put({"x": _batch()["x"]}, data))
     assert preds["a"].shape == (16,)
 
@@ -298,8 +300,9 @@ def _hps_step(loss_fns=None, **kwargs):
 
 
 def test_step_metrics_are_the_task_losses_their_sum_and_the_weighted_regularizer():
-    """``train/<task>/loss`` is the task's loss at the step's input parameters (plus ``weight / T`` times the
-    regulariser of the shared representation), ``train/loss`` their sum and ``train/regularizer`` the regulariser."""
+    """``train/<task>/loss`` is the task's own loss at the step's input parameters (without the regulariser),
+    ``train/loss`` the objective (their sum plus ``weight`` times the regulariser of the shared representation) and
+    ``train/regularizer`` the regulariser."""
     import corrjax.stats
     from corrjax.train import regularizers
 
@@ -311,15 +314,58 @@ def test_step_metrics_are_the_task_losses_their_sum_and_the_weighted_regularizer
         out = model(batch["x"])
         reg = float(reg_fn(regularizers.flatten_representation(model.features(batch["x"])))) if kwargs else 0.0
         _, m = train_step(st0, batch)
-        want = {t.name: float(jnp.mean((out[t.name] - batch[t.name]) ** 2)) + weight / 2 * reg for t in REG}
+        want = {t.name: float(jnp.mean((out[t.name] - batch[t.name]) ** 2)) for t in REG}
         for name, value in want.items():
             np.testing.assert_allclose(m[f"train/{name}/loss"], value, rtol=1e-5)
-        np.testing.assert_allclose(m["train/loss"], sum(want.values()), rtol=1e-5)
+        np.testing.assert_allclose(m["train/loss"], sum(want.values()) + weight * reg, rtol=1e-5)
         if kwargs:
             assert reg > 0
             np.testing.assert_allclose(m["train/regularizer"], reg, rtol=1e-5)
         else:
             assert "train/regularizer" not in m
+
+
+def _noise_reference(graphdef, st, batch, decay, previous=None):
+    """McCandlish's two-batch estimates from ``jax.grad`` of the summed loss on each half separately, and their
+    bias-corrected EMA after ``previous`` (a list of earlier (g2, trace) estimates)."""
+    fns = tasks.task_loss_fns(REG)
+    model = lambda p, b: state.merge_model(graphdef, p, st.rest)(b["x"])
+    summed = lambda p, b: sum(fns[t.name](model(p, b)[t.name], b[t.name]) for t in REG)
+    n = batch["x"].shape[0]
+    g = [jax.grad(summed)(st.params, {k: v[i::2] for k, v in batch.items()}) for i in (0, 1)]  # even, odd examples
+    flat = [np.concatenate([np.ravel(x) for x in jax.tree.leaves(gi)]).astype(np.float64) for gi in g]
+    small, big = 0.5 * (flat[0] @ flat[0] + flat[1] @ flat[1]), 0.25 * (flat[0] + flat[1]) @ (flat[0] + flat[1])
+    g2, trace = (n * big - n / 2 * small) / (n / 2), (small - big) / (2 / n - 1 / n)
+    seq = [*(previous or []), (g2, trace)]
+    w = np.array([(1 - decay) * decay ** (len(seq) - 1 - i) for i in range(len(seq))]) / (1 - decay ** len(seq))
+    return (g2, trace), w @ np.array([e[0] for e in seq]), w @ np.array([e[1] for e in seq])
+
+
+def test_noise_scale_in_the_step_from_the_two_halves():
+    """With ``noise_scale_decay`` the step differentiates the two halves of the batch: its update is the whole
+    batch's (per-example-mean losses), and ``train/noise_scale`` is the ratio of the EMAs of McCandlish's two
+    unbiased estimates, computed here from ``jax.grad`` on each half. The separate noise step (runs whose losses
+    do not allow it) gives the same estimates."""
+    decay, batches = 0.5, [_batch(seed=0), _batch(seed=1)]
+    plain, st0, graphdef = _hps_step()
+    halves, _, _ = _hps_step(noise_scale_decay=decay)
+    noise_step = jax.jit(step.make_noise_scale_step(graphdef, REG, tasks.task_loss_fns(REG), decay=decay))
+    s_plain, s_half, s_sep, seen = st0, st0, st0, []
+    for batch in batches:
+        first, g2, trace = _noise_reference(graphdef, s_half, batch, decay, seen)
+        seen.append(first)
+        s_plain, m_plain = plain(s_plain, batch)
+        s_half, m = halves(s_half, batch)
+        s_sep, m_sep = noise_step(s_sep, batch)
+        s_sep = s_sep.replace(params=s_half.params)  # the noise step leaves the parameters alone
+        assert "train/noise_scale" not in m_plain
+        for key in ("train/loss", "train/a/loss", "train/b/loss"):
+            np.testing.assert_allclose(m[key], m_plain[key], rtol=1e-5)
+        for got in (m, m_sep):
+            np.testing.assert_allclose([got["train/grad_sq_norm"], got["train/trace_cov"]], [g2, trace], rtol=1e-3)
+            np.testing.assert_allclose(got["train/noise_scale"], trace / g2, rtol=2e-3)
+    assert int(s_half.noise_scale.count) == 2 and int(s_plain.noise_scale.count) == 0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), s_half.params, s_plain.params)
 
 
 def test_nonfinite_gradient_with_finite_losses_is_skipped():
