@@ -167,15 +167,22 @@ class MultiMNISTDataset:
     def __getitem__(self, index: int) -> Batch:
         return {k: v[0] for k, v in self.get_batch(np.array([index])).items()}
 
-    def get_batch(self, indices: np.ndarray) -> Batch:
+    def read_batch(self, indices: np.ndarray) -> dict[str, Any]:
+        """The MNIST records a batch needs (each once) and how the batch's pairs index them."""
         idx = _check_indices(indices, len(self))
         needed, inverse = np.unique(self.pairs[idx].ravel(), return_inverse=True)
-        raw = self.reader.read_records(needed)
-        images = np.stack([np.asarray(r["image"])[..., 0] for r in raw]).astype(np.float32) / 255.0
-        labels = np.asarray([int(r["label"]) for r in raw], np.int32)
-        inv = inverse.reshape(-1, 2)
-        x = compose(images[inv[:, 0]], images[inv[:, 1]], self.offsets[idx], self.CANVAS)[..., None]
+        return {"records": self.reader.read_records(needed), "inverse": inverse.reshape(-1, 2), "indices": idx}
+
+    def decode_batch(self, raw: dict[str, Any]) -> Batch:
+        """Composes the canvases of a :meth:`read_batch` output."""
+        records, inv = raw["records"], raw["inverse"]
+        images = np.stack([np.asarray(r["image"])[..., 0] for r in records]).astype(np.float32) / 255.0
+        labels = np.asarray([int(r["label"]) for r in records], np.int32)
+        x = compose(images[inv[:, 0]], images[inv[:, 1]], self.offsets[raw["indices"]], self.CANVAS)[..., None]
         return {"x": x, "left": labels[inv[:, 0]], "right": labels[inv[:, 1]]}
+
+    def get_batch(self, indices: np.ndarray) -> Batch:
+        return self.decode_batch(self.read_batch(indices))
 
 
 def multimnist(

@@ -134,10 +134,11 @@ def _initialize(cfg: DictConfig) -> None:
     """Refuses a bad ``seed``, ``trainer`` count or ``_target_`` before anything runs, then initialises multi-host
     JAX when asked (before any other JAX call) and quietens the libraries' loggers."""
     from corrjax.data.iterator import check_seed  # touches no JAX device
-    from corrjax.train.config import check_trainer
+    from corrjax.train.config import check_loader, check_trainer
 
     check_seed(cfg.seed)
     check_trainer(cfg.trainer)
+    check_loader(cfg.get("loader", {}))
     targets.check_config(cfg)
     distributed.maybe_initialize(cfg.parallel.distributed)
     for noisy in ("absl", "orbax", "jax._src.xla_bridge", "matplotlib"):
@@ -197,7 +198,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """:func:`run`'s body, in the run directory it holds."""
     from corrjax.data import BatchIterator  # imported after distributed initialisation, as everything below
-    from corrjax.train import checkpoint, evaluate, sharding, tracking
+    from corrjax.train import checkpoint, config, evaluate, sharding, tracking
     from corrjax.train.setup import build
 
     tc, main, t_start = cfg.trainer, distributed.is_main_process(), time.perf_counter()
@@ -210,7 +211,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     state = setup.init_state(sharding.replicated(mesh))
     log.info("model %s: %d parameters; tasks %s; mesh %s", setup.model_name, setup.num_params, setup.names, mesh.shape)
 
-    iterator = BatchIterator(setup.train_data, tc.batch_size, seed=cfg.seed, sharding=data_sharding, prefetch=2)
+    loader = config.loader_options(cfg.loader, setup.train_data)
+    iterator = BatchIterator(setup.train_data, tc.batch_size, seed=cfg.seed, sharding=data_sharding, **loader)
     fingerprint = checkpoint.data_fingerprint(
         cfg.data,
         num_examples=len(setup.train_data),
@@ -230,7 +232,14 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     tracker = tracking.RepresentationTracker(run_dir / "representations", write=main)
     tracker.load(start)
     evaluator = evaluate.Evaluator(
-        steps.eval, steps.representation, setup.eval_data, setup.tasks, data_sharding, tc.eval_batch_size, tracker
+        steps.eval,
+        steps.representation,
+        setup.eval_data,
+        setup.tasks,
+        data_sharding,
+        tc.eval_batch_size,
+        tracker,
+        **config.loader_options(cfg.loader, setup.eval_data),
     )
     writer = _open_writer(run_dir, cfg.logger, start=start, resume=tc.resume, main=main)
     try:
@@ -240,12 +249,14 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             )
     finally:
         iterator.close()
+        evaluator.close()
         ckpt.close()
         if writer is not None:
             writer.close()
 
     if s >= tc.max_steps and evaluator.last_step != s:  # eval_every=0, or a finished run resumed: evaluate once
         last_eval = evaluator(state, s)
+        evaluator.close()
     summary = tracking.summary(
         step=s,
         completed=s >= tc.max_steps,
