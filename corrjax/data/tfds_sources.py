@@ -234,16 +234,19 @@ def celeba(
     if unknown:
         raise ValueError(f"unknown `attributes` {unknown}; CelebA has {names}")
     tasks = check_tasks([TaskSpec(a, "binary", 1) for a in chosen])
-
-    def convert(r: dict[str, Any]) -> Batch:
-        img = np.asarray(r["image"])
-        h, w = img.shape[:2]
-        s = min(h, w)
-        top, left = (h - s) // 2, (w - s) // 2
-        x = area_resize(img[top : top + s, left : left + s], image_size) / 255.0
-        return {"x": x, **{a: np.float32(r["attributes"][a]) for a in chosen}}
-
+    convert = functools.partial(celeba_example, image_size=image_size, attributes=tuple(chosen))
     return RecordDataset(records, tasks, convert, name=f"celeba/{split}", num_threads=num_threads)
+
+
+def celeba_example(record: dict[str, Any], *, image_size: int, attributes: Sequence[str]) -> Batch:
+    """One CelebA record -> ``{"x": (s, s, 3) float32 in [0, 1], attribute: float32 0/1}``: the image centre-cropped
+    to a square and area-resized to ``image_size`` (a module-level function, so sources pickle to worker processes)."""
+    img = np.asarray(record["image"])
+    h, w = img.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    x = area_resize(img[top : top + s, left : left + s], image_size) / 255.0
+    return {"x": x, **{a: np.float32(record["attributes"][a]) for a in attributes}}
 
 
 # ---------------------------------------------------------------------------------------------------- cifar10
@@ -260,11 +263,10 @@ def cifar10(
     """
     records = open_source("cifar10", _split("cifar10", split), data_dir)
     tasks = (TaskSpec("label", "classification", 10), TaskSpec("animal", "binary", 1))
-    animals = np.zeros(10, np.float32)
-    animals[list(CIFAR10_ANIMALS)] = 1.0
+    return RecordDataset(records, tasks, _cifar10_example, name=f"cifar10/{split}", num_threads=num_threads)
 
-    def convert(r: dict[str, Any]) -> Batch:
-        label = int(r["label"])
-        return {"x": np.asarray(r["image"], np.float32) / 255.0, "label": np.int32(label), "animal": animals[label]}
 
-    return RecordDataset(records, tasks, convert, name=f"cifar10/{split}", num_threads=num_threads)
+def _cifar10_example(record: dict[str, Any]) -> Batch:
+    label = int(record["label"])
+    animal = np.float32(label in CIFAR10_ANIMALS)
+    return {"x": np.asarray(record["image"], np.float32) / 255.0, "label": np.int32(label), "animal": animal}
