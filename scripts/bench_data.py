@@ -1,4 +1,4 @@
-"""Input-pipeline throughput vs training-step throughput (section "data" of BENCHMARKS.md).
+"""Input-pipeline throughput vs training-step throughput (sections "data" and "data_images" of BENCHMARKS.md).
 
 For every corrjax.data source, examples/s delivered by :class:`corrjax.data.BatchIterator` (shuffled, prefetching,
 as host NumPy batches and as device arrays on a 1-device mesh), next to examples/s of a plain jitted Adam step of
@@ -16,7 +16,7 @@ shape. Pipeline ex/s >= train step ex/s means the input keeps up.
 
     .venv/bin/python scripts/bench_data.py           # rewrites the "data" section of BENCHMARKS.md
     .venv/bin/python scripts/bench_data.py --quick   # fewer batches, prints without writing
-    .venv/bin/python scripts/bench_data.py --images-only --workers 0,1,2   # only the image table (printed)
+    .venv/bin/python scripts/bench_data.py --images-only   # only the image table (section "data_images")
 """
 
 from __future__ import annotations
@@ -227,19 +227,25 @@ def main() -> None:
     mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
     load = os.getloadavg()
     workers = [int(w) for w in args.workers.split(",")]
-    image_rows, image_step, image_label = image_pipeline(workers, args.image_batches, BATCH, repeats, mesh)
+    image_rows, image_step, image_label = image_pipeline(workers, args.image_batches, BATCH, min(repeats, 5), mesh)
     image_md = "\n\n".join(
         [
-            f"Image pipeline vs the train step ({image_label}; batch {BATCH}; timed after the first 2 batches "
-            "where there are workers, so their start-up is left out):",
+            "## Input pipeline vs the train step (`scripts/bench_data.py`, image table)",
+            benchlib.machine_line(["flax", "optax", "grain"]),
+            f"Load average at the start: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}. {image_label}; batch "
+            f"{BATCH}; {args.image_batches} batches timed per row, after the first 2 where there are worker processes "
+            "(their start-up, a spawn and an import of corrjax each, is left out); prefetch 2. `device / step` >= 1: "
+            "the input keeps up with the step.",
             benchlib.table(
                 ["grain workers", "pipeline host ex/s", "pipeline device ex/s", "train step ex/s", "device / step"],
                 [[*r, image_step, r[2] / image_step] for r in image_rows],
             ),
         ]
     )
+    print(image_md)
+    if not args.quick:
+        benchlib.write_section("data_images", image_md)
     if args.images_only:
-        print(benchlib.machine_line(["grain"]), f"Load average: {load[0]:.1f}", image_md, sep="\n\n")
         return
 
     syn = synthetic("train")
@@ -308,7 +314,6 @@ def main() -> None:
             ),
             "Training step (jitted Adam, summed task losses, donated params, one fixed device batch):",
             benchlib.table(["model", "train step ex/s"], steps),
-            image_md,
             "TFDS rows use `tfds.testing.mock_data` records (random images generated in Python), so they bound the "
             "cost of our conversion (composition, crop + area resize, stacking) plus the mock's generation; real "
             "array_record reads are not measured here (no prepared data on this machine).",

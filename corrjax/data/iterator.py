@@ -230,7 +230,7 @@ class BatchIterator(Iterator[dict[str, Any]]):
 
     def _next_item(self, loader: Any) -> tuple[int, int, dict[str, Any]]:
         """``(epoch, step + 1, placed batch)`` of the loader's next batch; StopIteration at the end."""
-        batch = dict(next(loader))
+        batch = grain_loader.unwrap(next(loader))
         epoch, step = divmod(int(batch.pop(grain_loader.POSITION_KEY)), self.steps_per_epoch)
         return epoch, step + 1, self._place(batch)
 

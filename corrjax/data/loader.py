@@ -182,6 +182,32 @@ class TransformBatch(grain.transforms.Map):
         return out
 
 
+class Inline:
+    """A small array handed from a worker process inside the pickled element, not in a shared-memory segment of its
+    own (grain puts every NumPy array of an element in one; a CelebA batch has 40 label arrays)."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+
+class InlineSmallArrays(grain.transforms.Map):
+    """grain transform (last, with worker processes): arrays under ``min_bytes`` wrapped in :class:`Inline`."""
+
+    def __init__(self, min_bytes: int = 1 << 16) -> None:
+        self.min_bytes = int(min_bytes)
+
+    def map(self, batch: dict[str, Any]) -> dict[str, Any]:
+        small = lambda v: isinstance(v, np.ndarray) and v.nbytes < self.min_bytes
+        return {k: Inline(v) if small(v) else v for k, v in batch.items()}
+
+
+def unwrap(batch: dict[str, Any]) -> dict[str, Any]:
+    """Undoes :class:`InlineSmallArrays`."""
+    return {k: v.array if isinstance(v, Inline) else v for k, v in batch.items()}
+
+
 def _allow_unparsed_absl_flags() -> None:
     """grain's worker processes read absl flags; outside an absl app nothing parses them, so mark them parsed (their
     defaults) once, as an absl app would."""
@@ -212,12 +238,14 @@ def make_data_loader(
     transform: Callable[[Batch], Batch] | None = None,
 ) -> grain.DataLoader:
     """A ``grain.DataLoader`` yielding the process-local NumPy batches at positions ``start, start + 1, ...``
-    (each with its ``"_position"``), decoded and transformed in ``workers`` worker processes (0: in-process)."""
+    (each with its ``"_position"``), decoded and transformed in ``workers`` worker processes (0: in-process; then
+    small arrays come wrapped, see :func:`unwrap`)."""
     reads = BatchReads(source, geometry, num_epochs)
     operations: list[grain.transforms.Map] = [DecodeBatch(source)]
     if transform is not None:
         operations.append(TransformBatch(transform))
     if workers > 0:
+        operations.append(InlineSmallArrays())
         _allow_unparsed_absl_flags()
     return grain.DataLoader(
         data_source=reads,
