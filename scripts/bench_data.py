@@ -1,4 +1,4 @@
-"""Input-pipeline throughput vs training-step throughput (section "data" of BENCHMARKS.md).
+"""Input-pipeline throughput vs training-step throughput (sections "data" and "data_images" of BENCHMARKS.md).
 
 For every corrjax.data source, examples/s delivered by :class:`corrjax.data.BatchIterator` (shuffled, prefetching,
 as host NumPy batches and as device arrays on a 1-device mesh), next to examples/s of a plain jitted Adam step of
@@ -8,8 +8,15 @@ default read threads) and a torch ``DataLoader`` over tensors (main process). TF
 mocked records (``tfds.testing.mock_data``): that times our per-record conversion and batching, not array_record
 disk reads.
 
+The image-pipeline table measures what feeds an accelerator: a generated CelebA-like source (random 218x178x3 uint8
+records in memory, decoded by corrjax's own CelebA conversion: centre crop, area resize to 64x64, 40 binary tasks)
+through :class:`~corrjax.data.BatchIterator` with 0 (in-process), 1 and 2 grain DataLoader worker processes, next to
+examples/s of the CelebA preset's train step (HPS-ResNet, configs/experiment/celeba.yaml's trunk) on the same batch
+shape. Pipeline ex/s >= train step ex/s means the input keeps up.
+
     .venv/bin/python scripts/bench_data.py           # rewrites the "data" section of BENCHMARKS.md
     .venv/bin/python scripts/bench_data.py --quick   # fewer batches, prints without writing
+    .venv/bin/python scripts/bench_data.py --images-only   # only the image table (section "data_images")
 """
 
 from __future__ import annotations
@@ -34,8 +41,9 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib
 
-from corrjax.data import BatchIterator, multidigits, synthetic
-from corrjax.models import HPS, MLP, LeNet
+from corrjax.data import BatchIterator, RecordDataset, TaskSpec, multidigits, synthetic
+from corrjax.data.tfds_sources import celeba_example
+from corrjax.models import HPS, MLP, LeNet, ResNet
 
 BATCH = 128
 
@@ -44,15 +52,76 @@ BATCH = 128
 # amortised and no pipeline is timed on batches it prepared before the clock started.
 
 
-def iterator_rate(source: Any, num_batches: int, **kwargs: Any) -> float:
-    """Examples/s of the first ``num_batches`` batches of a fresh prefetching BatchIterator."""
+def iterator_rate(source: Any, num_batches: int, batch_size: int = BATCH, skip: int = 0, **kwargs: Any) -> float:
+    """Examples/s of ``num_batches`` batches of a fresh prefetching BatchIterator, timed after its first ``skip``
+    batches (worker processes' start-up left out when ``skip`` > 0)."""
+    it = BatchIterator(source, batch_size, seed=0, **kwargs)
+    for _ in range(skip):
+        jax.block_until_ready(next(it))
     t0 = time.perf_counter()
-    it = BatchIterator(source, BATCH, seed=0, **kwargs)
     for _ in range(num_batches):
         jax.block_until_ready(next(it))
     dt = time.perf_counter() - t0
     it.close()
-    return num_batches * BATCH / dt
+    return num_batches * batch_size / dt
+
+
+class _Repeated:
+    """``num_examples`` records cycling over a smaller list (random images cost memory; decoding is what is timed)."""
+
+    def __init__(self, records: list, num_examples: int) -> None:
+        self.records, self.num_examples = records, num_examples
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __getitem__(self, i: int) -> Any:
+        return self.records[int(i) % len(self.records)]
+
+
+def generated_celeba(
+    num_examples: int, *, num_records: int = 256, height: int = 218, width: int = 178, size: int = 64, tasks: int = 40
+) -> RecordDataset:
+    """A CelebA-like RecordDataset over random uint8 images in memory, decoded by corrjax's CelebA conversion."""
+    rng = np.random.default_rng(0)
+    names = tuple(f"attr{i}" for i in range(tasks))
+    records = [
+        {
+            "image": rng.integers(0, 256, (height, width, 3), dtype=np.uint8),
+            "attributes": {a: bool(v) for a, v in zip(names, rng.integers(0, 2, tasks), strict=True)},
+        }
+        for _ in range(num_records)
+    ]
+    convert = functools.partial(celeba_example, image_size=size, attributes=names)
+    task_specs = [TaskSpec(a, "binary", 1) for a in names]
+    return RecordDataset(_Repeated(records, num_examples), task_specs, convert, name="generated-celeba")
+
+
+def image_pipeline(
+    workers: list[int], num_batches: int, batch: int, repeats: int, mesh: Any, small: bool = False
+) -> tuple[list[list[Any]], float, str]:
+    """Rows ``[workers, host ex/s, device ex/s]`` of the generated CelebA source and the celeba preset's train step
+    ex/s (HPS-ResNet, widths 32/64/128, stem stride 2, 40 binary heads) on the same batch shape. ``small``: 36x30
+    images resized to 16x16, a tiny ResNet and 4 tasks (the reduced run of scripts/bench_device.py)."""
+    if small:
+        src = generated_celeba(4 * batch * num_batches, num_records=16, height=36, width=30, size=16, tasks=4)
+        trunk = functools.partial(ResNet, 3, widths=(8,), blocks_per_stage=1, stem_stride=2)
+        label = "generated CelebA-like 36x30 -> 16x16x3, T=4; HPS-ResNet(8)"
+    else:
+        src = generated_celeba(4 * batch * (num_batches + 2))
+        trunk = functools.partial(ResNet, 3, widths=(32, 64, 128), blocks_per_stage=2, stem_stride=2)
+        label = "generated CelebA-like 218x178 -> 64x64x3, T=40; HPS-ResNet(32, 64, 128)"
+    rows = []
+    for w in workers:
+        skip = 2 if w else 0
+        host = iterator_rate(src, num_batches, batch, skip=skip, workers=w)
+        dev = iterator_rate(src, num_batches, batch, skip=skip, workers=w, mesh=mesh)
+        rows.append([w, host, dev])
+        print(["image pipeline", *rows[-1]], flush=True)
+    model = HPS(trunk, src.tasks, rngs=nnx.Rngs(0))
+    step = train_step_rate(model, src.get_batch(np.arange(batch)), src.tasks, repeats)
+    print(["image train step", step], flush=True)
+    return rows, step, label
 
 
 def grain_rate(source: Any, num_batches: int) -> float | None:
@@ -121,7 +190,7 @@ def train_step_rate(model: nnx.Module, batch: dict[str, np.ndarray], tasks, repe
         return loss
 
     t = benchlib.timeit(run, repeats=repeats, warmup=2, min_time=0.2)
-    return BATCH / t["median"]
+    return len(batch["x"]) / t["median"]
 
 
 def mocked_tfds_sources(tmp: Path):
@@ -149,11 +218,35 @@ def mocked_tfds_sources(tmp: Path):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--images-only", action="store_true", help="only the image-pipeline table, printed")
+    parser.add_argument("--workers", default="0,1,2", help="worker counts of the image-pipeline table")
+    parser.add_argument("--image-batches", type=int, default=12, help="batches timed per image-pipeline row")
     args = parser.parse_args()
     nb = 60 if args.quick else 400  # several epochs: start-up is amortised
     repeats = 5 if args.quick else 15
     mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
     load = os.getloadavg()
+    workers = [int(w) for w in args.workers.split(",")]
+    image_rows, image_step, image_label = image_pipeline(workers, args.image_batches, BATCH, min(repeats, 5), mesh)
+    image_md = "\n\n".join(
+        [
+            "## Input pipeline vs the train step (`scripts/bench_data.py`, image table)",
+            benchlib.machine_line(["flax", "optax", "grain"]),
+            f"Load average at the start: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}. {image_label}; batch "
+            f"{BATCH}; {args.image_batches} batches timed per row, after the first 2 where there are worker processes "
+            "(their start-up, a spawn and an import of corrjax each, is left out); prefetch 2. `device / step` >= 1: "
+            "the input keeps up with the step.",
+            benchlib.table(
+                ["grain workers", "pipeline host ex/s", "pipeline device ex/s", "train step ex/s", "device / step"],
+                [[*r, image_step, r[2] / image_step] for r in image_rows],
+            ),
+        ]
+    )
+    print(image_md)
+    if not args.quick:
+        benchlib.write_section("data_images", image_md)
+    if args.images_only:
+        return
 
     syn = synthetic("train")
     md = multidigits("train")
@@ -205,8 +298,9 @@ def main() -> None:
             benchlib.machine_line(["flax", "optax", "grain", "tensorflow-datasets", "torch"]),
             f"Load average during the run: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (other jobs share the "
             "CPU; ratios within one run are what count). Batch size "
-            f"{BATCH}, shuffled; `host` = NumPy batches, `device` = global jax.Arrays via "
-            "`make_array_from_process_local_data` on a 1-device mesh; prefetch 2 (background thread).",
+            f"{BATCH}, shuffled; `host` = NumPy batches, `device` = global jax.Arrays placed on a 1-device mesh; "
+            "batches made by a grain DataLoader in-process unless a table says otherwise, prefetch 2 (background "
+            "thread).",
             benchlib.table(
                 [
                     "source",

@@ -343,3 +343,49 @@ def test_bench_stats_only_does_not_rewrite_the_section(tmp_path, monkeypatch, be
         bench_stats.main(["--only", "stats_three"])
     assert exit_info.value.code == 2 and "stats_three" in capsys.readouterr().err
     assert benchlib.BENCHMARKS.read_text() == full
+
+
+def test_bench_device_peaks_and_failures_are_reported(tmp_path, monkeypatch):
+    """Known devices map to their data-sheet peaks (the PCIe H100 is not the SXM one); a part that raises is a row
+    saying so, and parts past the time budget are marked skipped, without stopping the script."""
+    bench_device = _load("bench_device")
+    assert bench_device.device_peaks("NVIDIA H100 80GB HBM3")["bf16"] == 989.0
+    assert bench_device.device_peaks("NVIDIA H100 PCIe")["bf16"] == 756.0
+    assert bench_device.device_peaks("NVIDIA H200")["hbm"] == 4.8
+    assert bench_device.device_peaks("NVIDIA A100-SXM4-40GB")["hbm"] == 1.555
+    assert bench_device.device_peaks("TPU v5 lite")["bf16"] == 197.0
+    assert bench_device.device_peaks("cpu") is None
+    assert bench_device.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+    def boom(*args):
+        raise RuntimeError("no scipy here")
+
+    monkeypatch.setattr(bench_device, "part_ranks", boom)
+    md = bench_device.main(["--reduced", "--parts", "ranks", "--no-write"])
+    assert "### Rank correlations vs scipy (CPU)" in md and "failed: RuntimeError: no scipy here" in md
+    md = bench_device.main(["--reduced", "--budget", "0", "--no-write", "--out", str(tmp_path / "none.md")])
+    assert md.count("skipped: the time budget") == 5 and not (tmp_path / "none.md").exists()
+
+
+@pytest.mark.slow
+def test_bench_device_reduced_writes_its_section(tmp_path):
+    """The reduced run on the CPU measures every part and replaces the section of its device, nothing else."""
+    import jax
+
+    bench_device = _load("bench_device")
+    name = bench_device.slug(jax.devices()[0].device_kind)
+    out = tmp_path / "BENCH.md"
+    out.write_text(
+        "# Benchmarks\n\n<!-- bench:other:start -->\nkept\n<!-- bench:other:end -->\n\n"
+        f"<!-- bench:device:{name}:start -->\nold numbers\n<!-- bench:device:{name}:end -->\n"
+    )
+    bench_device.main(["--reduced", "--out", str(out), "--budget", "300"])
+    text = out.read_text()
+    assert "kept" in text and "old numbers" not in text
+    assert text.count(f"<!-- bench:device:{name}:start -->") == 1
+    section = text[text.index(f"<!-- bench:device:{name}:start -->") :]
+    assert f"## Device: {jax.devices()[0].device_kind}" in section and f"JAX {jax.__version__}" in section
+    for title in ("Peaks", "corrjax.stats GEMM-bound", "Rank correlations", "MTL step", "Input pipeline"):
+        assert f"### {title}" in section
+    assert "failed" not in section and "skipped" not in section
+    assert "| cov 1024x64 | bfloat16 |" in section and "| 4 | bfloat16 | upgrad |" in section

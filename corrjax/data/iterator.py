@@ -10,14 +10,16 @@ whatever the number of processes. Without one, each process gets a contiguous
 
 The position ``{"epoch": e, "step": s}`` (``s`` batches of epoch ``e`` consumed) is all the state there is:
 ``get_state()`` after consuming a batch and ``set_state()`` on a fresh iterator yield the same next batches, which
-is what a restored training run needs. A background thread prefetches ``prefetch`` batches ahead (reading,
-converting and transferring them); the position reported is that of the batches handed out, not prefetched.
+is what a restored training run needs. Batches are read, decoded and transformed by a ``grain.DataLoader`` in
+``workers`` worker processes (0: in-process; :mod:`corrjax.data.loader`), whole batch by whole batch, so the batches
+are the same whatever the number of workers; a background thread keeps ``prefetch`` batches ready (taking them from
+the loader and transferring them to the devices). The position reported is that of the batches handed out, not
+prefetched; :meth:`BatchIterator.set_state` rebuilds the loader there.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -27,6 +29,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from corrjax.data import loader as grain_loader
 from corrjax.data.source import Batch, DataSource
 
 logger = logging.getLogger(__name__)
@@ -53,10 +56,7 @@ def epoch_order(num_examples: int, seed: int, epoch: int, shuffle: bool = True) 
     """The example order of one epoch: a seeded permutation (or ``arange`` without shuffling).
 
     ``seed`` is an int in ``[0, 2**31)`` (see :func:`check_seed`); ``ValueError`` otherwise."""
-    seed = check_seed(seed)
-    if not shuffle:
-        return np.arange(num_examples)
-    return np.random.default_rng([int(seed), int(epoch)]).permutation(num_examples)
+    return grain_loader.epoch_order(num_examples, check_seed(seed), epoch, shuffle)
 
 
 def _local_rows(sharding: jax.sharding.Sharding, global_batch: int) -> slice:
@@ -94,8 +94,12 @@ class BatchIterator(Iterator[dict[str, Any]]):
         (repeating examples) and every batch carries a boolean ``"mask"`` (False on padding), so shapes never change.
       sharding: where global batches go; every leaf is placed with it (its leading axis is the batch).
       mesh, data_axis: shorthand for ``NamedSharding(mesh, PartitionSpec(data_axis))``.
-      prefetch: batches prepared ahead by a background thread (0: synchronous).
-      transform: optional host-side function applied to each process-local NumPy batch (e.g. augmentation).
+      prefetch: batches kept ready by a background thread (0: none, batches are made on ``next``); also the number
+        of batches each worker process prepares ahead.
+      workers: grain DataLoader worker processes that read, decode and transform batches (0: in-process). Sources
+        and ``transform`` must then be picklable; the batches do not depend on it.
+      transform: optional host-side function applied to each process-local NumPy batch (e.g. augmentation), as a
+        grain transform in the workers.
       process_index, process_count: override ``jax.process_index()/process_count()`` (tests, custom launchers).
     """
 
@@ -112,6 +116,7 @@ class BatchIterator(Iterator[dict[str, Any]]):
         mesh: jax.sharding.Mesh | None = None,
         data_axis: str | tuple[str, ...] = "data",
         prefetch: int = 2,
+        workers: int = 0,
         transform: Callable[[Batch], Batch] | None = None,
         process_index: int | None = None,
         process_count: int | None = None,
@@ -122,6 +127,8 @@ class BatchIterator(Iterator[dict[str, Any]]):
             raise ValueError(f"`num_epochs` must be None or >= 1, got {num_epochs}")
         if prefetch < 0:
             raise ValueError(f"`prefetch` must be >= 0, got {prefetch}")
+        if isinstance(workers, bool) or not isinstance(workers, int | np.integer) or workers < 0:
+            raise ValueError(f"`workers` must be an int >= 0, got {workers!r}")
         if sharding is not None and mesh is not None:
             raise ValueError("pass either `sharding` or `mesh`, not both")
         if mesh is not None:
@@ -136,6 +143,7 @@ class BatchIterator(Iterator[dict[str, Any]]):
         self.drop_remainder = bool(drop_remainder)
         self.sharding = sharding
         self.prefetch = int(prefetch)
+        self.workers = int(workers)
         self.transform = transform
         self.process_index = jax.process_index() if process_index is None else int(process_index)
         self.process_count = jax.process_count() if process_count is None else int(process_count)
@@ -156,17 +164,17 @@ class BatchIterator(Iterator[dict[str, Any]]):
         else:
             local = self.batch_size // self.process_count
             self._rows = slice(self.process_index * local, (self.process_index + 1) * local)
-        if self.drop_remainder:
-            self.steps_per_epoch = self.num_examples // self.batch_size
-        else:
-            self.steps_per_epoch = math.ceil(self.num_examples / self.batch_size)
+        self._geometry = grain_loader.BatchGeometry(
+            self.num_examples, self.batch_size, self.seed, self.shuffle, self.drop_remainder, self._rows
+        )
+        self.steps_per_epoch = self._geometry.steps_per_epoch
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"`batch_size`={batch_size} exceeds the {self.num_examples} examples of the source with "
                 "drop_remainder=True: no complete batch"
             )
         self._epoch, self._step = 0, 0
-        self._order_cache: tuple[int, np.ndarray] | None = None
+        self._loader: Any = None  # the grain DataLoader iterator, from the position it was built at
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._stop: threading.Event | None = None
@@ -193,25 +201,12 @@ class BatchIterator(Iterator[dict[str, Any]]):
             return epoch + 1, 0
         return epoch, step
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if self._order_cache is None or self._order_cache[0] != epoch:
-            self._order_cache = (epoch, epoch_order(self.num_examples, self.seed, epoch, self.shuffle))
-        return self._order_cache[1]
-
     def global_indices(self, epoch: int, step: int) -> np.ndarray:
         """Source indices of global batch ``step`` of ``epoch`` (padded cyclically when incomplete)."""
-        order = self._order(epoch)
-        idx = order[step * self.batch_size : (step + 1) * self.batch_size]
-        return np.resize(idx, self.batch_size) if idx.size < self.batch_size else idx
+        return self._geometry.global_indices(epoch, step)
 
-    def _make_batch(self, epoch: int, step: int) -> dict[str, Any]:
-        idx = self.global_indices(epoch, step)[self._rows]
-        batch = self.source.get_batch(idx)
-        if not self.drop_remainder:
-            first = step * self.batch_size + self._rows.start
-            batch["mask"] = np.arange(first, first + idx.size) < self.num_examples
-        if self.transform is not None:
-            batch = self.transform(batch)
+    def _place(self, batch: Batch) -> dict[str, Any]:
+        """A process-local NumPy batch -> global arrays with the sharding (unchanged without one)."""
         if self.sharding is None:
             return batch
         if self._single_transfer:  # one process holds the whole batch: a single pytree transfer
@@ -220,26 +215,37 @@ class BatchIterator(Iterator[dict[str, Any]]):
             lambda v: jax.make_array_from_process_local_data(self.sharding, v, (self.batch_size, *v.shape[1:])), batch
         )
 
-    def _positions(self, epoch: int, step: int) -> Iterator[tuple[int, int]]:
-        while True:
-            epoch, step = self._normalise(epoch, step)
-            if self.num_epochs is not None and epoch >= self.num_epochs:
-                return
-            yield epoch, step
-            step += 1
+    def _open_loader(self, epoch: int, step: int) -> Any:
+        epoch, step = self._normalise(epoch, step)
+        loader = grain_loader.make_data_loader(
+            self.source,
+            self._geometry,
+            start=epoch * self.steps_per_epoch + step,
+            num_epochs=self.num_epochs,
+            workers=self.workers,
+            worker_buffer_size=max(1, self.prefetch),
+            transform=self.transform,
+        )
+        return iter(loader)
 
-    def _produce(self, epoch: int, step: int, q: queue.Queue, stop: threading.Event) -> None:
+    def _next_item(self, loader: Any) -> tuple[int, int, dict[str, Any]]:
+        """``(epoch, step + 1, placed batch)`` of the loader's next batch; StopIteration at the end."""
+        batch = grain_loader.unwrap(next(loader))
+        epoch, step = divmod(int(batch.pop(grain_loader.POSITION_KEY)), self.steps_per_epoch)
+        return epoch, step + 1, self._place(batch)
+
+    def _produce(self, loader: Any, q: queue.Queue, stop: threading.Event) -> None:
         try:
-            for e, s in self._positions(epoch, step):
-                item = (e, s + 1, self._make_batch(e, s))
+            while not stop.is_set():
+                item = self._next_item(loader)
                 while not stop.is_set():
                     try:
                         q.put(item, timeout=0.1)
                         break
                     except queue.Full:
                         continue
-                if stop.is_set():
-                    return
+            return
+        except StopIteration:
             item = _DONE
         except BaseException as err:  # handed to the consumer
             item = err
@@ -255,19 +261,21 @@ class BatchIterator(Iterator[dict[str, Any]]):
             self._stop.set()
             self._thread.join()
         self._thread = self._queue = self._stop = None
+        if self._loader is not None:
+            grain_loader.close_loader_iterator(self._loader)
+        self._loader = None
 
     def __next__(self) -> dict[str, Any]:
+        if self._loader is None:
+            self._loader = self._open_loader(self._epoch, self._step)
         if self.prefetch == 0:
-            for e, s in self._positions(self._epoch, self._step):
-                batch = self._make_batch(e, s)
-                self._epoch, self._step = e, s + 1
-                return batch
-            raise StopIteration
+            self._epoch, self._step, batch = self._next_item(self._loader)
+            return batch
         if self._thread is None:
             self._queue, self._stop = queue.Queue(maxsize=self.prefetch), threading.Event()
             self._thread = threading.Thread(
                 target=self._produce,
-                args=(self._epoch, self._step, self._queue, self._stop),
+                args=(self._loader, self._queue, self._stop),
                 name="corrjax-prefetch",
                 daemon=True,
             )
@@ -286,7 +294,8 @@ class BatchIterator(Iterator[dict[str, Any]]):
         return self
 
     def close(self) -> None:
-        """Stops the prefetch thread (the position is kept; iterating again restarts it)."""
+        """Stops the prefetch thread and the loader's worker processes (the position is kept; iterating again
+        restarts them)."""
         self._shutdown()
 
     def __del__(self) -> None:

@@ -4,9 +4,11 @@ A source has ``tasks: tuple[TaskSpec, ...]``, ``len(source)``, ``source[i] -> {"
 ``RandomAccessDataSource`` protocol, so any source also feeds ``grain.MapDataset.source``) and
 ``source.get_batch(indices) -> {"x": (b, ...), task: (b, ...)}``, which the batch iterator uses to gather a whole
 batch at once. ``"x"`` may be a pytree of arrays sharing the leading example axis, such as a tabular dataset's
-``{feature name: array}`` (:mod:`corrjax.data.features`). :class:`ArrayDataset` holds arrays in host memory
-(built-in datasets); :class:`RecordDataset` wraps a record source such as ``tfds.data_source`` and converts each
-record with a function.
+``{feature name: array}`` (:mod:`corrjax.data.features`). Sources whose examples need decoding split ``get_batch`` into ``read_batch(indices) -> raw`` (I/O) and
+``decode_batch(raw) -> batch`` (decoding, cropping, resizing), which the batch iterator's grain DataLoader runs as
+its data source and as a grain transform, in worker processes (:mod:`corrjax.data.loader`); such sources pickle.
+:class:`ArrayDataset` holds arrays in host memory (built-in datasets); :class:`RecordDataset` wraps a record source
+such as ``tfds.data_source`` and converts each record with a function.
 """
 
 from __future__ import annotations
@@ -144,7 +146,10 @@ class RecordDataset:
       tasks: the task specs.
       convert: maps one raw record to ``{"x": ..., task_name: label}`` (NumPy values).
       name: a label for logs and benchmarks.
-      num_threads: threads used to read and convert the records of one batch (array_record reads release the GIL).
+      num_threads: threads used to read the records of one batch (array_record reads release the GIL).
+
+    ``get_batch(indices)`` is ``decode_batch(read_batch(indices))``: the raw records, then each converted and the
+    results stacked. The thread pool is not pickled (a worker process starts its own).
     """
 
     def __init__(
@@ -185,9 +190,20 @@ class RecordDataset:
             return [r for part in self._pool.map(self._read, chunks) for r in part]
         return self._read(idx)
 
-    def get_batch(self, indices: np.ndarray) -> Batch:
-        examples = [self.convert(r) for r in self.read_records(indices)]
+    def read_batch(self, indices: np.ndarray) -> list[Any]:
+        """The raw records of a batch (:meth:`read_records`)."""
+        return self.read_records(indices)
+
+    def decode_batch(self, records: Sequence[Any]) -> Batch:
+        """Converts raw records with ``convert`` and stacks them into a batch."""
+        examples = [self.convert(r) for r in records]
         return jax.tree.map(lambda *vs: np.stack(vs), *examples) if examples else {}
+
+    def get_batch(self, indices: np.ndarray) -> Batch:
+        return self.decode_batch(self.read_batch(indices))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_pool": None}
 
     def __repr__(self) -> str:
         return f"RecordDataset({self.name!r}, n={len(self)}, tasks={[t.name for t in self.tasks]})"

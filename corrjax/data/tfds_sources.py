@@ -246,15 +246,22 @@ class MultiMNISTDataset:
     def __getitem__(self, index: int) -> Batch:
         return {k: v[0] for k, v in self.get_batch(np.array([index])).items()}
 
-    def get_batch(self, indices: np.ndarray) -> Batch:
+    def read_batch(self, indices: np.ndarray) -> dict[str, Any]:
+        """The MNIST records a batch needs (each once) and how the batch's pairs index them."""
         idx = _check_indices(indices, len(self))
         needed, inverse = np.unique(self.pairs[idx].ravel(), return_inverse=True)
-        raw = self.reader.read_records(needed)
-        images = np.stack([np.asarray(r["image"])[..., 0] for r in raw]).astype(np.float32) / 255.0
-        labels = np.asarray([int(r["label"]) for r in raw], np.int32)
-        inv = inverse.reshape(-1, 2)
-        x = compose(images[inv[:, 0]], images[inv[:, 1]], self.offsets[idx], self.CANVAS)[..., None]
+        return {"records": self.reader.read_records(needed), "inverse": inverse.reshape(-1, 2), "indices": idx}
+
+    def decode_batch(self, raw: dict[str, Any]) -> Batch:
+        """Composes the canvases of a :meth:`read_batch` output."""
+        records, inv = raw["records"], raw["inverse"]
+        images = np.stack([np.asarray(r["image"])[..., 0] for r in records]).astype(np.float32) / 255.0
+        labels = np.asarray([int(r["label"]) for r in records], np.int32)
+        x = compose(images[inv[:, 0]], images[inv[:, 1]], self.offsets[raw["indices"]], self.CANVAS)[..., None]
         return {"x": x, "left": labels[inv[:, 0]], "right": labels[inv[:, 1]]}
+
+    def get_batch(self, indices: np.ndarray) -> Batch:
+        return self.decode_batch(self.read_batch(indices))
 
 
 def multimnist(
@@ -310,16 +317,19 @@ def celeba(
     if unknown:
         raise ValueError(f"unknown `attributes` {unknown}; CelebA has {names}")
     tasks = check_tasks([TaskSpec(a, "binary", 1) for a in chosen])
-
-    def convert(r: dict[str, Any]) -> Batch:
-        img = np.asarray(r["image"])
-        h, w = img.shape[:2]
-        s = min(h, w)
-        top, left = (h - s) // 2, (w - s) // 2
-        x = area_resize(img[top : top + s, left : left + s], image_size) / 255.0
-        return {"x": x, **{a: np.float32(r["attributes"][a]) for a in chosen}}
-
+    convert = functools.partial(celeba_example, image_size=image_size, attributes=tuple(chosen))
     return RecordDataset(records, tasks, convert, name=f"celeba/{split}", num_threads=num_threads)
+
+
+def celeba_example(record: dict[str, Any], *, image_size: int, attributes: Sequence[str]) -> Batch:
+    """One CelebA record -> ``{"x": (s, s, 3) float32 in [0, 1], attribute: float32 0/1}``: the image centre-cropped
+    to a square and area-resized to ``image_size`` (a module-level function, so sources pickle to worker processes)."""
+    img = np.asarray(record["image"])
+    h, w = img.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    x = area_resize(img[top : top + s, left : left + s], image_size) / 255.0
+    return {"x": x, **{a: np.float32(record["attributes"][a]) for a in attributes}}
 
 
 # ---------------------------------------------------------------------------------------------------- cifar10
@@ -339,11 +349,10 @@ def cifar10(
     """
     records = open_split("cifar10", split, data_dir, val_fraction=val_fraction, split_seed=split_seed)
     tasks = (TaskSpec("label", "classification", 10), TaskSpec("animal", "binary", 1))
-    animals = np.zeros(10, np.float32)
-    animals[list(CIFAR10_ANIMALS)] = 1.0
+    return RecordDataset(records, tasks, _cifar10_example, name=f"cifar10/{split}", num_threads=num_threads)
 
-    def convert(r: dict[str, Any]) -> Batch:
-        label = int(r["label"])
-        return {"x": np.asarray(r["image"], np.float32) / 255.0, "label": np.int32(label), "animal": animals[label]}
 
-    return RecordDataset(records, tasks, convert, name=f"cifar10/{split}", num_threads=num_threads)
+def _cifar10_example(record: dict[str, Any]) -> Batch:
+    label = int(record["label"])
+    animal = np.float32(label in CIFAR10_ANIMALS)
+    return {"x": np.asarray(record["image"], np.float32) / 255.0, "label": np.int32(label), "animal": animal}

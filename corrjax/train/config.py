@@ -224,6 +224,40 @@ class MlflowConfig:
 
 
 @dataclass
+class LoaderConfig:
+    """The input pipeline (:class:`corrjax.data.BatchIterator` for training, the same for evaluation): grain
+    DataLoader worker processes that read, decode and transform batches, and batches kept ready ahead. Neither
+    changes the batches, so a run may resume with other values."""
+
+    # null: 0 (in-process) on the CPU backend or for in-memory datasets, else min(8, cpu_count // 2).
+    workers: int | None = None
+    prefetch: int = 2
+
+
+def check_loader(loader: Any) -> None:
+    """Raises ``ValueError`` naming the key for a negative ``loader.workers`` or ``loader.prefetch`` (touches no
+    JAX device, so it runs before distributed initialisation)."""
+    workers, prefetch = loader.get("workers"), loader.get("prefetch", 2)
+    if workers is not None and workers < 0:
+        raise ValueError(f"`loader.workers`={workers} must be >= 0 (or null: chosen from the backend and dataset)")
+    if prefetch is None or prefetch < 0:
+        raise ValueError(f"`loader.prefetch`={prefetch} must be >= 0")
+
+
+def loader_options(loader: Any, source: Any) -> dict[str, int]:
+    """``{"workers", "prefetch"}`` for a BatchIterator over ``source`` from the ``loader`` config node (``workers``
+    null: :func:`corrjax.data.loader.default_workers`), after :func:`check_loader`."""
+    from corrjax.data.loader import default_workers
+
+    check_loader(loader)
+    workers = loader.get("workers")
+    return {
+        "workers": default_workers(source) if workers is None else int(workers),
+        "prefetch": int(loader.get("prefetch", 2)),
+    }
+
+
+@dataclass
 class LoggerConfig:
     """What process 0 records (corrjax.train.writers, corrjax.train.trackers) and prints (corrjax.train.console)."""
 
@@ -267,6 +301,7 @@ class TrainConfig:
     regularizer: Any = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 

@@ -116,7 +116,7 @@ def evaluate_split(steps: Any, state: Any, data: Any, setup: Any, sharding: Any,
     """The evaluation metrics of ``state`` on ``data`` under ``prefix`` (``eval/`` or ``test/``)."""
     from corrjax.train import evaluate, selection
 
-    record = evaluate.evaluate(steps.eval, state, data, setup.tasks, sharding, batch_size)
+    record = evaluate.evaluate(steps.eval, state, data, setup.tasks, sharding, batch_size, setup.reported_tasks)
     return selection.with_prefix(record, "eval/", prefix)
 
 

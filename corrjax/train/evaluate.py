@@ -1,14 +1,17 @@
 """Evaluation over a whole split: per-task metrics, the summed loss, and correlation matrices between tasks.
 
-The split is read in order in global batches (the last one padded and masked), every process building the same
-global arrays with :func:`jax.make_array_from_callback`; the jitted eval step returns replicated per-task outputs,
-which are gathered on the host and scored by one jitted function. Besides each task's ``loss`` and
-``accuracy``/``auc``/``rmse``/``pearson`` (and ``gauc`` of binary tasks when the dataset names a ``user_feature``,
-see :func:`user_groups`), it reports ``eval/loss`` (sum of task losses), ``eval/pred_corr`` (the
-``(T, T)`` correlation of per-example task predictions, see :func:`corrjax.train.tasks.score`) and
-``eval/error_corr`` (the correlation of per-example task losses), both from :func:`corrjax.stats.corrcoef`.
-:func:`representation_diagnostics` turns the outputs of :func:`corrjax.train.step.make_representation_step` into the
-CKA diagnostics; :class:`Evaluator` does both at an evaluation step of the loop.
+The split is read in order in global batches (the last one padded and masked) by a
+:class:`~corrjax.data.BatchIterator` (:func:`eval_batches`): each process reads, decodes and transfers only its rows
+of each batch (its shard of the split), in grain worker processes when asked, while a background thread prefetches
+the next batches. The jitted eval step returns replicated per-task outputs and the labels and mask are replicated
+the same way (the cross-process all-gather), then gathered on the host and scored by one jitted function. Besides
+each task's ``loss`` and ``accuracy``/``auc``/``rmse``/``pearson`` (and ``gauc`` of binary tasks when the dataset
+names a ``user_feature``, see :func:`user_groups`), it reports ``eval/loss`` (sum of task losses),
+``eval/pred_corr`` (the ``(T, T)`` correlation of per-example task predictions, see
+:func:`corrjax.train.tasks.score`) and ``eval/error_corr`` (the correlation of per-example task losses), both from
+:func:`corrjax.stats.corrcoef`. :func:`representation_diagnostics` turns the outputs of
+:func:`corrjax.train.step.make_representation_step` into the CKA diagnostics; :class:`Evaluator` does both at an
+evaluation step of the loop.
 """
 
 from __future__ import annotations
@@ -20,26 +23,46 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 import corrjax.stats
-from corrjax.data import TaskSpec
+from corrjax.data import BatchIterator, TaskSpec
 from corrjax.train import tasks as task_table
-from corrjax.train.sharding import global_batch
 
 
-def iterate_in_order(dataset: Any, batch_size: int, multiple: int):
-    """Yields ``(batch, mask)`` over ``dataset`` in order; the last batch is padded (repeating row 0) to
-    ``batch_size`` rounded up to ``multiple`` and masked."""
-    batch_size = -(-batch_size // multiple) * multiple
-    n = len(dataset)
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, min(start + batch_size, n))
-        valid = len(idx)
-        idx = np.concatenate([idx, np.zeros(batch_size - valid, idx.dtype)])
-        batch = dataset.get_batch(idx)
-        mask = np.arange(batch_size) < valid
-        yield batch, mask
+def eval_batches(
+    dataset: Any,
+    batch_size: int,
+    sharding: NamedSharding,
+    *,
+    num_epochs: int | None = None,
+    prefetch: int = 2,
+    workers: int = 0,
+) -> BatchIterator:
+    """The split in order, in global batches of ``batch_size`` rounded up to a multiple of the mesh's devices, the
+    last one padded and masked (``"mask"``); each process reads only its rows. One epoch is one evaluation; with
+    ``num_epochs=None`` the iterator (and its prefetch thread and worker processes) serves every evaluation."""
+    multiple = sharding.mesh.devices.size
+    rounded = -(-batch_size // multiple) * multiple
+    return BatchIterator(
+        dataset,
+        rounded,
+        shuffle=False,
+        drop_remainder=False,
+        num_epochs=num_epochs,
+        sharding=sharding,
+        prefetch=prefetch,
+        workers=workers,
+    )
+
+
+_USERS = "__user__"  # the key of GAUC's user ids among an eval batch's host values
+
+
+@functools.cache
+def _replicate(mesh: jax.sharding.Mesh) -> Callable:
+    """Jitted identity whose outputs are replicated: an all-gather of batch-sharded arrays over every process."""
+    return jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
 def score_outputs(
@@ -101,25 +124,43 @@ def evaluate(
     sharding: NamedSharding,
     batch_size: int,
     reported: Sequence[TaskSpec] = (),
+    *,
+    batches: BatchIterator | None = None,
 ) -> dict[str, Any]:
     """Runs ``eval_step`` over ``dataset`` and returns the metrics dict (host values); ``reported``: see
-    :func:`score_outputs`."""
-    multiple = sharding.mesh.devices.size
+    :func:`score_outputs`.
+
+    ``batches``: an :func:`eval_batches` iterator at the start of an epoch (an :class:`Evaluator` keeps one across
+    evaluations); None makes a one-epoch one here."""
+    reported = tuple(reported)
     groups = user_groups(dataset)
-    outputs, labels, masks, users = [], [], [], []
-    for batch, mask in iterate_in_order(dataset, batch_size, multiple):
-        out = eval_step(state, global_batch({"x": batch["x"]}, sharding))
-        outputs.append(jax.device_get(out))
-        labels.append({t.name: batch[t.name] for t in (*tasks, *reported)})
-        masks.append(mask)
-        if groups is not None:
-            users.append(np.asarray(batch["x"][groups[0]]))
+    own = batches is None
+    if own:
+        batches = eval_batches(dataset, batch_size, sharding, num_epochs=1)
+    position = batches.get_state()
+    if position["step"] not in (0, batches.steps_per_epoch):
+        raise ValueError(f"`batches` must be at the start of an epoch of the split, got position {position}")
+    replicate = _replicate(sharding.mesh)
+    outputs, labels = [], []
+    try:
+        for _ in range(batches.steps_per_epoch):  # dispatched asynchronously; fetched once at the end
+            batch = next(batches)
+            outputs.append(eval_step(state, {"x": batch["x"]}))
+            host = {"mask": batch["mask"], **{t.name: batch[t.name] for t in (*tasks, *reported)}}
+            if groups is not None:  # the user ids of GAUC, replicated like the labels
+                host[_USERS] = batch["x"][groups[0]]
+            labels.append(replicate(host))
+    finally:
+        if own:
+            batches.close()
+    outputs, labels = jax.device_get((outputs, labels))
+    mask = np.concatenate([lab.pop("mask") for lab in labels])
+    users = np.concatenate([lab.pop(_USERS) for lab in labels]) if groups is not None else None
     cat = lambda parts: jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
-    mask = np.concatenate(masks)
     out, lab = cat(outputs), cat(labels)
     metrics, scores, errors = _score(tuple(tasks), out, lab, jnp.asarray(mask), tuple(reported))
     if groups is not None:
-        metrics.update(_gauc((*tasks, *reported), groups[1], out, lab, np.concatenate(users), jnp.asarray(mask)))
+        metrics.update(_gauc((*tasks, *reported), groups[1], out, lab, users, jnp.asarray(mask)))
     metrics = jax.device_get(metrics)
     valid = np.asarray(mask)
     if len(tasks) > 1:
@@ -160,6 +201,9 @@ class Evaluator:
       batch_size: the evaluation batch size.
       reported: untrained extra outputs to evaluate (:func:`score_outputs`).
       tracker: receives the shared representation at every evaluation.
+      workers, prefetch: the eval iterator's grain worker processes and prefetched batches (:func:`eval_batches`);
+        the iterator is made at the first evaluation and kept until :meth:`close`, so the next evaluation's first
+        batches are read while training goes on.
     """
 
     def __init__(
@@ -173,6 +217,9 @@ class Evaluator:
         tracker: Any,
         max_examples: int = 256,
         reported: Sequence[TaskSpec] = (),
+        *,
+        workers: int = 0,
+        prefetch: int = 2,
     ) -> None:
         from corrjax.train.sharding import replicated, to_global
 
@@ -180,15 +227,35 @@ class Evaluator:
         self.dataset, self.tasks, self.sharding, self.batch_size = dataset, tuple(tasks), sharding, batch_size
         self.tracker = tracker
         self.reported = tuple(reported)
+        self.workers, self.prefetch = int(workers), int(prefetch)
+        self._batches: BatchIterator | None = None
         n = min(len(dataset), max_examples)
         self._x = to_global(dataset.get_batch(np.arange(n))["x"], replicated(sharding.mesh)) if n >= 4 else None
         self.last_step: int | None = None
 
     def __call__(self, state: Any, step: int) -> dict[str, Any]:
-        out = evaluate(self.eval_step, state, self.dataset, self.tasks, self.sharding, self.batch_size, self.reported)
+        if self._batches is None:
+            self._batches = eval_batches(
+                self.dataset, self.batch_size, self.sharding, prefetch=self.prefetch, workers=self.workers
+            )
+        out = evaluate(
+            self.eval_step,
+            state,
+            self.dataset,
+            self.tasks,
+            self.sharding,
+            self.batch_size,
+            self.reported,
+            batches=self._batches,
+        )
         if self._x is not None:
             diag = representation_diagnostics(jax.device_get(self.representation_step(state, self._x)))
             self.tracker.add(step, diag.pop("shared"))
             out.update(diag)
         self.last_step = step
         return out
+
+    def close(self) -> None:
+        """Stops the eval iterator's prefetch thread and worker processes (an evaluation after this restarts them)."""
+        if self._batches is not None:
+            self._batches.close()

@@ -147,7 +147,7 @@ def _initialize(cfg: DictConfig) -> None:
     """Refuses a bad ``seed``, ``trainer`` count or ``_target_`` before anything runs, then initialises multi-host
     JAX when asked (before any other JAX call) and quietens the libraries' loggers."""
     from corrjax.data.iterator import check_seed  # touches no JAX device
-    from corrjax.train.config import check_trainer, check_values
+    from corrjax.train.config import check_loader, check_trainer, check_values
     from corrjax.train.selection import check_config
     from corrjax.train.writers import check_logger
 
@@ -156,6 +156,7 @@ def _initialize(cfg: DictConfig) -> None:
     check_config(cfg)
     check_logger(cfg.logger)
     check_values(cfg)
+    check_loader(cfg.get("loader", {}))
     targets.check_config(cfg)
     distributed.maybe_initialize(cfg.parallel.distributed)
     compile_cache.configure(cfg.trainer.get("compilation_cache_dir", "auto"))
@@ -250,7 +251,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None) -> dict[str, Any]:
 def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """:func:`run`'s body, in the run directory it holds."""
     from corrjax.data import BatchIterator  # imported after distributed initialisation, as everything below
-    from corrjax.train import checkpoint, console, eval_run, evaluate, selection, sharding, tracking
+    from corrjax.train import checkpoint, config, console, eval_run, evaluate, selection, sharding, tracking
     from corrjax.train.setup import build
 
     tc, main, t_start = cfg.trainer, distributed.is_main_process(), time.perf_counter()
@@ -271,7 +272,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     state = setup.init_state(state_sharding)
     log.info("model %s: %d parameters; tasks %s; mesh %s", setup.model_name, setup.num_params, setup.names, mesh.shape)
 
-    iterator = BatchIterator(setup.train_data, tc.batch_size, seed=cfg.seed, sharding=data_sharding, prefetch=2)
+    loader = config.loader_options(cfg.loader, setup.train_data)
+    iterator = BatchIterator(setup.train_data, tc.batch_size, seed=cfg.seed, sharding=data_sharding, **loader)
     fingerprint = checkpoint.data_fingerprint(
         cfg.data,
         num_examples=len(setup.train_data),
@@ -305,6 +307,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         tc.eval_batch_size,
         tracker,
         reported=setup.reported_tasks,  # untrained extra outputs (ESMM's CVR), evaluated too
+        **config.loader_options(cfg.loader, setup.eval_data),
     )
     writer = _open_writer(run_dir, cfg, setup.names, start=start, resume=tc.resume, main=main)
     try:
@@ -321,12 +324,14 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise
     finally:
         iterator.close()
+        evaluator.close()
         ckpt.close()
 
     try:  # the writer stays open for the final summary (W&B / MLflow get it too)
         finished = s >= tc.max_steps or selector.stopped
         if finished and evaluator.last_step != s:  # eval_every=0, or a finished run resumed: evaluate once
             last_eval, _ = selector.observe(evaluator(state, s), s)
+            evaluator.close()
         test = {}  # the selected state on trainer.test_split
         if finished and tc.test_split:
             test = eval_run.test_best(cfg, setup, steps, state, s, selector, run_dir, data_sharding)

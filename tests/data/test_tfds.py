@@ -2,17 +2,15 @@
 
 import json
 import time
-from unittest import mock
 
 import numpy as np
 import pytest
 
-tfds = pytest.importorskip("tensorflow_datasets")
-mocking = pytest.importorskip("tensorflow_datasets.testing.mocking")
+pytest.importorskip("tensorflow_datasets")
 
-from corrjax.data import BatchIterator  # noqa: E402
-from corrjax.data.multidigits import compose  # noqa: E402
-from corrjax.data.tfds_sources import (  # noqa: E402
+from corrjax.data import BatchIterator
+from corrjax.data.multidigits import compose
+from corrjax.data.tfds_sources import (
     VERSIONS,
     DatasetNotPreparedError,
     area_resize,
@@ -21,27 +19,6 @@ from corrjax.data.tfds_sources import (  # noqa: E402
     cifar10,
     multimnist,
 )
-
-
-def _getitems(record_keys, generator, serialized=False):
-    # tfds 4.9.10's mock installs `__getitems__` as a plain attribute, so it is called without `self`; this
-    # replacement takes the same arguments minus `self` and returns the same fake records as `__getitem__`.
-    assert not serialized
-    return [generator[k] for k in record_keys]
-
-
-@pytest.fixture
-def mocked(tmp_path):
-    """Fake prepared directories (so the presence check passes) and TFDS mocked with random records."""
-    for name, version in VERSIONS.items():
-        d = tmp_path / name / version
-        d.mkdir(parents=True)
-        (d / "dataset_info.json").write_text(json.dumps({"name": name, "fileFormat": "array_record"}))
-    with (
-        mock.patch.object(mocking, "_getitems", _getitems),
-        tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE),
-    ):
-        yield tmp_path
 
 
 def test_multimnist_from_mocked_mnist(mocked):
