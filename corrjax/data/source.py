@@ -4,9 +4,10 @@ A source has ``tasks: tuple[TaskSpec, ...]``, ``len(source)``, ``source[i] -> {"
 ``RandomAccessDataSource`` protocol, so any source also feeds ``grain.MapDataset.source``) and
 ``source.get_batch(indices) -> {"x": (b, ...), task: (b, ...)}``, which the batch iterator uses to gather a whole
 batch at once. ``"x"`` may be a pytree of arrays sharing the leading example axis, such as a tabular dataset's
-``{feature name: array}`` (:mod:`corrjax.data.features`). Sources whose examples need decoding split ``get_batch`` into ``read_batch(indices) -> raw`` (I/O) and
-``decode_batch(raw) -> batch`` (decoding, cropping, resizing), which the batch iterator's grain DataLoader runs as
-its data source and as a grain transform, in worker processes (:mod:`corrjax.data.loader`); such sources pickle.
+``{feature name: array}`` (:mod:`corrjax.data.features`). Sources whose examples need decoding split ``get_batch``
+into ``read_batch(indices) -> raw`` (I/O) and ``decode_batch(raw) -> batch`` (decoding, cropping, resizing), which
+the batch iterator's grain DataLoader runs as its data source and as a grain transform, in worker processes
+(:mod:`corrjax.data.loader`); such sources pickle.
 :class:`ArrayDataset` holds arrays in host memory (built-in datasets); :class:`RecordDataset` wraps a record source
 such as ``tfds.data_source`` and converts each record with a function.
 """
