@@ -112,22 +112,34 @@ def mul_pow2(v: Array, k: Array, parts: int = 4) -> Array:
     return v
 
 
-def column_exponent(x: Array, axis_name: AxisName, *, axes: Any = 0) -> Array:
+def column_exponent(x: Array, axis_name: AxisName, *, axes: Any = 0, finite_only: bool = False) -> Array:
     """Per column (reducing ``axes``, default the observation axis 0), the int32 ``e`` with ``max |x| < 2**e``.
 
-    Non-finite entries are ignored (they propagate through the data themselves), and ``e`` is clamped to the range
+    With ``finite_only`` non-finite entries are ignored (the NaN-aware functions mask them); otherwise a column
+    holding NaN or inf gets an arbitrary exponent (its results are NaN whatever the scale) and the maximum needs no
+    select, so XLA fuses it into the read of ``x``. ``e`` is clamped to the range
     where ``2**e`` and ``2**-e`` are normal (at the ends of the range the scaled data are at most 4 in magnitude). A
     column of zeros gets the lowest exponent, so that merging it with any other data keeps the other's scale. With
     ``axis_name`` the maximum is a ``pmax`` over the shards. Not differentiated.
     """
     x = lax.stop_gradient(x)
-    lo, hi = _exponent_limits(x.dtype)
+    lo = _exponent_limits(x.dtype)[0]
     if x.size == 0:
         return jnp.full(jnp.sum(x, axis=axes).shape, lo, jnp.int32)
-    a = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), jnp.zeros_like(x)), axis=axes)
+    if finite_only:
+        a = jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), jnp.zeros_like(x)), axis=axes)
+    else:
+        a = jnp.max(jnp.abs(x), axis=axes)
     if axis_name is not None:
         a = lax.pmax(a, axis_name)
+    return _exponent_of_max(a, x.dtype)
+
+
+def _exponent_of_max(a: Array, dtype: Any) -> Array:
+    """The clamped exponent ``e`` with ``a < 2**e`` for column maxima ``a``; the lowest one for 0 (or NaN)."""
+    lo, hi = _exponent_limits(dtype)
     e = jnp.clip(jnp.frexp(a)[1], lo, hi)
+    e = jnp.where(jnp.isinf(a), jnp.full_like(e, hi), e)
     return jnp.where(a > 0, e, jnp.full_like(e, lo))
 
 

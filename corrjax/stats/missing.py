@@ -109,8 +109,8 @@ def _pairwise_sums(x: Any, y: Any, axis_name: AxisName, need_var: bool):
     dtype = compute_dtype(out_dtype)
     x2 = x2.astype(dtype)
     y2 = None if y2 is None else y2.astype(dtype)
-    exp_x = column_exponent(x2, axis_name)
-    exp_y = exp_x if y2 is None else column_exponent(y2, axis_name)
+    exp_x = column_exponent(x2, axis_name, finite_only=True)
+    exp_y = exp_x if y2 is None else column_exponent(y2, axis_name, finite_only=True)
     inv_x, inv_y = pow2(-exp_x, dtype), pow2(-exp_y, dtype)
     # The shift of the scaled data (a scaled data value: exact), so the head mean near the top of the range is finite.
     shift_x = _shift(x2 * inv_x, jnp.isfinite(x2), axis_name)

@@ -30,7 +30,7 @@ from corrjax._checks import as_array, as_columns, check_same_n
 from corrjax.stats import _kendall, _sorting
 from corrjax.stats._centered import AxisName, axis_size, linear_index, psum, squeeze_1d
 from corrjax.stats._pvalues import pearson_pvalue
-from corrjax.stats.ranks import _float_dtype, _gather_rows
+from corrjax.stats.ranks import _float_dtype, _gather_rows, _result_dtype
 
 Array = jax.Array
 
@@ -231,13 +231,13 @@ def rank_nancorrcoef(x: Any, y: Any, method: str, min_periods: int, axis_name: A
     y2, y1 = (None, x1) if y is None else as_columns(as_array(y, "y"), "y")
     if y2 is not None:
         check_same_n(x2, y2)
-    dtype = _float_dtype(x2.dtype, *([] if y2 is None else [y2.dtype]))
+    dtypes = (x2.dtype,) if y2 is None else (x2.dtype, y2.dtype)
     x2 = _gather_rows(x2, axis_name)
     y2 = None if y2 is None else _gather_rows(y2, axis_name)
     fn = pairwise_spearman if method == "spearman" else pairwise_kendall
-    r, count = fn(x2, y2, dtype, _finite)
+    r, count = fn(x2, y2, _float_dtype(*dtypes), _finite)
     r = jnp.where(count >= min_periods, r, jnp.nan)
-    return squeeze_1d(r, x1, y1)
+    return squeeze_1d(r.astype(_result_dtype(*dtypes)), x1, y1)
 
 
 def _finite(a: Array) -> Array:

@@ -55,6 +55,12 @@ def _float_dtype(*dtypes: Any) -> Any:
     return jnp.promote_types(dt, jnp.float32)
 
 
+def _result_dtype(*dtypes: Any) -> Any:
+    """The dtype rank correlations are returned in: the inputs' float dtype (float16/bfloat16 stay half, as the
+    moments do; the ranks themselves are computed in :func:`_float_dtype`), the default float for integers."""
+    return jnp.result_type(*[d if jnp.issubdtype(d, jnp.floating) else jnp.result_type(float) for d in dtypes])
+
+
 def _has_nan(a: Array, axis: int | None = None, keepdims: bool = False) -> Array:
     if jnp.issubdtype(a.dtype, jnp.floating):
         return jnp.any(jnp.isnan(a), axis=axis, keepdims=keepdims)
@@ -189,21 +195,25 @@ def spearmanr(
     y2, y1 = (None, False) if y is None else as_columns(as_array(y, "y"), "y")
     if y2 is not None:
         check_same_n(x2, y2)
-    dtype = _float_dtype(x2.dtype, *([] if y2 is None else [y2.dtype]))
+    dtypes = (x2.dtype,) if y2 is None else (x2.dtype, y2.dtype)
+    dtype, out = _float_dtype(*dtypes), _result_dtype(*dtypes)
     x2 = _gather_rows(x2, axis_name)
     y2 = None if y2 is None else _gather_rows(y2, axis_name)
     n, d = x2.shape
     y_1d = x1 if y2 is None else y1
+
+    def result(rho: Array, p: Array) -> SpearmanRResult:
+        return SpearmanRResult(squeeze_1d(rho.astype(out), x1, y_1d), squeeze_1d(p.astype(out), x1, y_1d))
+
     if nan_policy == "omit":
         from corrjax.stats.missing_ranks import pairwise_spearman  # imports this module
 
         rho, count = pairwise_spearman(x2, y2, dtype, observed=lambda a: ~jnp.isnan(a))
-        p = jnp.where(count > 2, pearson_pvalue(rho, count, alternative), jnp.nan)
-        return SpearmanRResult(squeeze_1d(rho, x1, y_1d), squeeze_1d(p.astype(rho.dtype), x1, y_1d))
+        return result(rho, jnp.where(count > 2, pearson_pvalue(rho, count, alternative), jnp.nan))
     cols = x2 if y2 is None else jnp.concatenate([x2.astype(dtype), y2.astype(dtype)], axis=1)
     if n < 2:
         nan = jnp.full((d, d if y2 is None else y2.shape[1]), jnp.nan, dtype)
-        return SpearmanRResult(squeeze_1d(nan, x1, y_1d), squeeze_1d(nan, x1, y_1d))
+        return result(nan, nan)
     ranks = rankdata(cols.T, method="average", axis=1).astype(dtype)  # (variables, n), NaN rows for NaN columns
     # Centred ranks are exact (half-)integers; the power-of-two scale is exact too and keeps the products of sums of
     # squares below float32 overflow, so sqrt(s * s) == s and identical/reversed rankings give exactly +-1.
@@ -219,7 +229,7 @@ def spearmanr(
         eye = jnp.eye(d, dtype=bool)
         rho = jnp.where(eye & ~jnp.isnan(rho), jnp.ones_like(rho), rho)
     p = jnp.full_like(rho, jnp.nan) if n == 2 else pearson_pvalue(rho, n, alternative)
-    return SpearmanRResult(squeeze_1d(rho, x1, y_1d), squeeze_1d(p, x1, y_1d))
+    return result(rho, p)
 
 
 _KENDALL_METHODS = ("auto", "exact", "asymptotic")
@@ -275,7 +285,7 @@ def kendalltau(
     if xa.ndim != 1 or ya.ndim != 1:
         raise ValueError(f"`x` and `y` must be 1-D samples, got x.shape={xa.shape} and y.shape={ya.shape}")
     check_same_n(xa, ya)
-    dtype = _float_dtype(xa.dtype, ya.dtype)
+    dtype = _result_dtype(xa.dtype, ya.dtype)  # the counts are integers; only tau and p are floating
     xa, ya = _gather_rows(xa, axis_name), _gather_rows(ya, axis_name)
     n = xa.shape[0]
     nan = jnp.asarray(jnp.nan, dtype)

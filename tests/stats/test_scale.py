@@ -353,6 +353,51 @@ def test_half_precision_correlations(dtype):
     np.testing.assert_allclose(np.asarray(ci.high, np.float32), want.high, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_rank_correlations(dtype):
+    """Spearman, Kendall and the pairwise-complete rank correlations rank in float32 and return the input dtype."""
+    x, _ = _reps(7, 64, 3, 1)
+    xh = jnp.asarray(x, dtype)
+    x64 = np.asarray(xh, np.float64)
+    x64n = x64.copy()
+    x64n[::5, 1] = np.nan
+    xhn = jnp.asarray(x64n, dtype)
+    tol = _half_tol(dtype)
+    rho = cs.spearmanr(xh)
+    tau = cs.kendalltau(xh[:, 0], xh[:, 2])
+    checks = {
+        "spearmanr": (rho.statistic, scipy.stats.spearmanr(x64).statistic),
+        "spearmanr_p": (rho.pvalue, scipy.stats.spearmanr(x64).pvalue),
+        "spearmanr_omit": (
+            cs.spearmanr(xhn[:, 0], xhn[:, 1], nan_policy="omit").statistic,
+            scipy.stats.spearmanr(x64n[:, 0], x64n[:, 1], nan_policy="omit").statistic,
+        ),
+        "kendalltau": (tau.statistic, scipy.stats.kendalltau(x64[:, 0], x64[:, 2]).statistic),
+        "kendalltau_p": (tau.pvalue, scipy.stats.kendalltau(x64[:, 0], x64[:, 2]).pvalue),
+        "nancorrcoef_spearman": (cs.nancorrcoef(xhn, method="spearman"), pd.DataFrame(x64n).corr("spearman")),
+        "nancorrcoef_kendall": (cs.nancorrcoef(xhn, method="kendall"), pd.DataFrame(x64n).corr("kendall")),
+    }
+    for name, (got, want) in checks.items():
+        assert got.dtype == dtype, (name, got.dtype)
+        np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want), atol=4 * tol, err_msg=name)
+
+
+@pytest.mark.usefixtures("x64")
+def test_non_finite_column_leaves_the_others_alone():
+    """A column holding inf or NaN gets NaN entries; its exponent does not leak into the other columns."""
+    z = _sample(8, n=40, d=3) * 1e30
+    x = np.concatenate([z, z[:, :1]], axis=1)
+    x[3, 1], x[5, 3] = np.inf, np.nan
+    for dtype in (jnp.float32, jnp.float64):
+        r = np.asarray(cs.corrcoef(jnp.asarray(x, dtype)), np.float64)
+        ok = [0, 2]
+        np.testing.assert_allclose(r[np.ix_(ok, ok)], _ref_corr(z[:, ok]), rtol=2e-6)
+        assert np.isnan(r[1, [0, 2, 3]]).all() and np.isnan(r[3, [0, 1, 2]]).all()
+        nan_aware = np.asarray(cs.nancorrcoef(jnp.asarray(x, dtype)), np.float64)  # NaN skipped, inf a value
+        np.testing.assert_allclose(nan_aware[0, 3], 1.0, rtol=2e-6)
+        np.testing.assert_allclose(nan_aware[np.ix_(ok, ok)], _ref_corr(z[:, ok]), rtol=2e-6)
+
+
 def test_float16_cka_matrix_and_issue_value():
     x, y = _reps(7, 256, 32, 16)
     xh, yh = np.asarray(jnp.asarray(x, jnp.float16)), np.asarray(jnp.asarray(y, jnp.float16))
