@@ -413,6 +413,7 @@ def test_evaluate_against_numpy(mesh8):
     want["eval/y/auc"] = roc_auc_score(lab["y"], out["y"])
     want["eval/r/rmse"] = np.sqrt(per_example["r"].mean())
     want["eval/r/pearson"] = np.corrcoef(out["r"], lab["r"])[0, 1]
+    want["eval/r/r2"] = 1 - per_example["r"].sum() / np.sum((lab["r"] - lab["r"].mean()) ** 2)
     want["eval/loss"] = sum(v.mean() for v in per_example.values())
     scores = np.stack([-per_example["c"], out["y"], out["r"]], 1)
     want["eval/pred_corr"] = np.corrcoef(scores, rowvar=False)
