@@ -31,6 +31,8 @@ Non-finite input gives NaN output.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -134,7 +136,7 @@ def nonneg_qp(
         raise ValueError(f"`q_vec` must have shape (T,) = ({t},) to match `q_mat` {tuple(q_mat.shape)}")
     max_iter = 4 * t + 10 if max_iter is None else int(max_iter)
     tol = default_tol(q_mat.dtype) if tol is None else float(tol)
-    thresh = _kkt_thresh(q_mat, q_vec, tol)
+    thresh = _componentwise(q_mat, q_vec, tol)
     if method == "block_pivoting":
         v, _ = _block_pivoting(q_mat, q_vec, thresh, tol, max_iter)
     else:
@@ -154,9 +156,21 @@ def _solve_on(q_mat: Array, q_vec: Array, free: Array) -> Array:
     return jnp.linalg.solve(m, -q_vec * f) * f
 
 
-def _block_pivoting(q_mat: Array, q_vec: Array, thresh: Array, tol: float, max_iter: int) -> tuple[Array, Array]:
-    """Returns ``(v, converged)``: converged is False when ``max_iter`` ran out before the partition was optimal."""
+def _componentwise(q_mat: Array, q_vec: Array, tol: float) -> Callable[[Array], Array]:
+    """``v -> tol (|Q| |v| + |q|)``: the KKT threshold of each coordinate, the scale of the rounding in its gradient
+    ``(Q v + q)_i`` (invariant to a diagonal rescaling of the variables, so tiny and huge coordinates are judged
+    alike)."""
+    abs_q, abs_c = jnp.abs(q_mat), jnp.abs(q_vec)
+    return lambda v: tol * (abs_q @ jnp.abs(v) + abs_c)
+
+
+def _block_pivoting(
+    q_mat: Array, q_vec: Array, thresh: Array | Callable[[Array], Array], tol: float, max_iter: int
+) -> tuple[Array, Array]:
+    """Returns ``(v, converged)``: converged is False when ``max_iter`` ran out before the partition was optimal.
+    ``thresh`` is the KKT threshold, a scalar or a function of ``v`` (:func:`_componentwise`)."""
     t = q_mat.shape[0]
+    thresh_at = thresh if callable(thresh) else (lambda v: thresh)
     patience = 3  # Kim & Park's p-bar: full exchanges allowed without progress before falling back to Murty's rule
     index = jnp.arange(t)
 
@@ -165,7 +179,7 @@ def _block_pivoting(q_mat: Array, q_vec: Array, thresh: Array, tol: float, max_i
         v = _solve_on(q_mat, q_vec, free)
         grad = q_mat @ v + q_vec
         v_tol = tol * jnp.maximum(jnp.max(jnp.abs(v)), jnp.finfo(v.dtype).tiny)
-        bad = jnp.where(free, v < -v_tol, grad < -thresh)
+        bad = jnp.where(free, v < -v_tol, grad < -thresh_at(v))
         n_bad = jnp.sum(bad)
         progress = n_bad < best
         full = progress | (tries > 0)
@@ -187,9 +201,12 @@ def _block_pivoting(q_mat: Array, q_vec: Array, thresh: Array, tol: float, max_i
     return jnp.maximum(v, 0.0), done
 
 
-def _active_set(q_mat: Array, q_vec: Array, thresh: Array, tol: float, max_iter: int | Array) -> Array:
+def _active_set(
+    q_mat: Array, q_vec: Array, thresh: Array | Callable[[Array], Array], tol: float, max_iter: int | Array
+) -> Array:
     del tol  # the iterates stay feasible; only the KKT threshold is used
     t = q_mat.shape[0]
+    thresh_at = thresh if callable(thresh) else (lambda v: thresh)
     dtype = q_mat.dtype
     eye = jnp.eye(t, dtype=dtype)
 
@@ -198,9 +215,9 @@ def _active_set(q_mat: Array, q_vec: Array, thresh: Array, tol: float, max_iter:
         s = _solve_on(q_mat, q_vec, free)
         feasible = jnp.all(jnp.where(free, s > 0, True))
         # feasible: accept s and price out the constrained coordinates
-        cand = jnp.where(free, -jnp.inf, -(q_mat @ s + q_vec))
+        cand = jnp.where(free, -jnp.inf, -(q_mat @ s + q_vec) - thresh_at(s))
         j = jnp.argmax(cand)
-        optimal = ~(cand[j] > thresh)
+        optimal = ~(cand[j] > 0)
         free_a = jnp.where(optimal, free, free | (eye[j] > 0))
         # infeasible: move from v towards s until the first free coordinate hits zero, and release it
         bad = free & (s <= 0)
@@ -352,10 +369,22 @@ def project_dual_cone(
     u = jnp.asarray(u, g.dtype)
     if u.shape != (t,):
         raise ValueError(f"`u` must have shape (T,) = ({t},) to match `gramian` {tuple(g.shape)}")
+    g = (g + g.T) / 2
     tr = jnp.trace(g)
-    gn = (g + g.T) / (2 * jnp.where(tr > 0, tr, 1.0)) + reg_eps * jnp.eye(t, dtype=g.dtype)
-    z = nonneg_qp(gn, gn @ u, method=qp_method, max_iter=max_iter, tol=tol)
-    return u + z
+    tr = jnp.where(tr > 0, tr, 1.0)
+    # Q = G / tr + reg_eps I, equilibrated: y = s z with s_i = sqrt(Q_ii), Q~ = S^{-1} Q S^{-1} (unit diagonal),
+    # built from the cosines so that Gramian entries 1e24 apart neither underflow nor swamp the small tasks
+    diag = jnp.diag(g)
+    live = diag > 0
+    n = jnp.sqrt(jnp.where(live, diag, 1.0))
+    cos = jnp.where(live[:, None] & live[None, :], g / jnp.outer(n, n), 0.0)
+    r2 = jnp.where(live, diag, 0.0) / tr  # |g_i|^2 / tr <= 1
+    s = jnp.sqrt(r2 + reg_eps)
+    s = jnp.where(s > 0, s, 1.0)  # reg_eps = 0 and a zero task: Q is singular there anyway
+    f = jnp.sqrt(r2) / s
+    q_eq = cos * jnp.outer(f, f) + jnp.diag(reg_eps / s**2)
+    y = nonneg_qp(q_eq, q_eq @ (s * u), method=qp_method, max_iter=max_iter, tol=tol)
+    return _nan_unless_finite(u + y / s, g, u)
 
 
 def nash_bargaining(

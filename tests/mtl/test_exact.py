@@ -167,12 +167,10 @@ def test_upgrad_dualproj_match_nnls(t, dtype):
             g64 = j @ j.T
             up_ref = sum(_dual_cone_ref(g64, row) for row in np.eye(t) / t)
             dp_ref = _dual_cone_ref(g64, np.full(t, 1.0 / t))
-            if dtype == np.float32 and kind == "scales" and t >= 16:
-                continue  # float32 Gramian entries 1e24 apart: see the report (not at 1e-4 there)
             for name, ref in (("upgrad", up_ref), ("dualproj", dp_ref)):
                 w = _weights(name, g)
                 scale = np.abs(ref) @ np.linalg.norm(j, axis=1)
-                _close(j.T @ w, j.T @ ref, scale, 10 * TOL[dtype], f"{name} {kind}")
+                _close(j.T @ w, j.T @ ref, scale, TOL[dtype], f"{name} {kind}")
 
 
 # ----------------------------------------------------------------------------- Nash-MTL
@@ -223,9 +221,22 @@ def test_nash_issue_case_is_scale_invariant(x64):
 
 
 def _imtl_ref(j):
+    """IMTL-G from the Jacobian: the paper's difference form where the differences ``u_1 - u_t`` of the unit gradients
+    are linearly independent (``d`` along the min-norm point of their affine hull, by least squares), else ``d`` along
+    ``U^+ 1`` (eigendecomposition pseudo-inverse of the cosine matrix); scaled so that ``d = J^T a``, ``sum(a) = 1``.
+    Returns ``(d, sum|a| / |sum a|)``."""
     norms = np.linalg.norm(j, axis=1)
     live = norms > 0
     u = j[live] / norms[live, None]
+    t = len(u)
+    if t >= 2:
+        diffs = (u[0] - u[1:]).T  # (d, T - 1)
+        s = np.linalg.svd(diffs, compute_uv=False)
+        if s.size == t - 1 and s.min() > 1e-6 * s.max():
+            beta = np.linalg.lstsq(diffs, u[0], rcond=None)[0]
+            x = np.concatenate([[1.0 - beta.sum()], beta])  # u^T x: the min-norm point of the affine hull
+            a = x / norms[live]
+            return u.T @ x / a.sum(), np.abs(a).sum() / abs(a.sum())
     c = u @ u.T
     lam, v = np.linalg.eigh(c)
     keep = lam > 10 * len(j) * np.finfo(np.float64).eps * lam.max()

@@ -340,11 +340,6 @@ F32_SKIP = {
         _COND + "0 is in the hull up to 1e-6, C's smallest eigenvalue ~1e-12 is below the ridge 1e-6, so the "
         "solution's condition is ~1e6 (measured err / bound 0.62, 1.8, 9.6, 2.2, 4.2)",
     ),
-    ("imtl", "stationary"): (
-        2,
-        _COND + "0 is in the hull up to 1e-6: C's smallest eigenvalue ~1e-12 is under the float32 rank cut "
-        "(measured err / bound 1.0e4, 9.0e3, 4.1e3, 1.2e3, 1.5e3)",
-    ),
 }
 
 
