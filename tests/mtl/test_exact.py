@@ -272,6 +272,42 @@ def test_imtl_g_matches_pinv_reference(x64, t):
             np.testing.assert_allclose(d / np.linalg.norm(d), np.sign(d @ ls) * ls / np.linalg.norm(ls), atol=1e-7)
 
 
+def test_imtl_g_difference_form_float32_and_affine_hull_through_zero():
+    """The CAGrad toy's situation: two nearly opposite gradients 10x apart in norm, where C is singular in float32
+    (the pseudo-inverse answer was off by ~|d| itself); the difference form is exact to float32 rounding. With
+    ``T = d + 1`` generic gradients 0 is in their affine hull: exact IMTL-G gives ``d = 0``."""
+    for angle in (1e-3, 1e-5):
+        j = np.array([[1.0, 0.0, 0.0], [-10.0 * np.cos(angle), -10.0 * np.sin(angle), 0.0]])
+        j = np.asarray(np.float32(j), np.float64)
+        g, _ = _gram(j, np.float32)
+        w = _weights("imtl", g)
+        d_ref, amplify = _imtl_ref(j)
+        _close(j.T @ w, d_ref, np.abs(w) @ np.linalg.norm(j, axis=1), TOL[np.float32] * amplify, f"angle {angle}")
+    with jax.enable_x64(True):
+        j = np.random.default_rng(5).normal(size=(3, 2))
+        w = _weights("imtl", jnp.asarray(j @ j.T))
+        np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-12)
+        assert np.linalg.norm(j.T @ w) <= 1e-12 * (np.abs(w) @ np.linalg.norm(j, axis=1))
+        np.testing.assert_allclose(j.T @ w, _imtl_ref(j)[0], atol=1e-12)
+
+
+def test_min_norm_vmap_mixes_certified_and_fallback():
+    """Under vmap the active-set fallback (a lax.cond, run for the whole batch) takes no step for the members block
+    pivoting certified: a batch with duplicated tasks (the fallback's case) and generic ones matches one by one."""
+    with jax.enable_x64(True):
+        js = [_jacobian(s, 5, k) for s, k in ((0, "generic"), (1, "wide"), (2, "scales"), (3, "stationary"))]
+        js = [np.pad(j, ((0, 0), (0, 8 - j.shape[1]))) for j in js]
+        dup = js[0].copy()
+        dup[1] = dup[0]
+        js.append(dup)
+        gs = jnp.asarray(np.stack([j @ j.T for j in js]))
+        batched = np.asarray(jax.jit(jax.vmap(solvers.min_norm_simplex))(gs))
+        for b, j in enumerate(js):
+            _, d_ref = _min_norm_ref(j)
+            norms = np.linalg.norm(j, axis=1)
+            _close(j.T @ batched[b], d_ref, np.abs(batched[b]) @ norms, TOL[np.float64], f"member {b}")
+
+
 # ----------------------------------------------------------------------------- CAGrad
 
 
