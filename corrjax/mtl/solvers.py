@@ -24,7 +24,8 @@ runs until its last member converges), and is scale-aware. What is solved, exact
   matrix (after the per-task rescaling), so every task gets the same relative ridge and the answer is invariant to
   the scale of each task's gradient.
 - :func:`project_dual_cone` keeps TorchJD's trace-normalised ridge ``reg_eps`` (documented there) and solves that
-  problem to rounding (``nonneg_qp``'s default tolerance is a small multiple of the dtype's epsilon).
+  problem to rounding (``nonneg_qp``'s default tolerance is a small multiple of the dtype's epsilon, its KKT test
+  componentwise), equilibrated by the task-gradient norms.
 
 Non-finite input gives NaN output.
 """
@@ -105,9 +106,11 @@ def nonneg_qp(
     Both methods find the partition of the coordinates into a free set ``F`` (``(Q v + q)_F = 0``) and a bound set
     (``v = 0``, ``(Q v + q) >= 0``), one ``T x T`` linear solve per iteration; both are exact (up to round-off) after
     finitely many iterations for positive-definite ``Q``, and ``max_iter`` (default ``4 T + 10``) caps degenerate
-    cycling. Feasibility and the KKT conditions are checked to the relative tolerance ``tol`` (default
-    :func:`default_tol`, a hundred machine epsilons of ``Q``'s dtype, so the answer is that of an exact QP solver
-    such as quadprog up to rounding).
+    cycling. Feasibility is checked to the relative tolerance ``tol`` (default :func:`default_tol`, a hundred
+    machine epsilons of ``Q``'s dtype) and each coordinate's KKT condition componentwise, ``(Q v + q)_i >= -tol
+    (|Q| |v| + |q|)_i`` (the rounding scale of that gradient, invariant to rescaling the variables), so the answer is
+    that of an exact QP solver such as quadprog up to rounding, also when the coordinates' scales differ by orders of
+    magnitude.
 
     - ``"block_pivoting"`` (default): Júdice & Pires' block principal pivoting for the linear complementarity problem,
       with the safeguard of Kim & Park (SIAM J. Sci. Comput. 2011): every coordinate that violates its side of the
@@ -394,7 +397,11 @@ def project_dual_cone(
     Solves ``min_v v^T G v`` subject to ``v >= u`` (Prop. 1 of Quinton & Rey 2024) as the non-negative QP in
     ``z = v - u``. The Gramian is trace-normalised and ridged by ``reg_eps`` first (TorchJD's ``QuadprogProjector``
     uses the same normalisation and default ridge), so ``(G v)_i >= -reg_eps * trace(G) * v_i``. That ridged QP is
-    solved to rounding (the default ``tol`` is :func:`default_tol`, so the answer is quadprog's on the same problem);
+    solved to rounding (the default ``tol`` is :func:`default_tol`, so the answer is quadprog's on the same problem):
+    in the variables ``y_i = s_i z_i``, ``s_i = sqrt(G_ii / trace(G) + reg_eps)``, which give the QP a unit diagonal
+    (built from ``G_ij / (trace(G) s_i s_j)``, so Gramian entries 1e24 apart neither underflow nor hide the small
+    tasks), with each coordinate's KKT condition judged against the rounding in its own gradient (as
+    :func:`nonneg_qp`), so tasks whose gradient norms are 1e12 apart are solved alike, also in float32.
     ``reg_eps=0`` projects exactly when ``G`` is non-singular. For a batch of ``u`` use ``jax.vmap``.
 
     Args:
