@@ -24,15 +24,19 @@ runs until its last member converges), and is scale-aware. What is solved, exact
   matrix (after the per-task rescaling), so every task gets the same relative ridge and the answer is invariant to
   the scale of each task's gradient.
 - :func:`project_dual_cone` keeps TorchJD's trace-normalised ridge ``reg_eps`` (documented there) and solves that
-  problem to rounding (``nonneg_qp``'s default tolerance is a small multiple of the dtype's epsilon).
+  problem to rounding (``nonneg_qp``'s default tolerance is a small multiple of the dtype's epsilon, its KKT test
+  componentwise), equilibrated by the task-gradient norms.
 
 Non-finite input gives NaN output.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg
 
 from corrjax._checks import check_choice
 
@@ -106,9 +110,11 @@ def nonneg_qp(
     Both methods find the partition of the coordinates into a free set ``F`` (``(Q v + q)_F = 0``) and a bound set
     (``v = 0``, ``(Q v + q) >= 0``), one ``T x T`` linear solve per iteration; both are exact (up to round-off) after
     finitely many iterations for positive-definite ``Q``, and ``max_iter`` (default ``4 T + 10``) caps degenerate
-    cycling. Feasibility and the KKT conditions are checked to the relative tolerance ``tol`` (default
-    :func:`default_tol`, a hundred machine epsilons of ``Q``'s dtype, so the answer is that of an exact QP solver
-    such as quadprog up to rounding).
+    cycling. Feasibility is checked to the relative tolerance ``tol`` (default :func:`default_tol`, a hundred
+    machine epsilons of ``Q``'s dtype) and each coordinate's KKT condition componentwise, ``(Q v + q)_i >= -tol
+    (|Q| |v| + |q|)_i`` (the rounding scale of that gradient, invariant to rescaling the variables), so the answer is
+    that of an exact QP solver such as quadprog up to rounding, also when the coordinates' scales differ by orders of
+    magnitude.
 
     - ``"block_pivoting"`` (default): Júdice & Pires' block principal pivoting for the linear complementarity problem,
       with the safeguard of Kim & Park (SIAM J. Sci. Comput. 2011): every coordinate that violates its side of the
@@ -138,7 +144,7 @@ def nonneg_qp(
         raise ValueError(f"`q_vec` must have shape (T,) = ({t},) to match `q_mat` {tuple(q_mat.shape)}")
     max_iter = 4 * t + 10 if max_iter is None else int(max_iter)
     tol = default_tol(q_mat.dtype) if tol is None else float(tol)
-    thresh = _kkt_thresh(q_mat, q_vec, tol)
+    thresh = _componentwise(q_mat, q_vec, tol)
     if method == "block_pivoting":
         v, _ = _block_pivoting(q_mat, q_vec, thresh, tol, max_iter)
     else:
@@ -151,74 +157,126 @@ def _kkt_thresh(q_mat: Array, q_vec: Array, tol: float) -> Array:
     return tol * jnp.where(scale > 0, scale, 1.0)
 
 
-def _solve_on(q_mat: Array, q_vec: Array, free: Array) -> Array:
-    """``v`` with ``(Q v + q)_F = 0`` and ``v = 0`` off the free set ``F``."""
+def _solve_on(q_mat: Array, q_vec: Array, free: Array, cholesky: bool = False) -> Array:
+    """``v`` with ``(Q v + q)_F = 0`` and ``v = 0`` off the free set ``F``; ``cholesky=True`` factors the (then
+    positive-definite) restricted matrix by Cholesky instead of LU (half the flops; NaN where it is not numerically
+    positive definite)."""
     f = free.astype(q_mat.dtype)
     m = q_mat * jnp.outer(f, f) + jnp.diag(1.0 - f)
+    if cholesky:
+        return jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(m), True), -q_vec * f) * f
     return jnp.linalg.solve(m, -q_vec * f) * f
 
 
-def _block_pivoting(q_mat: Array, q_vec: Array, thresh: Array, tol: float, max_iter: int) -> tuple[Array, Array]:
-    """Returns ``(v, converged)``: converged is False when ``max_iter`` ran out before the partition was optimal."""
+def _componentwise(q_mat: Array, q_vec: Array, tol: float) -> Callable[[Array], Array]:
+    """``v -> tol (|Q| |v| + |q|)``: the KKT threshold of each coordinate, the scale of the rounding in its gradient
+    ``(Q v + q)_i`` (invariant to a diagonal rescaling of the variables, so tiny and huge coordinates are judged
+    alike)."""
+    abs_q, abs_c = jnp.abs(q_mat), jnp.abs(q_vec)
+    return lambda v: tol * (abs_q @ jnp.abs(v) + abs_c)
+
+
+_PATIENCE = 3  # Kim & Park's p-bar: full exchanges allowed without progress before falling back to Murty's rule
+
+
+def _thresh_fn(thresh: Array | Callable[[Array], Array]) -> Callable[[Array], Array]:
+    return thresh if callable(thresh) else (lambda v: thresh)
+
+
+def _pivot_step(
+    q_mat: Array,
+    q_vec: Array,
+    thresh_at: Callable[[Array], Array],
+    tol: float,
+    v: Array,
+    free: Array,
+    best: Array,
+    tries: Array,
+) -> tuple[Array, Array, Array, Array]:
+    """One block-pivoting exchange from ``v`` (the solution on ``free``): ``(free, best, tries, optimal)``."""
+    index = jnp.arange(q_mat.shape[0])
+    grad = q_mat @ v + q_vec
+    v_tol = tol * jnp.maximum(jnp.max(jnp.abs(v)), jnp.finfo(v.dtype).tiny)
+    bad = jnp.where(free, v < -v_tol, grad < -thresh_at(v))
+    n_bad = jnp.sum(bad)
+    progress = n_bad < best
+    full = progress | (tries > 0)
+    last = jnp.max(jnp.where(bad, index, -1))
+    flip = jnp.where(full, bad, index == last)
+    best = jnp.where(progress, n_bad, best)
+    tries = jnp.where(progress, _PATIENCE, jnp.where(full, tries - 1, tries))
+    return free ^ flip, best, tries, n_bad == 0
+
+
+def _active_set_step(
+    q_mat: Array, q_vec: Array, thresh_at: Callable[[Array], Array], v: Array, free: Array, s: Array
+) -> tuple[Array, Array, Array]:
+    """One primal active-set step from the feasible ``v`` given ``s`` (the solution on ``free``): ``(v, free,
+    optimal)``."""
+    index = jnp.arange(q_mat.shape[0])
+    feasible = jnp.all(jnp.where(free, s > 0, True))
+    # feasible: accept s and price out the constrained coordinates
+    cand = jnp.where(free, -jnp.inf, -(q_mat @ s + q_vec) - thresh_at(s))
+    j = jnp.argmax(cand)
+    optimal = ~(cand[j] > 0)
+    free_a = jnp.where(optimal, free, free | (index == j))
+    # infeasible: move from v towards s until the first free coordinate hits zero, and release it
+    bad = free & (s <= 0)
+    ratio = jnp.where(bad, v / jnp.where(bad, v - s, 1.0), jnp.inf)
+    k = jnp.argmin(ratio)
+    alpha = jnp.clip(ratio[k], 0.0, 1.0)
+    v_b = v + alpha * (s - v)
+    free_b = free & (v_b > 0) & (index != k)
+    v_b = jnp.where(free_b, v_b, 0.0)
+    return jnp.where(feasible, s, v_b), jnp.where(feasible, free_a, free_b), feasible & optimal
+
+
+def _block_pivoting(
+    q_mat: Array,
+    q_vec: Array,
+    thresh: Array | Callable[[Array], Array],
+    tol: float,
+    max_iter: int,
+    cholesky: bool = False,
+) -> tuple[Array, Array]:
+    """Returns ``(v, converged)``: converged is False when ``max_iter`` ran out before the partition was optimal.
+    ``thresh`` is the KKT threshold, a scalar or a function of ``v`` (:func:`_componentwise`); ``cholesky``: see
+    :func:`_solve_on`."""
     t = q_mat.shape[0]
-    patience = 3  # Kim & Park's p-bar: full exchanges allowed without progress before falling back to Murty's rule
-    index = jnp.arange(t)
+    thresh_at = _thresh_fn(thresh)
 
     def body(state: tuple[Array, Array, Array, Array, Array, Array]) -> tuple[Array, ...]:
         _, free, it, best, tries, _ = state
-        v = _solve_on(q_mat, q_vec, free)
-        grad = q_mat @ v + q_vec
-        v_tol = tol * jnp.maximum(jnp.max(jnp.abs(v)), jnp.finfo(v.dtype).tiny)
-        bad = jnp.where(free, v < -v_tol, grad < -thresh)
-        n_bad = jnp.sum(bad)
-        progress = n_bad < best
-        full = progress | (tries > 0)
-        last = jnp.max(jnp.where(bad, index, -1))
-        flip = jnp.where(full, bad, index == last)
-        best = jnp.where(progress, n_bad, best)
-        tries = jnp.where(progress, patience, jnp.where(full, tries - 1, tries))
-        return v, free ^ flip, it + 1, best, tries, n_bad == 0
+        v = _solve_on(q_mat, q_vec, free, cholesky)
+        free, best, tries, done = _pivot_step(q_mat, q_vec, thresh_at, tol, v, free, best, tries)
+        return v, free, it + 1, best, tries, done
 
     init = (
         jnp.zeros((t,), q_mat.dtype),
         jnp.zeros((t,), bool),
         jnp.array(0),
         jnp.array(t + 1),
-        jnp.array(patience),
+        jnp.array(_PATIENCE),
         jnp.array(False),
     )
     v, _, _, _, _, done = jax.lax.while_loop(lambda s: (~s[5]) & (s[2] < max_iter), body, init)
     return jnp.maximum(v, 0.0), done
 
 
-def _active_set(q_mat: Array, q_vec: Array, thresh: Array, tol: float, max_iter: int | Array) -> Array:
+def _active_set(
+    q_mat: Array, q_vec: Array, thresh: Array | Callable[[Array], Array], tol: float, max_iter: int | Array
+) -> Array:
     del tol  # the iterates stay feasible; only the KKT threshold is used
     t = q_mat.shape[0]
-    dtype = q_mat.dtype
-    eye = jnp.eye(t, dtype=dtype)
+    thresh_at = _thresh_fn(thresh)
 
     def body(state: tuple[Array, Array, Array, Array]) -> tuple[Array, Array, Array, Array]:
         v, free, it, _ = state
         s = _solve_on(q_mat, q_vec, free)
-        feasible = jnp.all(jnp.where(free, s > 0, True))
-        # feasible: accept s and price out the constrained coordinates
-        cand = jnp.where(free, -jnp.inf, -(q_mat @ s + q_vec))
-        j = jnp.argmax(cand)
-        optimal = ~(cand[j] > thresh)
-        free_a = jnp.where(optimal, free, free | (eye[j] > 0))
-        # infeasible: move from v towards s until the first free coordinate hits zero, and release it
-        bad = free & (s <= 0)
-        ratio = jnp.where(bad, v / jnp.where(bad, v - s, 1.0), jnp.inf)
-        k = jnp.argmin(ratio)
-        alpha = jnp.clip(ratio[k], 0.0, 1.0)
-        v_b = v + alpha * (s - v)
-        free_b = free & (v_b > 0) & (jnp.arange(t) != k)
-        v_b = jnp.where(free_b, v_b, 0.0)
-        v = jnp.where(feasible, s, v_b)
-        free = jnp.where(feasible, free_a, free_b)
-        return v, free, it + 1, feasible & optimal
+        v, free, done = _active_set_step(q_mat, q_vec, thresh_at, v, free, s)
+        return v, free, it + 1, done
 
-    init = (jnp.zeros((t,), dtype), jnp.zeros((t,), bool), jnp.array(0), jnp.array(False))
+    init = (jnp.zeros((t,), q_mat.dtype), jnp.zeros((t,), bool), jnp.array(0), jnp.array(False))
     v, *_ = jax.lax.while_loop(lambda s: (~s[3]) & (s[2] < max_iter), body, init)
     return v
 
@@ -232,26 +290,31 @@ def _min_norm_exact(g: Array, max_iter: int | None, tol: float | None, reg_eps: 
     diag = jnp.diag(g)
     zero = diag <= 0
     n = jnp.sqrt(jnp.where(zero, 1.0, diag))
-    cos = g / jnp.outer(n, n) + float(reg_eps) * jnp.eye(t, dtype=dtype)
     z = jnp.min(n) / n
-    q_mat = cos + jnp.outer(z, z)
+    q_mat = g / jnp.outer(n, n) + jnp.outer(z, z) + float(reg_eps) * jnp.eye(t, dtype=dtype)
     max_iter = 4 * t + 10 if max_iter is None else int(max_iter)
     tol = default_tol(dtype) if tol is None else float(tol)
-    thresh = _kkt_thresh(q_mat, -z, tol)
+    # _kkt_thresh(q_mat, -z, tol) without its reductions: diag(q_mat) = 1 + z^2 + reg_eps and max(z) = 1 (the smallest
+    # gradient), so the scale is 2 + reg_eps (with a zero task the answer is set below)
+    thresh = tol * (2.0 + float(reg_eps))
     if qp_method == "block_pivoting":
-        b, done = _block_pivoting(q_mat, -z, thresh, tol, max_iter)
-        # sum(u) = z . b <= 1 at the solution (it is kappa / (kappa + |d|^2)); a singular restricted solve breaks it
+        # Cholesky, as C + z z^T is positive definite where block pivoting can be certified: a restricted matrix that is
+        # numerically singular (affinely dependent gradients) gives NaN or breaks sum(u) = z . b <= 1 (at the solution
+        # it is kappa / (kappa + |d|^2)), and the primal active set, with LU, takes over
+        b, done = _block_pivoting(q_mat, -z, thresh, tol, max_iter, cholesky=True)
         certified = done & jnp.all(jnp.isfinite(b)) & (z @ b <= 1.0 + 1e3 * tol)
-        # the fallback's loop runs zero iterations when block pivoting is certified (cheaper than a lax.cond, which
-        # measured ~100 us of overhead at T = 16-32 on CPU)
-        cap = jnp.where(certified, 0, max_iter + 2 * t)
-        b = jnp.where(certified, b, _active_set(q_mat, -z, thresh, tol, cap))
+
+        def fallback() -> Array:
+            # zero trips for certified members of a vmapped batch, where lax.cond runs both branches
+            return _active_set(q_mat, -z, thresh, tol, jnp.where(certified, 0, max_iter + 2 * t))
+
+        b = jax.lax.cond(certified, lambda: b, fallback)
     else:
         b = _active_set(q_mat, -z, thresh, tol, max_iter + 2 * t)
     u = b / n
     w = u / jnp.sum(u)
     first_zero = jax.nn.one_hot(jnp.argmax(zero), t, dtype=dtype)
-    return jnp.where(jnp.any(zero), first_zero, w)
+    return jnp.where(ok_in, jnp.where(jnp.any(zero), first_zero, w), jnp.nan)
 
 
 def min_norm_simplex(
@@ -272,11 +335,12 @@ def min_norm_simplex(
     ``min_{u >= 0} |J^T u|^2 + kappa (1^T u - 1)^2`` with ``u = b min(n) / n`` and ``kappa = min(n)^2``; its KKT
     conditions are those of the simplex problem for ``w = u / sum(u)``, for every ``kappa > 0`` and also when 0 is in
     the hull (then ``sum(u) = 1`` and ``J^T u = 0``). No ridge is added, so the answer is the exact min-norm point up
-    to rounding, whatever the spread of the task-gradient norms. :func:`nonneg_qp`'s ``qp_method`` solves it; when
-    block pivoting does not certify its answer (finite, converged, ``sum(u) <= 1``; it can fail when the gradients
-    are affinely dependent, as with duplicated tasks or ``T > d + 1``, which makes ``C + z z^T`` singular), the primal
-    active set, which only frees a coordinate that lowers the objective and so keeps the free gradients affinely
-    independent, solves it instead (under ``vmap`` both run).
+    to rounding, whatever the spread of the task-gradient norms. :func:`nonneg_qp`'s ``qp_method`` solves it (block
+    pivoting factors its restricted matrices by Cholesky); when block pivoting does not certify its answer (finite,
+    converged, ``sum(u) <= 1``; it can fail when the gradients are affinely dependent, as with duplicated tasks or
+    ``T > d + 1``, which makes ``C + z z^T`` singular), the primal active set (LU), which only frees a coordinate that
+    lowers the objective and so keeps the free gradients affinely independent, solves it instead (a ``lax.cond``:
+    it costs nothing when block pivoting is certified; under ``vmap`` its loop takes no step for certified members).
 
     ``method="frank_wolfe"``: Frank-Wolfe from the uniform weights with the exact line search of MGDA-UB, stopped when
     the duality gap ``w^T G w - min_i (G w)_i`` (on ``G / (trace(G) / T)``) falls below ``tol`` (default ``1e-6``) or
@@ -302,7 +366,7 @@ def min_norm_simplex(
     check_choice(qp_method, "qp_method", QP_METHODS)
     t = g.shape[0]
     if method == "active_set":
-        return _nan_unless_finite(_min_norm_exact(g, max_iter, tol, reg_eps, qp_method), g)
+        return _min_norm_exact(g, max_iter, tol, reg_eps, qp_method)
     tol = 1e-6 if tol is None else float(tol)
     gn = _normalized(g)
     max_iter = 250 if max_iter is None else int(max_iter)
@@ -337,7 +401,11 @@ def project_dual_cone(
     Solves ``min_v v^T G v`` subject to ``v >= u`` (Prop. 1 of Quinton & Rey 2024) as the non-negative QP in
     ``z = v - u``. The Gramian is trace-normalised and ridged by ``reg_eps`` first (TorchJD's ``QuadprogProjector``
     uses the same normalisation and default ridge), so ``(G v)_i >= -reg_eps * trace(G) * v_i``. That ridged QP is
-    solved to rounding (the default ``tol`` is :func:`default_tol`, so the answer is quadprog's on the same problem);
+    solved to rounding (the default ``tol`` is :func:`default_tol`, so the answer is quadprog's on the same problem):
+    in the variables ``y_i = s_i z_i``, ``s_i = sqrt(G_ii / trace(G) + reg_eps)``, which give the QP a unit diagonal
+    (built from ``G_ij / (trace(G) s_i s_j)``, so Gramian entries 1e24 apart neither underflow nor hide the small
+    tasks), with each coordinate's KKT condition judged against the rounding in its own gradient (as
+    :func:`nonneg_qp`), so tasks whose gradient norms are 1e12 apart are solved alike, also in float32.
     ``reg_eps=0`` projects exactly when ``G`` is non-singular. For a batch of ``u`` use ``jax.vmap``.
 
     Args:
@@ -357,9 +425,34 @@ def project_dual_cone(
     if u.shape != (t,):
         raise ValueError(f"`u` must have shape (T,) = ({t},) to match `gramian` {tuple(g.shape)}")
     tr = jnp.trace(g)
-    gn = (g + g.T) / (2 * jnp.where(tr > 0, tr, 1.0)) + reg_eps * jnp.eye(t, dtype=g.dtype)
-    z = nonneg_qp(gn, gn @ u, method=qp_method, max_iter=max_iter, tol=tol)
-    return u + z
+    tr = jnp.where(tr > 0, tr, 1.0)
+    # Q = G / tr + reg_eps I, equilibrated: y = s z with s_i = sqrt(Q_ii) and Q~ = S^{-1} Q S^{-1} (unit diagonal), so
+    # that tasks whose norms are 1e12 apart are solved alike; Q~_ij = G_ij k_i k_j with k_i = 1 / (sqrt(tr) s_i), whose
+    # products underflow only where they are negligible next to the unit diagonal
+    r2 = jnp.maximum(jnp.diag(g), 0.0) / tr  # |g_i|^2 / tr <= 1
+    s = jnp.sqrt(r2 + reg_eps)
+    s = jnp.where(s > 0, s, 1.0)  # reg_eps = 0 and a zero task: Q is singular there anyway
+    h = jnp.sqrt(0.5) / (jnp.sqrt(tr) * s)  # k / sqrt(2): the symmetrisation (G + G^T) / 2 folded in
+    ridge = reg_eps / s**2
+    index = jnp.arange(t)
+    q_eq = (((g + g.T) * h[:, None]) * h[None, :]).at[index, index].add(ridge)
+    q_vec = q_eq @ (s * u)
+    max_iter = 4 * t + 10 if max_iter is None else int(max_iter)
+    tol = default_tol(g.dtype) if tol is None else float(tol)
+    # componentwise KKT thresholds (see _componentwise) from the bound |Q~_ij| <= f_i f_j, f_i = |g_i| k_i (|cos| <= 1):
+    # O(T) per step instead of a second matrix-vector product
+    f = jnp.sqrt(r2) / s
+    abs_q = jnp.abs(q_vec)
+
+    def thresh(y: Array) -> Array:
+        ay = jnp.abs(y)
+        return tol * (f * (f @ ay) + ridge * ay + abs_q)
+
+    if qp_method == "block_pivoting":
+        y, _ = _block_pivoting(q_eq, q_vec, thresh, tol, max_iter)
+    else:
+        y = _active_set(q_eq, q_vec, thresh, tol, max_iter)
+    return _nan_unless_finite(u + y / s, g, u)
 
 
 def nash_bargaining(
