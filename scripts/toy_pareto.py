@@ -129,8 +129,10 @@ LISTED: dict[str, tuple[str, dict[str, Any]]] = {
 NOT_METHODS = {
     "GramianWeighting",
     "RepGrads",
+    "TaskGramian",
     "combine_tasks",
     "conflict_fraction",
+    "cosine_from_gramian",
     "from_weighting",
     "gradient_diagnostics",
     "gradient_magnitude_similarity",

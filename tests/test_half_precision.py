@@ -55,6 +55,27 @@ def _grads(d) -> dict:
     return {"w": d["g_w"], "b": d["g_b"]}
 
 
+def _auc_args(d):
+    labels = d["y1"] > 1.8
+    groups = jnp.arange(N) % 8
+    return d["x1"], labels, groups
+
+
+def _auc_stream(d):
+    scores, labels, groups = _auc_args(d)
+    half = N // 2
+    a = cs.auc_update(cs.auc_init(N), scores[:half], labels[:half], groups=groups[:half])
+    b = cs.auc_update(cs.auc_init(N), scores[half:], labels[half:], groups=groups[half:])
+    merged = cs.auc_merge(a, b)
+    return cs.auc_result(merged), cs.gauc_result(merged, 8)
+
+
+def _auc_histogram(d):
+    scores, labels, _ = _auc_args(d)
+    h = cs.auc_histogram_update(cs.auc_histogram_init(256, 4.0, 12.0), scores, labels)
+    return cs.auc_histogram_result(cs.auc_histogram_merge(h, cs.auc_histogram_init(256, 4.0, 12.0)))[0]
+
+
 def _gramian(d):
     return mtl.task_gramian(_grads(d)).astype(d["x"].dtype)
 
@@ -170,6 +191,11 @@ STATS: dict[str, Callable] = {
     "barlow_twins_loss": lambda d: cs.barlow_twins_loss(d["x"][:, :2], d["y"]),
     "vicreg_loss": lambda d: cs.vicreg_loss(d["x"][:, :2], d["y"]),
     "decov_loss": lambda d: cs.decov_loss(d["x"]),
+    "roc_auc": lambda d: cs.roc_auc(*_auc_args(d)[:2]),
+    "grouped_roc_auc": lambda d: cs.grouped_roc_auc(*_auc_args(d), 8).auc,
+    "gauc": lambda d: cs.gauc(*_auc_args(d), 8),
+    "auc_stream": _auc_stream,
+    "auc_histogram": _auc_histogram,
 }
 
 OPTIM: dict[str, Callable] = {

@@ -2,10 +2,10 @@
 the batch iterator (one process and the multi-process path), the sharding helpers and the noise-scale step."""
 
 import dataclasses
-from typing import NamedTuple
 
 import jax
 import numpy as np
+import optax
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -139,7 +139,7 @@ def test_iterator_shards_every_feature_over_the_mesh(mesh8, single_transfer):
 def test_global_batch_and_noise_step_take_dict_inputs():
     from flax import nnx
 
-    from corrjax.train.state import split_model
+    from corrjax.train.state import create_state, split_model
     from corrjax.train.step import make_noise_scale_step
 
     # The training codebase's mesh (Auto axis type, corrjax.train.sharding.make_mesh): GSPMD resolves the sharding
@@ -162,6 +162,6 @@ def test_global_batch_and_noise_step_take_dict_inputs():
     graphdef, params, rest = split_model(Tiny())
     loss = lambda out, y: ((out - y) ** 2).mean()
     step = make_noise_scale_step(graphdef, TASKS, {"click": loss, "buy": loss})
-    state = NamedTuple("S", [("params", object), ("rest", object)])(params, rest)
-    metrics = jax.jit(step)(state, b)
+    state = create_state(params, rest, optax.sgd(0.1), 0)
+    _, metrics = jax.jit(step)(state, b)
     assert np.isfinite(float(metrics["train/grad_sq_norm"])) and float(metrics["train/grad_sq_norm"]) > 0
