@@ -195,6 +195,13 @@ STATS: dict[str, Callable] = {
     "grouped_roc_auc": lambda d: cs.grouped_roc_auc(*_auc_args(d), 8).auc,
     "gauc": lambda d: cs.gauc(*_auc_args(d), 8),
     "auc_stream": _auc_stream,
+    "noise_scale_ema": lambda d: tuple(
+        co.noise_scale_ema(
+            co.GradientNoiseScaleState(*(jnp.zeros((), t) for t in (jnp.int32, jnp.float32, jnp.float32, jnp.float32))),
+            jnp.sum(d["x1"].astype(jnp.float32) ** 2),
+            jnp.sum(d["y1"].astype(jnp.float32) ** 2),
+        )[1:]
+    ),
     "auc_histogram": _auc_histogram,
 }
 

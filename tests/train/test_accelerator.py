@@ -189,7 +189,8 @@ def test_from_weighting_reuses_only_the_gramian_of_its_own_updates():
     fake = corrjax.mtl.TaskGramian(jnp.eye(3), tuple(jax.tree.leaves(g)))  # claims to be g's Gramian
     reused, _ = tx.update(g, s0, task_gramian=fake)
     # MGDA on G = I weights every task 1/3: the update is the mean, not MGDA's min-norm point of the real G.
-    jax.tree.map(lambda u, x: np.testing.assert_allclose(u, x.mean(0), rtol=1e-5, atol=1e-7), reused, g)
+    # (float32 entries of magnitude ~2: the solver's weights and the mean round at a few 1e-7 absolute)
+    jax.tree.map(lambda u, x: np.testing.assert_allclose(u, x.mean(0), rtol=1e-5, atol=1e-6), reused, g)
     assert not np.allclose(plain["a"], reused["a"])
     copy = jax.tree.map(lambda x: x + 0, g)  # equal values, other arrays: not reused
     ignored, _ = tx.update(copy, s0, task_gramian=fake)

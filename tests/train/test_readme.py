@@ -172,7 +172,16 @@ def _fill_placeholders(argv: list[str], cwd: Path) -> list[str]:
 
     def newest(kind: str) -> str:
         pattern = "*/*" if kind == "multirun" else f"{'-'.join(choices.values())}/*"
-        found = sorted((p for p in (cwd / kind).glob(pattern) if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        # A run placeholder (resume, replace, ckpt_path) means a training run: one with checkpoints (an eval-only
+        # run of scripts/eval.py has none).
+        found = sorted(
+            (
+                p
+                for p in (cwd / kind).glob(pattern)
+                if p.is_dir() and (kind == "multirun" or (p / "checkpoints").is_dir())
+            ),
+            key=lambda p: p.stat().st_mtime,
+        )
         assert found, f"no {kind}/{pattern} folder for the placeholder yet"
         return str(found[-1].relative_to(cwd))
 
