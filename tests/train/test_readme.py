@@ -30,6 +30,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
+FIXTURES = ROOT / "tests" / "data" / "fixtures"
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.M | re.S)
 SHELL = {"bash", "sh", "shell", "console"}
 # Appended to every scripts/train.py command of the slow walkthrough (a command's own values of these keys are
@@ -109,13 +110,19 @@ def reader_inputs() -> dict:
         "h": jax.random.normal(k[5], (n, 16)),
         "z1": jax.random.normal(k[6], (n, 8)),
         "z2": jax.random.normal(k[7], (n, 8)),
-        "scores": jax.random.normal(k[0], (4, 10)),
         "batches": [jax.random.normal(jax.random.key(i), (16, 6)) for i in range(3)],
         "acts_a": lambda x: [jnp.tanh(x * (i + 1)) for i in range(10)],
         "acts_b": lambda x: [jnp.sin(x * (i + 1)) for i in range(10)],
         "params": {"w": w, "b": jnp.zeros(3)},
         "batch": {"x": jax.random.normal(k[1], (n, 5)), "y": jax.random.normal(k[2], (n, 3))},
         "loss_fn": loss_fn,
+        # AUC inputs: scores / probabilities, binary labels, weights, user ids
+        "scores": jax.random.normal(k[3], (n,)),
+        "probs": jax.nn.sigmoid(jax.random.normal(k[3], (n,))),
+        "labels": jax.random.bernoulli(k[4], 0.4, (n,)),
+        "weights": jnp.ones((n,)),
+        "users": jnp.arange(n) % 8,
+        "num_users": 8,
     }
 
 
@@ -134,6 +141,12 @@ def test_readme_python_snippets_run(tmp_path, monkeypatch):
     blocks = snippets({"python"})
     assert blocks, "README.md has no python snippet"
     monkeypatch.chdir(tmp_path)  # anything a snippet writes stays here
+    # The reader's downloaded census-income / Ali-CCP files: the fixtures in their formats, under a home of its own.
+    import shutil
+
+    for name in ("census_income", "ali_ccp"):
+        shutil.copytree(FIXTURES / name, tmp_path / "home" / "data" / name)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     inputs, namespace = reader_inputs(), {"__name__": "__readme__"}
     for line, _, text in blocks:
         code = compile(text, f"README.md:{line}", "exec")
