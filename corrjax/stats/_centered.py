@@ -7,7 +7,8 @@ Everything that reduces over observations goes through :func:`centered`, which
    when the mean is 1e4 times the spread; a constant column becomes exactly zero);
 2. takes the (weighted) mean of the shifted data, reduced with ``lax.psum`` over ``axis_name`` when given;
 3. returns the centred data, so callers form co-moments with one matrix product and a final ``psum``;
-   :func:`centered_comoment` does the same for cov/corrcoef in row blocks, without a centred copy of the data.
+   :func:`scaled_comoment` (cov/corrcoef) instead streams row blocks, each shifted by the running mean and folded in
+   with the pairwise update, so that neither a centred copy nor a separate pass for the mean is needed.
 
 This is the classical two-pass algorithm (Chan, Golub & LeVeque 1983, "Algorithms for computing the sample
 variance"), made exact across shards because every shard centres with the same global mean.
@@ -238,71 +239,78 @@ def block_rows(width: int) -> int | None:
     return max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // max(width, 1) // 8 * 8)
 
 
-def sum_over_row_blocks(fn: Callable[..., Any], *arrays: Array | None, rows: int | None) -> Any:
-    """``sum_b fn(*blocks_b)`` (a pytree sum) over consecutive row blocks of ``arrays``.
+def fold_over_row_blocks(step: Callable[..., Any], init: Any, *arrays: Array | None, rows: int | None) -> Any:
+    """``acc = step(acc, *blocks_b)`` from ``acc = init`` over consecutive row blocks of ``arrays``, in order.
 
     All non-None arrays share the leading (observation) axis; ``None`` entries are passed through. Blocks hold
-    ``rows`` rows (the last one the remainder); with fewer than two full blocks, or ``rows=None``, ``fn`` sees the
+    ``rows`` rows (the last one the remainder); with fewer than two full blocks, or ``rows=None``, ``step`` sees the
     whole arrays. The loop is a ``lax.fori_loop`` with a static trip count, so it differentiates, vmaps and shards.
     """
     n = next(a.shape[0] for a in arrays if a is not None)
     count = 0 if rows is None else n // rows
     if count < 2:
-        return fn(*arrays)
+        return step(init, *arrays)
 
     def take(start: Any, size: int) -> list[Array | None]:
         return [None if a is None else lax.dynamic_slice_in_dim(a, start, size) for a in arrays]
 
-    def body(i: Array, acc: Any) -> Any:
-        return jax.tree.map(jnp.add, acc, fn(*take(i * rows, rows)))
-
-    acc = lax.fori_loop(1, count, body, fn(*take(0, rows)))
+    acc = lax.fori_loop(0, count, lambda i, acc: step(acc, *take(i * rows, rows)), init)
     if count * rows < n:
-        tail = fn(*[None if a is None else a[count * rows :] for a in arrays])
-        acc = jax.tree.map(jnp.add, acc, tail)
+        acc = step(acc, *[None if a is None else a[count * rows :] for a in arrays])
     return acc
 
 
+def sum_over_row_blocks(fn: Callable[..., Any], *arrays: Array | None, rows: int | None) -> Any:
+    """``sum_b fn(*blocks_b)`` (a pytree sum) over consecutive row blocks of ``arrays``
+    (:func:`fold_over_row_blocks`)."""
+    shapes = [None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *shapes))
+    return fold_over_row_blocks(lambda acc, *b: jax.tree.map(jnp.add, acc, fn(*b)), zeros, *arrays, rows=rows)
+
+
 def triangle_blocks(d: int) -> int:
-    """Block rows of a ``d x d`` symmetric product: 1 (a plain GEMM) below 256 columns, then 2, from 512 on 3."""
-    return 1 if d < 256 else 2 if d < 512 else 3
+    """Column groups of a ``d x d`` symmetric product: 1 (a plain GEMM) below 256 columns, else 3."""
+    return 1 if d < 256 else 3
 
 
-def _block_edges(d: int, k: int) -> list[int]:
+def group_edges(d: int, k: int) -> list[int]:
+    """Column boundaries of ``k`` near-equal groups of ``d`` columns."""
     return [d * i // k for i in range(k + 1)]
 
 
-def gram_block_rows(a: Array, b: Array, k: int) -> list[Array]:
-    """The upper block triangle of the symmetric ``a^T b``: block row ``i`` is ``a_i^T b[:, lo_i:]``.
+def split_columns(a: Array, k: int) -> list[Array]:
+    """``a`` cut into the ``k`` column groups of :func:`group_edges`."""
+    return [a[:, lo:hi] for lo, hi in itertools.pairwise(group_edges(a.shape[1], k))]
 
-    With ``k`` block rows this costs ``(k + 1) / (2k)`` of a GEMM's multiply-adds (3/4 for ``k = 2``, 2/3 for 3); XLA
-    has no SYRK. Sum these over row blocks, then :func:`assemble_gram`.
+
+def gram_pairs(a: list[Array], b: list[Array]) -> dict[tuple[int, int], Array]:
+    """The upper block triangle ``{(i, j): a_i^T b_j, i <= j}`` of a symmetric product of column groups.
+
+    With ``k`` groups this costs ``(k + 1) / (2k)`` of a GEMM's multiply-adds (2/3 for ``k = 3``); XLA has no SYRK.
+    Each group is its own operand, so the producer of a group writes only its columns (slicing a whole block row
+    ``b[:, lo:]`` instead copies the trailing columns once per block row). Sum these, then :func:`assemble_pairs`.
     """
-    edges = _block_edges(a.shape[1], k)
-    return [jnp.matmul(a[:, lo:hi].T, b[:, lo:], precision=PRECISION) for lo, hi in itertools.pairwise(edges)]
+    k = len(a)
+    return {(i, j): jnp.matmul(a[i].T, b[j], precision=PRECISION) for i in range(k) for j in range(i, k)}
 
 
-def assemble_gram(block_rows_: list[Array], d: int) -> Array:
-    """The full symmetric ``(d, d)`` matrix from its upper block rows (:func:`gram_block_rows`)."""
-    k = len(block_rows_)
+def assemble_pairs(pairs: dict[tuple[int, int], Array], k: int) -> Array:
+    """The full symmetric matrix from its upper block triangle (:func:`gram_pairs`)."""
     if k == 1:
-        return block_rows_[0]
-    edges = _block_edges(d, k)
-    rows = []
-    for i, lo in enumerate(edges[:-1]):
-        left = [block_rows_[j][:, lo - edges[j] : edges[i + 1] - edges[j]].T for j in range(i)]  # mirrored blocks
-        rows.append(jnp.concatenate([*left, block_rows_[i]], axis=1))
-    return jnp.concatenate(rows, axis=0)
+        return pairs[0, 0]
+    rows = [[pairs[i, j] if i <= j else pairs[j, i].T for j in range(k)] for i in range(k)]
+    return jnp.concatenate([jnp.concatenate(r, axis=1) for r in rows], axis=0)
 
 
 def gram(a: Array, b: Array | None = None) -> Array:
     """``a^T b`` (``(n, d)``, ``(n, d)`` -> ``(d, d)``) for a symmetric result; ``b = a`` when omitted.
 
     The caller guarantees ``a^T b`` is symmetric (``b`` is ``a`` or ``a`` with rows scaled); wide inputs use the
-    block triangle (:func:`gram_block_rows`).
+    block triangle (:func:`gram_pairs`).
     """
-    b = a if b is None else b
-    return assemble_gram(gram_block_rows(a, b, triangle_blocks(a.shape[1])), a.shape[1])
+    k = triangle_blocks(a.shape[1])
+    ga = split_columns(a, k)
+    return assemble_pairs(gram_pairs(ga, ga if b is None else split_columns(b, k)), k)
 
 
 def comoment(xc: Array, yc: Array | None, w: Array | None, axis_name: AxisName) -> Array:
@@ -328,39 +336,150 @@ class CenteredMoments(NamedTuple):
     wsum: Array  # sum of weights (n unweighted)
     exp_x: Array  # (d,) int32
     exp_y: Array  # (e,) int32 (``exp_x`` when y is None)
+    dmean_x: Array | None = None  # (d,): the mean of ``x / 2**exp_x - reference_row(x) / 2**exp_x``
+    dmean_y: Array | None = None  # (e,): the same for ``y`` (``dmean_x`` when y is None)
+
+
+class _Frame(NamedTuple):
+    """The global scale and shift of one variable set: a block's shifted data are ``x * inv - shift``."""
+
+    exp: Array
+    inv: Array
+    shift: Array
+
+
+def _frame(x: Array, axis_name: AxisName) -> _Frame:
+    exp = column_exponent(x, axis_name)
+    inv = pow2(-exp, x.dtype)
+    return _Frame(exp, inv, reference_row(x, axis_name) * inv)
 
 
 def scaled_comoment(
     x: Array, y: Array | None, w: Array | None, axis_name: AxisName, *, sumsq: bool = False
 ) -> CenteredMoments:
-    """Centred (co-)moments of the column-scaled data without materialising a centred copy (row blocks,
-    :func:`block_rows`).
+    """Centred (co-)moments of the column-scaled data: one pass for the scale, one over row blocks for the rest.
 
-    Each block is centred as :meth:`Frame.apply` with the global scale, shift and mean, so the sums are those of
-    :func:`scaled_centering` followed by :func:`comoment`; scaled entries are below 2 in magnitude, so nothing
-    over- or underflows whatever the magnitude of the data. Correlations are formed from these directly.
+    The columns are scaled by the global power of two of :func:`column_exponent` and shifted by the global
+    reference row (scaled entries below 2 in magnitude, 8 at the ends of the range: nothing over- or underflows
+    whatever the magnitude of the data). The rows are then streamed in blocks (:func:`block_rows`), each shifted
+    by the running mean ``m`` of the blocks before it (the first by its own exact mean) and multiplied with itself;
+    a column of ones appended to the first operand makes the same products return the block's sums ``s`` (and its
+    weight ``Wb``), so the mean needs no pass of its own. With ``mb = s / Wb`` the deviation of the block mean from
+    the running one, the pairwise update of Chan, Golub & LeVeque (1983) becomes
+
+        W' = W + Wb,   m' = m + mb Wb / W',   C' = C + G - mb mb^T Wb^2 / W',
+
+    where ``G`` is the block's product about ``m``: ``G - Wb mb mb^T`` is the block's centred co-moment and
+    ``W Wb / W' mb mb^T`` the Chan term, so the subtraction never cancels more than half of ``G`` after the first
+    block, and the result is as accurate as the two-pass algorithm. The shards merge with one ``psum`` of the
+    weighted means and one of the corrected co-moments. Correlations are formed from these moments directly.
     """
-    fx = scaled_centering(x, w, axis_name)
-    fy = None if y is None else scaled_centering(y, w, axis_name)
+    dtype = x.dtype
     d = x.shape[1]
-    k = triangle_blocks(d)
+    kx = triangle_blocks(d) if y is None else 1
+    fx = _frame(x, axis_name)
+    fy = None if y is None else _frame(y, axis_name)
 
-    def block(xb: Array, yb: Array | None, wb: Array | None) -> dict[str, Any]:
-        xc = fx.apply(xb)
-        xw = xc if wb is None else xc * wb[:, None]
-        if yb is None:
-            return {"c": gram_block_rows(xc, xw, k)}
-        yc = fy.apply(yb)
-        out = {"c": jnp.matmul(xw.T, yc, precision=PRECISION)}
+    def shifted(b: Array, f: _Frame, m: Array) -> Array:
+        return (b * f.inv - f.shift) - m  # first about the reference row (exact for close values), then m
+
+    def with_ones(b: Array) -> Array:  # a column of ones: the products with it are the block's (weighted) sums
+        return jnp.concatenate([b, jnp.ones((b.shape[0], 1), dtype)], axis=1)
+
+    def products(xb: Array, yb: Array | None, wb: Array | None, mx: Array, my: Array | None) -> dict[str, Any]:
+        """The block's products about the running means, its sums ``sx``, ``sy`` and weight, from the same dots."""
+        a = split_columns(shifted(xb, fx, mx), kx)
+        a[0] = with_ones(a[0])
+        aw = a if wb is None else [g * wb[:, None] for g in a]
+        weight = jnp.asarray(xb.shape[0], dtype) if wb is None else jnp.sum(wb)
+        if y is None:
+            pairs = gram_pairs(a, aw)
+            n0 = a[0].shape[1] - 1
+            sums = jnp.concatenate([pairs[0, 0][n0, :n0]] + [pairs[0, j][n0] for j in range(1, kx)])
+            pairs = {ij: (g[:n0] if ij[0] == 0 else g) for ij, g in pairs.items()}
+            pairs[0, 0] = pairs[0, 0][:, :n0]
+            return {"g": pairs, "sx": sums, "w": weight}
+        b = with_ones(shifted(yb, fy, my))
+        g = jnp.matmul(aw[0].T, b, precision=PRECISION)  # (d + 1, e + 1): products, sums of x, sums of y
+        out = {"g": g[:d, :-1], "sx": g[:d, -1], "sy": g[d, :-1], "w": weight}
         if sumsq:
-            out["sxx"] = jnp.sum(xw * xc, axis=0)
-            out["syy"] = jnp.sum((yc if wb is None else yc * wb[:, None]) * yc, axis=0)
+            out["sxx"] = jnp.sum(aw[0][:, :d] * a[0][:, :d], axis=0)
+            out["syy"] = jnp.sum(b[:, :-1] * b[:, :-1] * (1 if wb is None else wb[:, None]), axis=0)
         return out
 
-    width = d + (0 if y is None else y.shape[1])
-    sums = psum(sum_over_row_blocks(block, x, y, w, rows=block_rows(width)), axis_name)
-    c = assemble_gram(sums["c"], d) if y is None else sums["c"]
-    return CenteredMoments(c, sums.get("sxx"), sums.get("syy"), fx.wsum, fx.exp, fx.exp if fy is None else fy.exp)
+    def step(acc: dict[str, Any], xb: Array, yb: Array | None, wb: Array | None) -> dict[str, Any]:
+        p = products(xb, yb, wb, acc["mx"], acc.get("my"))
+        wb_ = p["w"]
+        total = acc["w"] + wb_
+        safe_b = jnp.where(wb_ != 0, wb_, jnp.ones_like(wb_))
+        safe_t = jnp.where(total > 0, total, jnp.ones_like(total))
+        mbx = p["sx"] / safe_b  # the block mean's deviation from the running mean
+        f = wb_ * wb_ / safe_t
+        out = {"w": total, "mx": acc["mx"] + p["sx"] / safe_t}
+        if y is None:
+            fix = {
+                (i, j): g - jnp.outer(mbx[lo_i:hi_i], f * mbx[lo_j:hi_j])
+                for (i, j), g in p["g"].items()
+                for lo_i, hi_i, lo_j, hi_j in [(*edges[i : i + 2], *edges[j : j + 2])]
+            }
+            out["c"] = {ij: acc["c"][ij] + fix[ij] for ij in fix}
+            return out
+        mby = p["sy"] / safe_b
+        out["my"] = acc["my"] + p["sy"] / safe_t
+        out["c"] = acc["c"] + (p["g"] - jnp.outer(mbx, f * mby))
+        if sumsq:
+            out["sxx"] = acc["sxx"] + (p["sxx"] - f * mbx * mbx)
+            out["syy"] = acc["syy"] + (p["syy"] - f * mby * mby)
+        return out
+
+    edges = group_edges(d, kx)
+    rows = block_rows(d + (0 if y is None else y.shape[1]))
+    n0 = x.shape[0] if rows is None or x.shape[0] < 2 * rows else rows
+
+    def first_mean(v: Array, f: _Frame) -> Array:
+        """The first shift: the first block's exact mean; with weights, the global weighted mean (one pass), so
+        that blocks of zero or tiny weight ahead of the data never leave a far-off running mean behind."""
+        if w is None:
+            return jnp.sum(v[:n0] * f.inv - f.shift, axis=0) / max(n0, 1)
+        ws = psum(jnp.sum(w), axis_name)
+        sums = psum(jnp.tensordot(w, v * f.inv - f.shift, axes=(0, 0), precision=PRECISION), axis_name)
+        return sums / jnp.where(ws != 0, ws, jnp.ones_like(ws))
+
+    init: dict[str, Any] = {"w": jnp.zeros((), dtype), "mx": first_mean(x, fx)}
+    if y is None:
+        init["c"] = {
+            (i, j): jnp.zeros((edges[i + 1] - edges[i], edges[j + 1] - edges[j]), dtype)
+            for i in range(kx)
+            for j in range(i, kx)
+        }
+    else:
+        init.update(my=first_mean(y, fy), c=jnp.zeros((d, y.shape[1]), dtype))
+        if sumsq:
+            init.update(sxx=jnp.zeros((d,), dtype), syy=jnp.zeros((y.shape[1],), dtype))
+    part = fold_over_row_blocks(step, init, x, y, w, rows=rows)
+    if axis_name is not None:  # every shard is in the same frame: merge the means, then the corrected moments
+        total = lax.psum(part["w"], axis_name)
+        safe = jnp.where(total > 0, total, jnp.ones_like(total))
+        mx = lax.psum(part["w"] * part["mx"], axis_name) / safe
+        dx = part["mx"] - mx
+        if y is None:
+            fixed = {
+                (i, j): g + jnp.outer(dx[edges[i] : edges[i + 1]], part["w"] * dx[edges[j] : edges[j + 1]])
+                for (i, j), g in part["c"].items()
+            }
+            part = {"w": total, "mx": mx, "c": lax.psum(fixed, axis_name)}
+        else:
+            my = lax.psum(part["w"] * part["my"], axis_name) / safe
+            dy = part["my"] - my
+            fixed = {"c": part["c"] + jnp.outer(dx, part["w"] * dy)}
+            if sumsq:
+                fixed.update(sxx=part["sxx"] + part["w"] * dx * dx, syy=part["syy"] + part["w"] * dy * dy)
+            part = {**lax.psum(fixed, axis_name), "w": total, "mx": mx, "my": my}
+    wsum = jnp.asarray(global_n(x.shape[0], axis_name), dtype) if w is None else part["w"]
+    c = assemble_pairs(part["c"], kx) if y is None else part["c"]
+    ey = fx.exp if fy is None else fy.exp
+    my = part["mx"] if y is None else part["my"]
+    return CenteredMoments(c, part.get("sxx"), part.get("syy"), wsum, fx.exp, ey, part["mx"], my)
 
 
 def unscale_outer(c: Array, exp_x: Array, exp_y: Array) -> Array:
@@ -385,6 +504,8 @@ def centered_comoment(
         m.wsum,
         zx,
         zy,
+        mul_pow2(m.dmean_x, m.exp_x),
+        mul_pow2(m.dmean_y, m.exp_y),
     )
 
 

@@ -34,7 +34,6 @@ from corrjax.stats._centered import (
     normalize_comoment,
     pow2,
     reference_row,
-    scaled_centering,
     scaled_comoment,
     unscale_outer,
 )
@@ -111,16 +110,14 @@ def cov_init(d: int, e: int | None = None, dtype: Any = jnp.float32) -> CovState
 
 def _chunk_state(state: CovState, x: Array, y: Array | None, w: Array | None) -> CovState:
     """Statistics of one chunk, two-pass, shifted (the chunk's first row is the shift) and scaled, in row blocks."""
-    fx = scaled_centering(x, w, None)
     m = scaled_comoment(x, y if state.cross else None, w, None, sumsq=state.cross)
     sx = reference_row(x, None)
     if state.cross:
-        fy = scaled_centering(y, w, None)
-        sy, my, m2x, m2y = reference_row(y, None), fy.mean, m.sxx, m.syy
+        sy, m2x, m2y = reference_row(y, None), m.sxx, m.syy
     else:
-        sy, my = sx, fx.mean
+        sy = sx
         m2x = m2y = jnp.diagonal(m.comoment)
-    return CovState(m.wsum, sx, fx.mean, sy, my, m.comoment, m2x, m2y, m.exp_x, m.exp_y, cross=state.cross)
+    return CovState(m.wsum, sx, m.dmean_x, sy, m.dmean_y, m.comoment, m2x, m2y, m.exp_x, m.exp_y, cross=state.cross)
 
 
 def cov_update(state: CovState, x: Any, y: Any = None, weights: Any = None) -> CovState:
