@@ -427,3 +427,25 @@ def test_row_blocks_stay_accurate_in_float32_whatever_the_row_order(monkeypatch,
     assert np.abs(c - cref).max() / np.abs(np.diag(cref)).max() < 1e-5
     r = np.asarray(jax.jit(cs.corrcoef)(x))
     np.testing.assert_allclose(r, np.corrcoef(x.astype(np.float64), rowvar=False), atol=2e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-35, 1e35])
+def test_row_blocks_at_the_ends_of_float32(monkeypatch, scale):
+    """The running-mean row blocks at the smallest and largest float32 magnitudes: correlations and covariances as
+    float64 gives them (no product over- or underflows; the covariance is representable)."""
+    from corrjax.stats import _centered
+
+    monkeypatch.setattr(_centered, "block_rows", lambda width: 256)
+    rng = np.random.default_rng(6)
+    z = rng.standard_normal((256 * 4 + 30, 3)) @ np.array([[1, 0.6, 0], [0, 1, -0.4], [0, 0, 1]])
+    x = ((z + 3) * scale).astype(np.float32)
+    x64 = x.astype(np.float64)
+    r = np.asarray(jax.jit(cs.corrcoef)(x))
+    np.testing.assert_allclose(r, np.corrcoef(x64, rowvar=False), atol=1e-6)
+    if scale < 1:
+        c = np.asarray(jax.jit(cs.cov)(x * np.float32(1e17)))  # the covariance of 1e-18-sized data is representable
+        cref = np.cov(x64 * 1e17, rowvar=False)
+    else:
+        c = np.asarray(jax.jit(cs.cov)(x / np.float32(1e17)))
+        cref = np.cov(x64 / 1e17, rowvar=False)
+    np.testing.assert_allclose(c, cref, rtol=2e-6, atol=1e-6 * np.abs(cref).max())
