@@ -439,15 +439,10 @@ def project_dual_cone(
     q_vec = q_eq @ (s * u)
     max_iter = 4 * t + 10 if max_iter is None else int(max_iter)
     tol = default_tol(g.dtype) if tol is None else float(tol)
-    # componentwise KKT thresholds (see _componentwise) from the bound |Q~_ij| <= f_i f_j, f_i = |g_i| k_i (|cos| <= 1):
-    # O(T) per step instead of a second matrix-vector product
-    f = jnp.sqrt(r2) / s
-    abs_q = jnp.abs(q_vec)
-
-    def thresh(y: Array) -> Array:
-        ay = jnp.abs(y)
-        return tol * (f * (f @ ay) + ridge * ay + abs_q)
-
+    # componentwise KKT thresholds (see _componentwise) from |Q~| itself: a bound such as |Q~_ij| <= f_i f_j
+    # (|cos| <= 1) saves the matrix-vector product but grows like T tol where the tasks are near-orthogonal and
+    # accepts wrong partitions (UPGrad, T = 128, float32: 4.8e-6 relative against quadprog vs 1.7e-7 with |Q~|)
+    thresh = _componentwise(q_eq, q_vec, tol)
     if qp_method == "block_pivoting":
         y, _ = _block_pivoting(q_eq, q_vec, thresh, tol, max_iter)
     else:

@@ -173,6 +173,21 @@ def test_upgrad_dualproj_match_nnls(t, dtype):
                 _close(j.T @ w, j.T @ ref, scale, TOL[dtype], f"{name} {kind}")
 
 
+@pytest.mark.parametrize("t", (32, 128))
+def test_upgrad_many_near_orthogonal_tasks_float32_to_rounding(t):
+    """Near-orthogonal rows (``J`` of shape ``(T, 4096)``, ``|cos| ~ 0.016``): ``Q`` is well conditioned (cond ~2), so
+    the float32 solve of the float32 Gramian's own problem must be exact to a few float32 roundings. A KKT threshold
+    from the bound ``|Q_ij| <= sqrt(Q_ii Q_jj)`` instead of ``|Q|`` (it grows like ``T tol`` here) accepted wrong
+    partitions: 1.7e-6 (T = 32) and 4.8e-6 (T = 128) relative against this reference."""
+    j = np.random.default_rng(0).normal(size=(t, 4096))
+    g32 = (j @ j.T).astype(np.float32)
+    g = np.asarray(g32, np.float64)
+    w_ref = sum(_dual_cone_ref(g, row) for row in np.eye(t) / t)
+    w = _weights("upgrad", jnp.asarray(g32))
+    err = np.max(np.abs(w - w_ref)) / np.max(np.abs(w_ref))
+    assert err <= 1e-6, err
+
+
 # ----------------------------------------------------------------------------- Nash-MTL
 
 
