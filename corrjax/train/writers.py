@@ -51,25 +51,29 @@ def to_jsonable(value: Any) -> Any:
     return x if math.isfinite(x) else None
 
 
-class JsonlAppender:
-    """Appends one JSON object per line to a file, each line with a single ``os.write`` on an ``O_APPEND``
-    descriptor: a line reaches the file whole or (after a kill inside the write) as a torn last line that
-    :func:`truncate_jsonl` and :func:`read_jsonl` drop; never interleaved with another writer's bytes, never left in
-    a user-space buffer. ``fsync`` is left to :meth:`close` (a kill loses nothing the kernel has; a power cut may)."""
+class AppendOnlyFile:
+    """Appends whole lines to a file, each with a single ``os.write`` on an ``O_APPEND`` descriptor: a line reaches
+    the file whole or (after a kill inside the write) as a torn last line that the readers drop; never interleaved
+    with another writer's bytes, never left in a user-space buffer. ``fsync`` is left to :meth:`close` (a kill loses
+    nothing the kernel has; a power cut may)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
-    def append(self, record: dict[str, Any]) -> None:
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def write(self, data: bytes) -> None:
         if self._fd is None:
             raise ValueError(f"{self.path} is closed")
-        data = (json.dumps(record) + "\n").encode()
         written = os.write(self._fd, data)
         while written < len(data):  # a short write (a full disk, a signal): finish the line, do not start another
             written += os.write(self._fd, data[written:])
 
     def close(self) -> None:
+        """Syncs and closes the descriptor (idempotent)."""
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
@@ -77,6 +81,14 @@ class JsonlAppender:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class JsonlAppender(AppendOnlyFile):
+    """One JSON object per line, appended as :class:`AppendOnlyFile` does (a torn last line is dropped by
+    :func:`truncate_jsonl` and :func:`read_jsonl`)."""
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.write((json.dumps(record) + "\n").encode())
 
 
 def scalars_of(metrics: Mapping[str, Any]) -> dict[str, float | int]:
@@ -172,11 +184,7 @@ class CsvWriter(Writer):
         if self.path.exists() and self.path.stat().st_size:
             header, _ = _read_csv_rows(self.path)
             self._columns = header[1:]
-        self._fd: int | None = None
-        self._open()
-
-    def _open(self) -> None:
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._file = AppendOnlyFile(self.path)
 
     @staticmethod
     def _line(cells: Sequence[Any]) -> str:
@@ -191,15 +199,12 @@ class CsvWriter(Writer):
         return repr(value) if isinstance(value, float) else value
 
     def write_scalars(self, step: int, scalars: Mapping[str, float | int]) -> None:
-        if self._fd is None:
+        if self._file.closed:
             raise ValueError(f"{self.path} is closed")
         new = set(scalars) - set(self._columns)
         if new:
             self._widen(sorted(set(self._columns) | new))
-        line = self._line([int(step), *(self._cell(scalars.get(c)) for c in self._columns)]).encode()
-        written = os.write(self._fd, line)
-        while written < len(line):
-            written += os.write(self._fd, line[written:])
+        self._file.write(self._line([int(step), *(self._cell(scalars.get(c)) for c in self._columns)]).encode())
 
     def _widen(self, columns: list[str]) -> None:
         """Rewrites the file with the header ``step, *columns`` (the old rows moved to their columns)."""
@@ -207,19 +212,13 @@ class CsvWriter(Writer):
         text = self._line(["step", *columns]) + "".join(
             self._line([row.get("step", ""), *(row.get(c, "") for c in columns)]) for row in rows
         )
-        self.close()
+        self._file.close()
         write_atomic(self.path, text)
         self._columns = columns
-        self._open()
+        self._file = AppendOnlyFile(self.path)
 
     def close(self) -> None:
-        if self._fd is None:
-            return
-        fd, self._fd = self._fd, None
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        self._file.close()
 
 
 def _read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:

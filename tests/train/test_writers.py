@@ -60,3 +60,24 @@ def test_summary_and_snapshots(tmp_path):
     (tmp_path / "rep" / "8.npy.tmp").write_bytes(b"torn")
     writers.truncate_snapshots(tmp_path / "rep", 4)
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["2.npy", "4.npy"]
+
+
+def test_closed_files_refuse_writes_and_close_syncs_once(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(writers.os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    jsonl, csv_ = writers.JsonlAppender(tmp_path / "m.jsonl"), writers.CsvWriter(tmp_path / "m.csv")
+    jsonl.append({"step": 1})
+    csv_.write_scalars(1, {"a": 1.0})
+    csv_.write_scalars(2, {"a": 2.0, "b": 3})  # widens: the file is rewritten and reopened, still appendable
+    for w in (jsonl, csv_):
+        before = len(synced)
+        w.close()
+        assert len(synced) == before + 1  # the open descriptor is synced on close
+        w.close()  # idempotent: nothing left to sync
+        assert len(synced) == before + 1
+    with pytest.raises(ValueError, match=r"m\.jsonl is closed"):
+        jsonl.append({"step": 2})
+    with pytest.raises(ValueError, match=r"m\.csv is closed"):
+        csv_.write_scalars(3, {"c": 1.0})  # refused before widening: the file keeps its header
+    assert (tmp_path / "m.csv").read_text().splitlines() == ["step,a,b", "1,1.0,", "2,2.0,3"]
