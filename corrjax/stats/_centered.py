@@ -324,10 +324,8 @@ def comoment(xc: Array, yc: Array | None, w: Array | None, axis_name: AxisName) 
 
 
 class CenteredMoments(NamedTuple):
-    """Second moments about the global (weighted) mean, summed over all shards (see :func:`centered_comoment`).
-
-    From :func:`scaled_comoment` they are those of the scaled data ``x / 2**exp_x`` (and ``y / 2**exp_y``);
-    from :func:`centered_comoment` those of the data themselves (``exp_x``, ``exp_y`` are then zero).
+    """Second moments about the global (weighted) mean, summed over all shards (:func:`scaled_comoment`), of the
+    scaled data ``x / 2**exp_x`` (and ``y / 2**exp_y``); :func:`unscale_outer` takes them back to the data's units.
     """
 
     comoment: Array  # (d, e): sum_k w_k xc_k yc_k^T (symmetric (d, d) when y is None)
@@ -485,28 +483,6 @@ def scaled_comoment(
 def unscale_outer(c: Array, exp_x: Array, exp_y: Array) -> Array:
     """``c_ij * 2**(exp_x_i + exp_y_j)`` for a ``(d, e)`` moment of scaled data (exact; see :func:`mul_pow2`)."""
     return mul_pow2(c, exp_x[:, None] + exp_y[None, :])
-
-
-def centered_comoment(
-    x: Array, y: Array | None, w: Array | None, axis_name: AxisName, *, sumsq: bool = False
-) -> CenteredMoments:
-    """:func:`scaled_comoment` multiplied back to the units of the data (an entry overflows only when it must).
-
-    Divide by the normalisation before calling :func:`unscale_outer` yourself to keep covariances of huge data
-    representable; these sums of ``n`` products are returned as they are.
-    """
-    m = scaled_comoment(x, y, w, axis_name, sumsq=sumsq)
-    zx, zy = jnp.zeros_like(m.exp_x), jnp.zeros_like(m.exp_y)
-    return CenteredMoments(
-        unscale_outer(m.comoment, m.exp_x, m.exp_y),
-        None if m.sxx is None else mul_pow2(m.sxx, 2 * m.exp_x),
-        None if m.syy is None else mul_pow2(m.syy, 2 * m.exp_y),
-        m.wsum,
-        zx,
-        zy,
-        mul_pow2(m.dmean_x, m.exp_x),
-        mul_pow2(m.dmean_y, m.exp_y),
-    )
 
 
 def normalize_comoment(c: Array, sxx: Array, syy: Array, *, symmetric: bool) -> Array:
