@@ -126,12 +126,23 @@ class Checkpointer:
             logging.getLogger("absl").addFilter(_MISSING_METRICS_FILTER)
         else:
             best = {"max_to_keep": keep}
-        self._options = ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True, **best
-        )
+        self._options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save, create=True, **best)
         self._manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
+        """A manager on the directory, once what killed saves left behind (Orbax's temporary folders) is deleted.
+
+        The deletion is ours and synchronous (process 0, the others wait): Orbax's ``cleanup_tmp_directories`` runs in
+        a background thread that only a save waits for, so a manager closed before it saved (no checkpoint to
+        restore, or reopened after moving damaged ones) could still be deleting, then race the next manager's
+        cleanup over the same folder or delete a folder that the next manager's save had just created."""
+        from corrjax.train import distributed
+
+        if distributed.is_main_process() and self.directory.is_dir():
+            for tmp in ocp.utils.tmp_checkpoints(self.directory):
+                log.info("deleting %s, left by an unfinished save", tmp.get())
+                tmp.get().rmtree()
+        distributed.sync("corrjax-checkpoint-temporary-folders")
         return ocp.CheckpointManager(self.directory, options=self._options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:

@@ -126,15 +126,23 @@ def test_no_checkpoint_and_orbax_tmp_folders(tmp_path):
     ckpt = checkpoint.Checkpointer(tmp_path / "c", async_save=False)
     assert ckpt.restore_latest(abstract()) is None
     ckpt.close()
-    # What a kill during a save leaves: Orbax's temporary folder, never a candidate, deleted (asynchronously) when
-    # the manager starts.
+    # What a kill during a save leaves: Orbax's temporary folder, never a candidate, deleted before the manager starts
+    # (not in Orbax's background thread, which a manager closed without saving left running: it raced the next
+    # manager's cleanup over the same folder, FileNotFoundError in rmtree)
     tmp = tmp_path / "c" / "8.orbax-checkpoint-tmp-123"
     tmp.mkdir()
     (tmp / "junk").write_text("x")
     ckpt = checkpoint.Checkpointer(tmp_path / "c", async_save=False)
+    assert not tmp.exists()
     assert ckpt.step_dirs() == [] and ckpt.restore_latest(abstract()) is None
-    ckpt.save(2, state_at(2), position(2), force=True)  # Orbax finishes deleting them before its first save
-    assert not tmp.exists() and ckpt.step_dirs() == [2]
+    ckpt.save(2, state_at(2), position(2), force=True)
+    assert ckpt.step_dirs() == [2]
+    ckpt.close()
+    # a later start keeps the finished checkpoint and drops only the new leftover
+    (tmp_path / "c" / "4.orbax-checkpoint-tmp-9").mkdir()
+    ckpt = checkpoint.Checkpointer(tmp_path / "c", async_save=False)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["2"]
+    assert ckpt.restore_latest(abstract()).step == 2
     ckpt.close()
 
 
