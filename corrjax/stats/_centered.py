@@ -415,12 +415,8 @@ def scaled_comoment(
         f = wb_ * wb_ / safe_t
         out = {"w": total, "mx": acc["mx"] + p["sx"] / safe_t}
         if y is None:
-            fix = {
-                (i, j): g - jnp.outer(mbx[lo_i:hi_i], f * mbx[lo_j:hi_j])
-                for (i, j), g in p["g"].items()
-                for lo_i, hi_i, lo_j, hi_j in [(*edges[i : i + 2], *edges[j : j + 2])]
-            }
-            out["c"] = {ij: acc["c"][ij] + fix[ij] for ij in fix}
+            chan = outer_pairs(mbx, f * mbx)
+            out["c"] = {ij: acc["c"][ij] + (g - chan[ij]) for ij, g in p["g"].items()}
             return out
         mby = p["sy"] / safe_b
         out["my"] = acc["my"] + p["sy"] / safe_t
@@ -430,7 +426,11 @@ def scaled_comoment(
             out["syy"] = acc["syy"] + (p["syy"] - f * mby * mby)
         return out
 
-    edges = group_edges(d, kx)
+    def outer_pairs(u: Array, v: Array) -> dict[tuple[int, int], Array]:
+        """``outer(u, v)`` in the column groups' upper block triangle (the layout of :func:`gram_pairs`)."""
+        us, vs = ([a[lo:hi] for lo, hi in itertools.pairwise(group_edges(d, kx))] for a in (u, v))
+        return {(i, j): jnp.outer(us[i], vs[j]) for i in range(kx) for j in range(i, kx)}
+
     rows = block_rows(d + (0 if y is None else y.shape[1]))
     n0 = x.shape[0] if rows is None or x.shape[0] < 2 * rows else rows
 
@@ -445,11 +445,8 @@ def scaled_comoment(
 
     init: dict[str, Any] = {"w": jnp.zeros((), dtype), "mx": first_mean(x, fx)}
     if y is None:
-        init["c"] = {
-            (i, j): jnp.zeros((edges[i + 1] - edges[i], edges[j + 1] - edges[j]), dtype)
-            for i in range(kx)
-            for j in range(i, kx)
-        }
+        zeros = jnp.zeros((d,), dtype)
+        init["c"] = outer_pairs(zeros, zeros)
     else:
         init.update(my=first_mean(y, fy), c=jnp.zeros((d, y.shape[1]), dtype))
         if sumsq:
@@ -461,10 +458,8 @@ def scaled_comoment(
         mx = lax.psum(part["w"] * part["mx"], axis_name) / safe
         dx = part["mx"] - mx
         if y is None:
-            fixed = {
-                (i, j): g + jnp.outer(dx[edges[i] : edges[i + 1]], part["w"] * dx[edges[j] : edges[j + 1]])
-                for (i, j), g in part["c"].items()
-            }
+            shift = outer_pairs(dx, part["w"] * dx)
+            fixed = {ij: g + shift[ij] for ij, g in part["c"].items()}
             part = {"w": total, "mx": mx, "c": lax.psum(fixed, axis_name)}
         else:
             my = lax.psum(part["w"] * part["my"], axis_name) / safe
